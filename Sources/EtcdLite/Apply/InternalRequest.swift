@@ -1,0 +1,60 @@
+import EtcdLiteProto
+import SwiftProtobuf
+
+/// A request that changes replicated state: what one log entry carries.
+enum InternalRequest: Sendable {
+    case put(Etcdserverpb_PutRequest)
+    case deleteRange(Etcdserverpb_DeleteRangeRequest)
+    case txn(Etcdserverpb_TxnRequest)
+    case compaction(Etcdserverpb_CompactionRequest)
+    case alarm(Etcdserverpb_AlarmRequest)
+
+    private var tag: UInt8 {
+        switch self {
+        case .put: 1
+        case .deleteRange: 2
+        case .txn: 3
+        case .compaction: 4
+        case .alarm: 5
+        }
+    }
+
+    /// One tag byte followed by the request's protobuf encoding.
+    func encoded() throws -> [UInt8] {
+        let body: [UInt8]
+        switch self {
+        case .put(let r): body = try r.serializedBytes()
+        case .deleteRange(let r): body = try r.serializedBytes()
+        case .txn(let r): body = try r.serializedBytes()
+        case .compaction(let r): body = try r.serializedBytes()
+        case .alarm(let r): body = try r.serializedBytes()
+        }
+        return [tag] + body
+    }
+
+    init(encoded bytes: [UInt8]) throws {
+        guard let tag = bytes.first else { throw EntryDecodingError(message: "empty entry") }
+        let body = bytes[1...]
+        switch tag {
+        case 1: self = .put(try .init(serializedBytes: body))
+        case 2: self = .deleteRange(try .init(serializedBytes: body))
+        case 3: self = .txn(try .init(serializedBytes: body))
+        case 4: self = .compaction(try .init(serializedBytes: body))
+        case 5: self = .alarm(try .init(serializedBytes: body))
+        default: throw EntryDecodingError(message: "unknown entry type \(tag)")
+        }
+    }
+}
+
+struct EntryDecodingError: Error {
+    let message: String
+}
+
+/// What applying an entry produced for the client that proposed it.
+enum InternalResponse: Sendable {
+    case put(Etcdserverpb_PutResponse)
+    case deleteRange(Etcdserverpb_DeleteRangeResponse)
+    case txn(Etcdserverpb_TxnResponse)
+    case compaction(Etcdserverpb_CompactionResponse)
+    case alarm(Etcdserverpb_AlarmResponse)
+}

@@ -1,0 +1,141 @@
+import Foundation
+
+/// A member's configuration, with etcd's flag names and defaults.
+public struct MemberConfig: Sendable {
+    public var name = "default"
+    /// Empty means "\(name).etcdlite" in the working directory.
+    public var dataDir = ""
+    public var listenClientURLs = ["http://127.0.0.1:2379"]
+    public var advertiseClientURLs = ["http://127.0.0.1:2379"]
+    public var listenPeerURLs = ["http://localhost:2380"]
+    public var initialAdvertisePeerURLs = ["http://localhost:2380"]
+    /// Empty means "\(name)=\(initialAdvertisePeerURLs)".
+    public var initialCluster = ""
+    public var initialClusterState = "new"
+    public var initialClusterToken = "etcd-cluster"
+    /// 0 means etcd's default of 2 GiB; negative disables the quota.
+    public var quotaBackendBytes: Int64 = 0
+    public var maxTxnOps = 128
+    public var maxRequestBytes = 1_572_864
+    public var autoCompactionMode = "periodic"
+    public var autoCompactionRetention = "0"
+    public var snapshotCount: UInt64 = 100_000
+    public var heartbeatIntervalMilliseconds = 100
+    public var electionTimeoutMilliseconds = 1000
+    public var logLevel = "info"
+
+    public init() {}
+
+    public static let defaultQuotaBytes: Int64 = 2 << 30
+
+    public var effectiveDataDir: String { dataDir.isEmpty ? "\(name).etcdlite" : dataDir }
+
+    public var effectiveQuotaBytes: Int64? {
+        if quotaBackendBytes < 0 { return nil }
+        return quotaBackendBytes == 0 ? Self.defaultQuotaBytes : quotaBackendBytes
+    }
+
+    /// The peers named by --initial-cluster: name → peer URLs.
+    public func initialClusterMembers() throws -> [(name: String, peerURLs: [String])] {
+        let text = initialCluster.isEmpty
+            ? initialAdvertisePeerURLs.map { "\(name)=\($0)" }.joined(separator: ",") : initialCluster
+        var members: [(String, [String])] = []
+        for item in text.split(separator: ",") {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2, !parts[0].isEmpty else {
+                throw ConfigError("--initial-cluster: invalid value \"\(item)\"")
+            }
+            try Self.validateURL(parts[1], flag: "--initial-cluster")
+            if let existing = members.firstIndex(where: { $0.0 == parts[0] }) {
+                members[existing].1.append(parts[1])
+            } else {
+                members.append((parts[0], [parts[1]]))
+            }
+        }
+        return members
+    }
+
+    /// Checks what etcd checks at startup.
+    public func validate() throws {
+        for url in listenClientURLs { try Self.validateURL(url, flag: "--listen-client-urls") }
+        for url in advertiseClientURLs { try Self.validateURL(url, flag: "--advertise-client-urls") }
+        for url in listenPeerURLs { try Self.validateURL(url, flag: "--listen-peer-urls") }
+        for url in initialAdvertisePeerURLs { try Self.validateURL(url, flag: "--initial-advertise-peer-urls") }
+        guard ["new", "existing"].contains(initialClusterState) else {
+            throw ConfigError("--initial-cluster-state: invalid value \"\(initialClusterState)\" (new or existing)")
+        }
+        guard ["periodic", "revision"].contains(autoCompactionMode) else {
+            throw ConfigError("--auto-compaction-mode: invalid value \"\(autoCompactionMode)\" (periodic or revision)")
+        }
+        _ = try autoCompactionRetentionValue()
+        guard maxTxnOps > 0 else { throw ConfigError("--max-txn-ops must be positive") }
+        guard maxRequestBytes > 0 else { throw ConfigError("--max-request-bytes must be positive") }
+        guard heartbeatIntervalMilliseconds > 0, electionTimeoutMilliseconds >= 5 * heartbeatIntervalMilliseconds else {
+            throw ConfigError("--election-timeout[\(electionTimeoutMilliseconds)ms] should be at least as 5 times as --heartbeat-interval[\(heartbeatIntervalMilliseconds)ms]")
+        }
+        guard electionTimeoutMilliseconds <= 50_000 else {
+            throw ConfigError("--election-timeout[\(electionTimeoutMilliseconds)ms] is too long, and should be set less than 50000ms")
+        }
+        let members = try initialClusterMembers()
+        guard members.contains(where: { $0.name == name }) else {
+            throw ConfigError("couldn't find local name \"\(name)\" in the initial cluster configuration")
+        }
+    }
+
+    /// The retention as etcd reads it: periodic takes a duration ("5m", "1h") or hours as a
+    /// number; revision takes a count. Nil means auto compaction is off.
+    public enum Retention: Equatable, Sendable {
+        case periodic(seconds: Double)
+        case revisions(Int64)
+    }
+
+    public func autoCompactionRetentionValue() throws -> Retention? {
+        let text = autoCompactionRetention
+        if autoCompactionMode == "revision" {
+            guard let count = Int64(text), count >= 0 else {
+                throw ConfigError("--auto-compaction-retention: invalid revision count \"\(text)\"")
+            }
+            return count == 0 ? nil : .revisions(count)
+        }
+        if let hours = Double(text) {
+            return hours <= 0 ? nil : .periodic(seconds: hours * 3600)
+        }
+        guard let seconds = Duration.parseGo(text) else {
+            throw ConfigError("--auto-compaction-retention: invalid duration \"\(text)\"")
+        }
+        return seconds <= 0 ? nil : .periodic(seconds: seconds)
+    }
+
+    static func validateURL(_ text: String, flag: String) throws {
+        guard let url = URLComponents(string: text), let scheme = url.scheme, ["http", "https", "unix", "unixs"].contains(scheme),
+              url.host != nil || scheme.hasPrefix("unix")
+        else { throw ConfigError("\(flag): invalid URL \"\(text)\"") }
+        if url.path != "" && url.path != "/" && !scheme.hasPrefix("unix") {
+            throw ConfigError("\(flag): URL must not contain a path: \"\(text)\"")
+        }
+    }
+}
+
+public struct ConfigError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+extension Duration {
+    /// Seconds in a Go duration string such as "1h30m", "5m", "250ms".
+    static func parseGo(_ text: String) -> Double? {
+        let units: [(String, Double)] = [("ns", 1e-9), ("us", 1e-6), ("µs", 1e-6), ("ms", 1e-3), ("s", 1), ("m", 60), ("h", 3600)]
+        var rest = Substring(text)
+        var total = 0.0
+        guard !rest.isEmpty else { return nil }
+        while !rest.isEmpty {
+            let number = rest.prefix { $0.isNumber || $0 == "." }
+            guard let value = Double(number) else { return nil }
+            rest = rest.dropFirst(number.count)
+            guard let unit = units.first(where: { rest.hasPrefix($0.0) && !(($0.0 == "m") && rest.hasPrefix("ms")) }) else { return nil }
+            rest = rest.dropFirst(unit.0.count)
+            total += value * unit.1
+        }
+        return total
+    }
+}

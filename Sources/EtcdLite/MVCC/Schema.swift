@@ -1,0 +1,40 @@
+/// The SQLite schema of one member's MVCC store.
+///
+/// - `revs` holds every revision of every key until compaction; its rowid grows with
+///   (mod_rev, sub), so rowid order is event order.
+/// - `latest` maps each live key to the rowid of its current revision (reads at the current
+///   revision never scan history).
+/// - `store_state` is a single row: the current and compacted revisions and the index of the last
+///   applied log entry, written in the same SQLite transaction as the changes it describes.
+enum Schema {
+    static let version: Int64 = 1
+
+    static let statements = [
+        """
+        CREATE TABLE IF NOT EXISTS revs(
+          id INTEGER PRIMARY KEY,
+          key BLOB NOT NULL,
+          mod_rev INTEGER NOT NULL,
+          sub INTEGER NOT NULL,
+          create_rev INTEGER NOT NULL,
+          version INTEGER NOT NULL,
+          lease INTEGER NOT NULL,
+          value BLOB NOT NULL,
+          tombstone INTEGER NOT NULL)
+        """,
+        "CREATE UNIQUE INDEX IF NOT EXISTS revs_by_key ON revs(key, mod_rev)",
+        "CREATE INDEX IF NOT EXISTS revs_by_rev ON revs(mod_rev)",
+        "CREATE TABLE IF NOT EXISTS latest(key BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID",
+        """
+        CREATE TABLE IF NOT EXISTS store_state(
+          id INTEGER PRIMARY KEY CHECK (id = 1),
+          current_rev INTEGER NOT NULL,
+          compact_rev INTEGER NOT NULL,
+          applied_index INTEGER NOT NULL,
+          schema_version INTEGER NOT NULL)
+        """,
+        "INSERT OR IGNORE INTO store_state VALUES (1, 1, 0, 0, \(version))",
+        "CREATE TABLE IF NOT EXISTS alarms(member_id INTEGER NOT NULL, alarm INTEGER NOT NULL, PRIMARY KEY(member_id, alarm)) WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS member_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    ]
+}

@@ -1,0 +1,89 @@
+import Foundation
+import EtcdLiteProto
+
+/// One write request's changes, all at revision `beginRevision + 1`, inside the apply batch's
+/// SQLite transaction. Reads through it see its own earlier writes (etcd's storeTxnWrite).
+final class WriteTxn: KVView {
+    let connection: SQLiteConnection
+    let beginRevision: Int64
+    let compactRevision: Int64
+    /// Events in the order the writes happened (sub-revision order).
+    private(set) var events: [Mvccpb_Event] = []
+
+    init(connection: SQLiteConnection, state: StoreState) {
+        self.connection = connection
+        self.beginRevision = state.currentRevision
+        self.compactRevision = state.compactRevision
+    }
+
+    var changed: Bool { !events.isEmpty }
+    var writeRevision: Int64 { beginRevision + 1 }
+    var readRevision: Int64 { changed ? beginRevision + 1 : beginRevision }
+    var headerRevision: Int64 { readRevision }
+
+    /// Writes `key` and returns the revision it was written at.
+    @discardableResult
+    func put(key: Data, value: Data, lease: Int64) throws -> Int64 {
+        let previous = try latestRow(key)
+        var kv = Mvccpb_KeyValue()
+        kv.key = key
+        kv.value = value
+        kv.lease = lease
+        kv.modRevision = writeRevision
+        kv.createRevision = previous?.createRevision ?? writeRevision
+        kv.version = (previous?.version ?? 0) + 1
+        let id = try insert(kv, tombstone: false)
+        let upsert = try connection.prepared("INSERT INTO latest(key, id) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET id = excluded.id")
+        upsert.bind(1, key)
+        upsert.bind(2, id)
+        try upsert.run()
+        var event = Mvccpb_Event()
+        event.type = .put
+        event.kv = kv
+        if let previous { event.prevKv = previous }
+        events.append(event)
+        return writeRevision
+    }
+
+    /// Deletes every live key in `range`; returns the deleted key-values.
+    func deleteRange(_ range: KeyRange) throws -> [Mvccpb_KeyValue] {
+        let existing = try RangeQuery.read(connection, range: range, revision: readRevision, atLatest: true, limit: 0, countOnly: false)
+        guard !existing.kvs.isEmpty else { return [] }
+        for previous in existing.kvs {
+            var tombstone = Mvccpb_KeyValue()
+            tombstone.key = previous.key
+            tombstone.modRevision = writeRevision
+            _ = try insert(tombstone, tombstone: true)
+            var event = Mvccpb_Event()
+            event.type = .delete
+            event.kv = tombstone
+            event.prevKv = previous
+            events.append(event)
+        }
+        let (condition, binds) = RangeQuery.where_(range, column: "key")
+        let delete = try connection.prepared("DELETE FROM latest WHERE \(condition)")
+        binds(delete)
+        try delete.run()
+        return existing.kvs
+    }
+
+    private func latestRow(_ key: Data) throws -> Mvccpb_KeyValue? {
+        try RangeQuery.read(connection, range: .single(key), revision: readRevision, atLatest: true, limit: 1, countOnly: false).kvs.first
+    }
+
+    private func insert(_ kv: Mvccpb_KeyValue, tombstone: Bool) throws -> Int64 {
+        let statement = try connection.prepared(
+            "INSERT INTO revs(key, mod_rev, sub, create_rev, version, lease, value, tombstone) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id")
+        statement.bind(1, kv.key)
+        statement.bind(2, kv.modRevision)
+        statement.bind(3, Int64(events.count))
+        statement.bind(4, kv.createRevision)
+        statement.bind(5, kv.version)
+        statement.bind(6, kv.lease)
+        statement.bind(7, kv.value)
+        statement.bind(8, tombstone ? 1 : 0)
+        defer { statement.reset() }
+        guard try statement.step() else { throw SQLiteError(code: 0, message: "insert returned no id") }
+        return statement.int64(0)
+    }
+}

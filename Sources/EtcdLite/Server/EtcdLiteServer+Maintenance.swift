@@ -1,0 +1,158 @@
+import Crypto
+import Foundation
+import EtcdLiteProto
+
+extension EtcdLiteServer {
+    public func statusResponse() -> Etcdserverpb_StatusResponse {
+        let status = self.status
+        var response = Etcdserverpb_StatusResponse()
+        response.header = header(revision: status.state.currentRevision)
+        response.version = Self.apiVersion
+        response.dbSize = status.dbSize
+        response.dbSizeInUse = status.dbSizeInUse
+        response.leader = memberID
+        response.raftIndex = status.logIndex
+        response.raftTerm = term
+        response.raftAppliedIndex = status.state.appliedIndex
+        response.errors = status.alarms.map { "memberID:\($0.memberID) alarm:\(Self.alarmName($0.alarm)) " }
+        return response
+    }
+
+    static func alarmName(_ alarm: Etcdserverpb_AlarmType) -> String {
+        switch alarm {
+        case .none: "NONE"
+        case .nospace: "NOSPACE"
+        case .corrupt: "CORRUPT"
+        case .UNRECOGNIZED(let n): "\(n)"
+        }
+    }
+
+    public func alarm(_ request: Etcdserverpb_AlarmRequest) async throws -> Etcdserverpb_AlarmResponse {
+        var response: Etcdserverpb_AlarmResponse
+        if request.action == .get {
+            response = Etcdserverpb_AlarmResponse()
+            response.alarms = status.alarms
+        } else {
+            guard case .alarm(let applied) = try await propose(.alarm(request)) else {
+                throw EtcdError(.internal, "etcdserver: unexpected response type")
+            }
+            response = applied
+        }
+        response.header = header(revision: status.state.currentRevision)
+        return response
+    }
+
+    /// Rewrites the database without free pages (SQLite VACUUM), between apply batches.
+    public func defragment() async throws -> Etcdserverpb_DefragmentResponse {
+        try await loop.onLoop { machine in
+            try machine.backend.writer.execute("VACUUM")
+            try machine.backend.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        }
+        // Publish the new sizes.
+        _ = try await loop.onLoop { _ in () }
+        var response = Etcdserverpb_DefragmentResponse()
+        response.header = header(revision: status.state.currentRevision)
+        return response
+    }
+
+    /// A CRC-32C over every stored revision: equal stores give equal hashes.
+    public func hash() throws -> Etcdserverpb_HashResponse {
+        var response = Etcdserverpb_HashResponse()
+        let (hash, revision) = try backend.read { view in
+            (try Self.hashRevisions(view.connection, upTo: Int64.max), view.readRevision)
+        }
+        response.hash = hash
+        response.header = header(revision: revision)
+        return response
+    }
+
+    /// etcd's HashKV: a hash of the key-value history up to `revision` (0 = current).
+    public func hashKV(_ request: Etcdserverpb_HashKVRequest) throws -> Etcdserverpb_HashKVResponse {
+        try backend.read { view in
+            if request.revision > view.readRevision { throw EtcdError.futureRevision }
+            let revision = request.revision <= 0 ? view.readRevision : request.revision
+            if revision < view.compactRevision { throw EtcdError.compacted }
+            var response = Etcdserverpb_HashKVResponse()
+            response.hash = try Self.hashRevisions(view.connection, upTo: revision)
+            response.compactRevision = view.compactRevision
+            response.hashRevision = revision
+            response.header = header(revision: view.readRevision)
+            return response
+        }
+    }
+
+    private static func hashRevisions(_ connection: SQLiteConnection, upTo revision: Int64) throws -> UInt32 {
+        let statement = try connection.prepared("SELECT key, mod_rev, sub, tombstone, value FROM revs WHERE mod_rev <= ?1 ORDER BY mod_rev, sub")
+        statement.bind(1, revision)
+        defer { statement.reset() }
+        var crc: UInt32 = 0
+        while try statement.step() {
+            var record = [UInt8](statement.data(0))
+            for column: Int32 in 1...3 {
+                let value = statement.int64(column)
+                for shift in stride(from: 0, to: 64, by: 8) { record.append(UInt8(truncatingIfNeeded: value >> Int64(shift))) }
+            }
+            record += statement.data(4)
+            crc = CRC32C.checksum(record, seed: crc)
+        }
+        return crc
+    }
+
+    /// Writes a consistent copy of the store to a new file and returns its path. The caller
+    /// deletes it.
+    public func snapshotFile() throws -> URL {
+        let url = URL(fileURLWithPath: config.effectiveDataDir).appendingPathComponent("member")
+            .appendingPathComponent("snapshot-\(UUID().uuidString).db")
+        try backend.withReader { connection in
+            let statement = try connection.prepared("VACUUM INTO ?1")
+            statement.bind(1, url.path)
+            try statement.run()
+        }
+        return url
+    }
+
+    /// etcd's snapshot stream: the file in 32 KiB chunks, each with the bytes still to come, then
+    /// the SHA-256 of the whole file.
+    public func snapshotChunks(_ body: (Etcdserverpb_SnapshotResponse) async throws -> Void) async throws {
+        let url = try snapshotFile()
+        defer { try? FileManager.default.removeItem(at: url) }
+        let handle = try FileHandle(forReadingFrom: url)
+        defer { try? handle.close() }
+        let total = try handle.seekToEnd()
+        try handle.seek(toOffset: 0)
+        var sent: UInt64 = 0
+        var sha = SHA256()
+        let header = self.header(revision: status.state.currentRevision)
+        while let chunk = try handle.read(upToCount: 32 * 1024), !chunk.isEmpty {
+            sha.update(data: chunk)
+            sent += UInt64(chunk.count)
+            var response = Etcdserverpb_SnapshotResponse()
+            response.header = header
+            response.remainingBytes = total - sent
+            response.blob = chunk
+            response.version = Self.apiVersion
+            try await body(response)
+        }
+        var last = Etcdserverpb_SnapshotResponse()
+        last.header = header
+        last.blob = Data(sha.finalize())
+        last.version = Self.apiVersion
+        try await body(last)
+    }
+
+    public func memberList() -> Etcdserverpb_MemberListResponse {
+        var response = Etcdserverpb_MemberListResponse()
+        response.header = header()
+        response.members = [selfMember()]
+        return response
+    }
+
+    func selfMember() -> Etcdserverpb_Member {
+        var member = Etcdserverpb_Member()
+        member.id = memberID
+        member.name = config.name
+        member.peerUrls = config.initialAdvertisePeerURLs
+        member.clientUrls = config.advertiseClientURLs
+        return member
+    }
+}

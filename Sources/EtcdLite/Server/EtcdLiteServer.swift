@@ -1,0 +1,207 @@
+import Crypto
+import Foundation
+import Logging
+import Synchronization
+import EtcdLiteProto
+
+/// One etcdlite member's state and request path. Embed it to serve etcd's KV API in process
+/// (call `range`, `put`, ... directly: no socket), or run `serve()` to listen on the client URLs.
+public final class EtcdLiteServer: Sendable {
+    /// The etcd API version this member answers as (kube-apiserver enables watch progress requests
+    /// from 3.5.13 on).
+    public static let apiVersion = "3.5.21"
+    public static let clusterVersion = "3.5.0"
+
+    public let config: MemberConfig
+    public let memberID: UInt64
+    public let clusterID: UInt64
+    let logger: Logger
+    let backend: Backend
+    let loop: ApplyLoop
+    let term: UInt64
+    private let published: PublishedStatus
+    let startedAt = ContinuousClock.now
+    let shutdownHook = Mutex<(@Sendable () -> Void)?>(nil)
+
+    /// Opens (or creates) the member's data directory, replays the log into the store and starts
+    /// the apply loop.
+    public init(config: MemberConfig, logger: Logger = Logger(label: "etcdlite")) throws {
+        try config.validate()
+        self.config = config
+        self.logger = logger
+        let dataDir = URL(fileURLWithPath: config.effectiveDataDir)
+        let memberDir = dataDir.appendingPathComponent("member")
+        try FileManager.default.createDirectory(at: memberDir, withIntermediateDirectories: true)
+        backend = try Backend(path: memberDir.appendingPathComponent("store.db").path)
+
+        // Identity: derived from the flags on first start, then read back from the store.
+        let members = try config.initialClusterMembers()
+        let ids = members.map { ClusterIdentity.memberID(peerURLs: $0.peerURLs, token: config.initialClusterToken) }
+        var meta = try MemberMeta.load(backend.writer)
+        if meta.memberID == nil {
+            meta.memberID = ids[members.firstIndex { $0.name == config.name }!]
+            meta.clusterID = ClusterIdentity.clusterID(memberIDs: ids)
+        }
+        // Each start is a new term, as a single-member Raft elects itself again.
+        meta.term = (meta.term ?? 1) + 1
+        try meta.save(backend.writer)
+        memberID = meta.memberID!
+        clusterID = meta.clusterID!
+        term = meta.term!
+
+        let machine = try StateMachine(backend: backend)
+        let log = try WriteAheadLog(directory: memberDir.appendingPathComponent("wal"), appliedIndex: machine.state.appliedIndex)
+        let pending = try log.recover(after: machine.state.appliedIndex)
+        let published = PublishedStatus(StoreStatus(state: machine.state, logIndex: log.lastIndex, dbSize: 0, dbSizeInUse: 0, alarms: []))
+        self.published = published
+        loop = ApplyLoop(machine: machine, log: log, logger: logger) { status in
+            published.value.withLock { $0 = status }
+        }
+        try loop.replay(pending)
+        loop.start()
+    }
+
+    /// Stops the apply loop after what is queued; the store is closed when the server is released.
+    public func close() {
+        loop.stop()
+        backend.closeReaders()
+    }
+
+    var status: StoreStatus { published.value.withLock { $0 } }
+
+    func header(revision: Int64? = nil) -> Etcdserverpb_ResponseHeader {
+        var header = Etcdserverpb_ResponseHeader()
+        header.clusterID = clusterID
+        header.memberID = memberID
+        header.raftTerm = term
+        if let revision { header.revision = revision }
+        return header
+    }
+
+    /// Fills the fields etcd's API layer fills: ids, term, and the revision when left at 0.
+    func fill(_ header: inout Etcdserverpb_ResponseHeader) {
+        header.clusterID = clusterID
+        header.memberID = memberID
+        header.raftTerm = term
+        if header.revision == 0 { header.revision = status.state.currentRevision }
+    }
+
+    // MARK: - KV
+
+    public func range(_ request: Etcdserverpb_RangeRequest) async throws -> Etcdserverpb_RangeResponse {
+        try RequestValidation.check(request)
+        // One member: everything acknowledged is applied, so the committed state is linearizable.
+        var response = try backend.read { try Applier.range(request, $0) }
+        fill(&response.header)
+        return response
+    }
+
+    public func put(_ request: Etcdserverpb_PutRequest) async throws -> Etcdserverpb_PutResponse {
+        try RequestValidation.check(request)
+        try checkQuota(cost: 256 + request.key.count + request.value.count)
+        guard case .put(var response) = try await propose(.put(request)) else { throw unexpected() }
+        fill(&response.header)
+        return response
+    }
+
+    public func deleteRange(_ request: Etcdserverpb_DeleteRangeRequest) async throws -> Etcdserverpb_DeleteRangeResponse {
+        try RequestValidation.check(request)
+        guard case .deleteRange(var response) = try await propose(.deleteRange(request)) else { throw unexpected() }
+        fill(&response.header)
+        return response
+    }
+
+    public func txn(_ request: Etcdserverpb_TxnRequest) async throws -> Etcdserverpb_TxnResponse {
+        try RequestValidation.check(request, maxTxnOps: config.maxTxnOps)
+        if RequestValidation.isReadOnly(request) {
+            var response = try backend.read { try Applier.readOnlyTxn(request, $0) }
+            fill(&response.header)
+            return response
+        }
+        let cost = Self.putCost(request)
+        if cost > 0 { try checkQuota(cost: cost) }
+        guard case .txn(var response) = try await propose(.txn(request)) else { throw unexpected() }
+        fill(&response.header)
+        return response
+    }
+
+    public func compact(_ request: Etcdserverpb_CompactionRequest) async throws -> Etcdserverpb_CompactionResponse {
+        guard case .compaction(var response) = try await propose(.compaction(request)) else { throw unexpected() }
+        if request.physical {
+            // Compaction deletes rows inside the apply transaction; make that durable too.
+            try await loop.onLoop { try $0.backend.syncCommitted() }
+        }
+        fill(&response.header)
+        return response
+    }
+
+    func propose(_ request: InternalRequest) async throws -> InternalResponse {
+        let size = (try? request.encoded().count) ?? 0
+        if size > config.maxRequestBytes { throw EtcdError.requestTooLarge }
+        return try await loop.propose(request).get()
+    }
+
+    /// etcd's quota check: a write that would push the database past the quota raises NOSPACE and
+    /// fails; while the alarm is active the apply step rejects writes too.
+    private func checkQuota(cost: Int) throws {
+        guard let quota = config.effectiveQuotaBytes else { return }
+        if status.dbSize + Int64(cost) <= quota { return }
+        var alarm = Etcdserverpb_AlarmRequest()
+        alarm.action = .activate
+        alarm.memberID = memberID
+        alarm.alarm = .nospace
+        loop.proposeDetached(.alarm(alarm))
+        throw EtcdError.noSpace
+    }
+
+    private static func putCost(_ request: Etcdserverpb_TxnRequest) -> Int {
+        (request.success + request.failure).reduce(0) { total, op in
+            switch op.request {
+            case .requestPut(let put): total + 256 + put.key.count + put.value.count
+            case .requestTxn(let nested): total + putCost(nested)
+            default: total
+            }
+        }
+    }
+
+    private func unexpected() -> EtcdError { EtcdError(.internal, "etcdserver: unexpected response type") }
+}
+
+/// Per-member facts kept beside the data: identity and the last term.
+struct MemberMeta {
+    var memberID: UInt64?
+    var clusterID: UInt64?
+    var term: UInt64?
+
+    static func load(_ connection: SQLiteConnection) throws -> MemberMeta {
+        var meta = MemberMeta()
+        let statement = try connection.prepared("SELECT name, value FROM member_meta")
+        while try statement.step() {
+            let value = UInt64(statement.text(1))
+            switch statement.text(0) {
+            case "member_id": meta.memberID = value
+            case "cluster_id": meta.clusterID = value
+            case "term": meta.term = value
+            default: break
+            }
+        }
+        statement.reset()
+        return meta
+    }
+
+    func save(_ connection: SQLiteConnection) throws {
+        let statement = try connection.prepared("INSERT OR REPLACE INTO member_meta(name, value) VALUES (?1, ?2)")
+        for (name, value) in [("member_id", memberID), ("cluster_id", clusterID), ("term", term)] {
+            guard let value else { continue }
+            statement.bind(1, name)
+            statement.bind(2, String(value))
+            try statement.run()
+        }
+    }
+}
+
+/// The latest `StoreStatus`, shared between the apply loop and request handlers.
+final class PublishedStatus: Sendable {
+    let value: Mutex<StoreStatus>
+    init(_ status: StoreStatus) { value = Mutex(status) }
+}

@@ -1,0 +1,118 @@
+import EtcdLiteProto
+
+/// Applies log entries to the store: the replicated state machine. Used only by the apply loop's
+/// thread. `state` is written in the same SQLite transaction as the changes of each batch.
+final class StateMachine {
+    let backend: Backend
+    var state: StoreState
+    var applier = Applier()
+    /// Active alarms, mirrored from the `alarms` table.
+    private(set) var alarms: [Etcdserverpb_AlarmMember] = []
+
+    init(backend: Backend) throws {
+        self.backend = backend
+        state = try StoreState.load(backend.writer)
+        let statement = try backend.writer.prepared("SELECT member_id, alarm FROM alarms ORDER BY member_id, alarm")
+        while try statement.step() {
+            var alarm = Etcdserverpb_AlarmMember()
+            alarm.memberID = UInt64(bitPattern: statement.int64(0))
+            alarm.alarm = Etcdserverpb_AlarmType(rawValue: Int(statement.int64(1))) ?? .none
+            alarms.append(alarm)
+        }
+        statement.reset()
+    }
+
+    var noSpace: Bool { alarms.contains { $0.alarm == .nospace } }
+
+    func begin() throws { try backend.writer.prepared("BEGIN IMMEDIATE").run() }
+
+    func commit() throws {
+        try state.save(backend.writer)
+        try backend.writer.prepared("COMMIT").run()
+    }
+
+    /// Applies one entry. Errors that belong to the client come back as a failure; SQLite errors
+    /// are thrown (the member cannot go on).
+    func apply(_ request: InternalRequest, index: UInt64) throws -> Result<InternalResponse, EtcdError> {
+        defer { state.appliedIndex = index }
+        do {
+            switch request {
+            case .put(let r):
+                if noSpace { throw EtcdError.noSpace }
+                return .success(.put(try write { try applier.put(r, $0) }))
+            case .deleteRange(let r):
+                return .success(.deleteRange(try write { try applier.deleteRange(r, $0) }))
+            case .txn(let r):
+                if noSpace && RequestValidation.hasPuts(r) { throw EtcdError.noSpace }
+                return .success(.txn(try write { try applier.txn(r, $0) }))
+            case .compaction(let r):
+                try compact(to: r.revision)
+                var response = Etcdserverpb_CompactionResponse()
+                response.header.revision = state.currentRevision
+                return .success(.compaction(response))
+            case .alarm(let r):
+                return .success(.alarm(try alarm(r)))
+            }
+        } catch let error as EtcdError {
+            return .failure(error)
+        }
+    }
+
+    private func write<T>(_ body: (WriteTxn) throws -> T) throws -> T {
+        let txn = WriteTxn(connection: backend.writer, state: state)
+        let result = try body(txn)
+        if txn.changed { state.currentRevision = txn.writeRevision }
+        return result
+    }
+
+    /// Drops every revision that no read at or after `revision` can see.
+    func compact(to revision: Int64) throws {
+        if revision <= state.compactRevision { throw EtcdError.compacted }
+        if revision > state.currentRevision { throw EtcdError.futureRevision }
+        let superseded = try backend.writer.prepared("""
+            DELETE FROM revs WHERE id IN (
+              SELECT o.id FROM revs n JOIN revs o ON o.key = n.key AND o.mod_rev < n.mod_rev
+              WHERE n.mod_rev > ?1 AND n.mod_rev <= ?2)
+            """)
+        superseded.bind(1, state.compactRevision)
+        superseded.bind(2, revision)
+        try superseded.run()
+        // What is left at or below the compaction point is the newest version of each key; a
+        // tombstone there means the key did not exist at that revision.
+        let tombstones = try backend.writer.prepared("DELETE FROM revs WHERE mod_rev > ?1 AND mod_rev <= ?2 AND tombstone = 1")
+        tombstones.bind(1, state.compactRevision)
+        tombstones.bind(2, revision)
+        try tombstones.run()
+        state.compactRevision = revision
+    }
+
+    private func alarm(_ request: Etcdserverpb_AlarmRequest) throws -> Etcdserverpb_AlarmResponse {
+        var response = Etcdserverpb_AlarmResponse()
+        var member = Etcdserverpb_AlarmMember()
+        member.memberID = request.memberID
+        member.alarm = request.alarm
+        switch request.action {
+        case .activate:
+            guard request.alarm != .none else { break }
+            if !alarms.contains(member) {
+                let insert = try backend.writer.prepared("INSERT OR IGNORE INTO alarms VALUES (?1, ?2)")
+                insert.bind(1, Int64(bitPattern: member.memberID))
+                insert.bind(2, Int64(member.alarm.rawValue))
+                try insert.run()
+                alarms.append(member)
+            }
+            response.alarms = [member]
+        case .deactivate:
+            guard alarms.contains(member) else { break }
+            let delete = try backend.writer.prepared("DELETE FROM alarms WHERE member_id = ?1 AND alarm = ?2")
+            delete.bind(1, Int64(bitPattern: member.memberID))
+            delete.bind(2, Int64(member.alarm.rawValue))
+            try delete.run()
+            alarms.removeAll { $0 == member }
+            response.alarms = [member]
+        case .get, .UNRECOGNIZED:
+            response.alarms = alarms
+        }
+        return response
+    }
+}

@@ -1,0 +1,79 @@
+import Foundation
+import Synchronization
+
+/// The member's SQLite database: one writer connection owned by the apply loop, and a pool of
+/// reader connections that see committed snapshots (WAL mode lets both run at once).
+final class Backend: Sendable {
+    let path: String
+    /// Owned by the apply loop's thread; no other thread touches it.
+    nonisolated(unsafe) let writer: SQLiteConnection
+    private let readers = Mutex<[SQLiteConnection]>([])
+    private let pageSize: Int64
+
+    init(path: String) throws {
+        self.path = path
+        writer = try SQLiteConnection(path: path)
+        try writer.execute("PRAGMA journal_mode=WAL")
+        // Durability comes from our own log: SQLite may lose its last commits on power loss, and
+        // the entries after the recorded applied index are re-applied from the log.
+        try writer.execute("PRAGMA synchronous=NORMAL")
+        try writer.execute("PRAGMA cache_size=-65536")
+        try writer.execute("BEGIN IMMEDIATE")
+        for statement in Schema.statements { try writer.execute(statement) }
+        try writer.execute("COMMIT")
+        pageSize = try writer.pragmaInt("page_size")
+    }
+
+    /// Runs `body` on a consistent snapshot of committed state.
+    func read<T>(_ body: (ReadView) throws -> T) throws -> T {
+        let connection = try checkout()
+        defer { checkin(connection) }
+        try connection.prepared("BEGIN").run()
+        defer { try? connection.prepared("COMMIT").run() }
+        let view = ReadView(connection: connection, state: try StoreState.load(connection))
+        return try body(view)
+    }
+
+    /// Runs `body` with a reader connection outside any transaction (VACUUM INTO, hashes).
+    func withReader<T>(_ body: (SQLiteConnection) throws -> T) throws -> T {
+        let connection = try checkout()
+        defer { checkin(connection) }
+        return try body(connection)
+    }
+
+    private func checkout() throws -> SQLiteConnection {
+        if let connection = readers.withLock({ $0.popLast() }) { return connection }
+        let connection = try SQLiteConnection(path: path)
+        try connection.execute("PRAGMA query_only=1")
+        try connection.execute("PRAGMA cache_size=-16384")
+        try connection.execute("PRAGMA mmap_size=268435456")
+        return connection
+    }
+
+    private func checkin(_ connection: SQLiteConnection) {
+        readers.withLock { $0.append(connection) }
+    }
+
+    /// Database size and size in use, in bytes; call on the writer's thread.
+    func sizes() throws -> (size: Int64, inUse: Int64) {
+        let pages = try writer.pragmaInt("page_count")
+        let free = try writer.pragmaInt("freelist_count")
+        return (pages * pageSize, (pages - free) * pageSize)
+    }
+
+    /// Makes every committed transaction durable by syncing SQLite's WAL file (checkpoints sync
+    /// the main file themselves in WAL mode).
+    func syncCommitted() throws {
+        try writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        for file in [path + "-wal", path] {
+            let fd = open(file, O_RDWR)
+            guard fd >= 0 else { continue }
+            defer { close(fd) }
+            if fdatasync(fd) != 0 { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        }
+    }
+
+    func closeReaders() {
+        readers.withLock { $0.removeAll() }
+    }
+}

@@ -1,0 +1,145 @@
+import ArgumentParser
+import EtcdLite
+import Foundation
+import Logging
+
+/// `etcdlite` / `etcdlite serve`: one member, configured with etcd's flags or their `ETCD_*`
+/// environment variables (a flag wins over its variable).
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run a member (the default).")
+
+    @Option(help: "Human-readable name for this member.") var name: String?
+    @Option(help: "Path to the data directory (default: ${name}.etcdlite).") var dataDir: String?
+    @Option(help: "List of URLs to listen on for client traffic.") var listenClientUrls: String?
+    @Option(help: "List of this member's client URLs to advertise to the public.") var advertiseClientUrls: String?
+    @Option(help: "List of URLs to listen on for peer traffic.") var listenPeerUrls: String?
+    @Option(help: "List of this member's peer URLs to advertise to the rest of the cluster.") var initialAdvertisePeerUrls: String?
+    @Option(help: "Initial cluster configuration for bootstrapping.") var initialCluster: String?
+    @Option(help: "Initial cluster state ('new' or 'existing').") var initialClusterState: String?
+    @Option(help: "Initial cluster token for the etcd cluster during bootstrap.") var initialClusterToken: String?
+    @Option(help: "Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB).") var quotaBackendBytes: String?
+    @Option(help: "Maximum number of operations permitted in a transaction.") var maxTxnOps: String?
+    @Option(help: "Maximum client request size in bytes the server will accept.") var maxRequestBytes: String?
+    @Option(help: "Interpret 'auto-compaction-retention' as 'periodic' or 'revision'.") var autoCompactionMode: String?
+    @Option(help: "Auto compaction retention (0 means off).") var autoCompactionRetention: String?
+    @Option(help: "Number of committed transactions to trigger a snapshot to disk.") var snapshotCount: String?
+    @Option(help: "Time (in milliseconds) of a heartbeat interval.") var heartbeatInterval: String?
+    @Option(help: "Time (in milliseconds) for an election to timeout.") var electionTimeout: String?
+    @Option(help: "Log level: debug, info, warn, error, panic or fatal.") var logLevel: String?
+    @Option(help: "Logger (accepted for compatibility; logs are always JSON lines).") var logger: String?
+    @Option(help: "Log outputs (accepted for compatibility; logs go to standard error).") var logOutputs: String?
+
+    // Accepted now and validated; the TLS, metrics and watch issues give them their effect.
+    @Option var certFile: String?
+    @Option var keyFile: String?
+    @Option var trustedCaFile: String?
+    @Option var peerCertFile: String?
+    @Option var peerKeyFile: String?
+    @Option var peerTrustedCaFile: String?
+    @Option var listenMetricsUrls: String?
+    @Option var experimentalWatchProgressNotifyInterval: String?
+    @Option var authToken: String?
+    @Option var authTokenTtl: String?
+    @Flag var clientCertAuth = false
+    @Flag var peerClientCertAuth = false
+    @Flag var experimentalInitialCorruptCheck = false
+    @Flag var enableV2 = false
+    @Flag var strictReconfigCheck = false
+
+    func run() async throws {
+        let config = try makeConfig()
+        let level = JSONLogHandler.level(config.logLevel) ?? .info
+        LoggingSystem.bootstrap { JSONLogHandler(logLevel: level, label: $0) }
+        let logger = Logger(label: "etcdlite")
+        let server: EtcdLiteServer
+        do {
+            server = try EtcdLiteServer(config: config, logger: logger)
+        } catch {
+            logger.critical("failed to start", metadata: ["error": "\(error)"])
+            throw ExitCode(1)
+        }
+        let signals = ShutdownSignals { signal in
+            logger.info("received signal; shutting down", metadata: ["signal": "\(signal)"])
+            server.shutdown()
+        }
+        defer { signals.cancel() }
+        try await server.serve()
+        logger.info("stopped serving")
+    }
+
+    private func value(_ flag: String?, _ name: String) -> String? {
+        if let flag { return flag }
+        let variable = "ETCD_" + name.uppercased().replacingOccurrences(of: "-", with: "_")
+        return ProcessInfo.processInfo.environment[variable]
+    }
+
+    private func list(_ text: String) -> [String] {
+        text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    }
+
+    private func number<T: FixedWidthInteger>(_ flag: String?, _ name: String) throws -> T? {
+        guard let text = value(flag, name) else { return nil }
+        guard let number = T(text) else { throw ValidationError("invalid value \"\(text)\" for flag -\(name): parse error") }
+        return number
+    }
+
+    func makeConfig() throws -> MemberConfig {
+        var config = MemberConfig()
+        if let v = value(name, "name") { config.name = v }
+        if let v = value(dataDir, "data-dir") { config.dataDir = v }
+        if let v = value(listenClientUrls, "listen-client-urls") { config.listenClientURLs = list(v) }
+        if let v = value(advertiseClientUrls, "advertise-client-urls") { config.advertiseClientURLs = list(v) }
+        if let v = value(listenPeerUrls, "listen-peer-urls") { config.listenPeerURLs = list(v) }
+        if let v = value(initialAdvertisePeerUrls, "initial-advertise-peer-urls") { config.initialAdvertisePeerURLs = list(v) }
+        if let v = value(initialCluster, "initial-cluster") { config.initialCluster = v }
+        if let v = value(initialClusterState, "initial-cluster-state") { config.initialClusterState = v }
+        if let v = value(initialClusterToken, "initial-cluster-token") { config.initialClusterToken = v }
+        if let v: Int64 = try number(quotaBackendBytes, "quota-backend-bytes") { config.quotaBackendBytes = v }
+        if let v: Int = try number(maxTxnOps, "max-txn-ops") { config.maxTxnOps = v }
+        if let v: Int = try number(maxRequestBytes, "max-request-bytes") { config.maxRequestBytes = v }
+        if let v = value(autoCompactionMode, "auto-compaction-mode") { config.autoCompactionMode = v }
+        if let v = value(autoCompactionRetention, "auto-compaction-retention") { config.autoCompactionRetention = v }
+        if let v: UInt64 = try number(snapshotCount, "snapshot-count") { config.snapshotCount = v }
+        if let v: Int = try number(heartbeatInterval, "heartbeat-interval") { config.heartbeatIntervalMilliseconds = v }
+        if let v: Int = try number(electionTimeout, "election-timeout") { config.electionTimeoutMilliseconds = v }
+        if let v = value(logLevel, "log-level") {
+            guard JSONLogHandler.level(v) != nil else { throw ValidationError("invalid log level \"\(v)\"") }
+            config.logLevel = v
+        }
+        if let v = value(experimentalWatchProgressNotifyInterval, "experimental-watch-progress-notify-interval"),
+           Double(v) == nil, v.rangeOfCharacter(from: .letters) == nil {
+            throw ValidationError("invalid value \"\(v)\" for flag -experimental-watch-progress-notify-interval")
+        }
+        for (file, flag) in [(certFile, "cert-file"), (keyFile, "key-file"), (trustedCaFile, "trusted-ca-file"),
+                             (peerCertFile, "peer-cert-file"), (peerKeyFile, "peer-key-file"), (peerTrustedCaFile, "peer-trusted-ca-file")] {
+            if let path = value(file, flag), !path.isEmpty, !FileManager.default.fileExists(atPath: path) {
+                throw ValidationError("--\(flag): \(path): no such file or directory")
+            }
+        }
+        do {
+            try config.validate()
+        } catch let error as ConfigError {
+            throw ValidationError(error.description)
+        }
+        return config
+    }
+}
+
+/// SIGTERM and SIGINT start a graceful shutdown.
+final class ShutdownSignals: @unchecked Sendable {
+    private let sources: [DispatchSourceSignal]
+
+    init(_ handler: @escaping @Sendable (Int32) -> Void) {
+        sources = [SIGTERM, SIGINT].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler { handler(number) }
+            source.resume()
+            return source
+        }
+    }
+
+    func cancel() {
+        for source in sources { source.cancel() }
+    }
+}
