@@ -104,6 +104,9 @@ extension EtcdLiteServer {
         let url = URL(fileURLWithPath: config.effectiveDataDir).appendingPathComponent("member")
             .appendingPathComponent("snapshot-\(UUID().uuidString).db")
         try backend.withReader { connection in
+            // VACUUM INTO writes only the new file, but query_only forbids it; lift it meanwhile.
+            try connection.execute("PRAGMA query_only=0")
+            defer { try? connection.execute("PRAGMA query_only=1") }
             let statement = try connection.prepared("VACUUM INTO ?1")
             statement.bind(1, url.path)
             try statement.run()

@@ -56,6 +56,7 @@ final class SQLiteConnection: @unchecked Sendable {
 
     func pragmaInt(_ name: String) throws -> Int64 {
         let statement = try prepared("PRAGMA \(name)")
+        defer { statement.reset() }
         guard try statement.step() else { return 0 }
         return statement.int64(0)
     }
@@ -126,7 +127,7 @@ final class SQLiteStatement {
 
     /// Runs a statement that returns no rows.
     func run() throws {
-        defer { sqlite3_reset(handle) }
+        defer { reset() }
         _ = try step()
     }
 
