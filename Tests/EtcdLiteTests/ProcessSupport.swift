@@ -1,0 +1,161 @@
+import Foundation
+import Testing
+
+/// Where `swift build` put the etcdlite binary: beside the test bundle, or $ETCDLITE_BINARY.
+func etcdliteBinary() -> String {
+    if let path = ProcessInfo.processInfo.environment["ETCDLITE_BINARY"] { return path }
+    var url = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+    for _ in 0..<4 {
+        url.deleteLastPathComponent()
+        let candidate = url.appendingPathComponent("etcdlite").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+    }
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    return root.appendingPathComponent(".build/debug/etcdlite").path
+}
+
+func which(_ name: String) -> String? {
+    for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
+        let path = "\(dir)/\(name)"
+        if FileManager.default.isExecutableFile(atPath: path) { return path }
+    }
+    return nil
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+func freePort() -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_port = 0
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
+    _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+    return Int(UInt16(bigEndian: address.sin_port))
+}
+
+struct CommandResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+/// Runs a command to completion (bounded by `timeout` seconds).
+@discardableResult
+func run(_ executable: String, _ arguments: [String], stdin: String? = nil, environment: [String: String] = [:], timeout: Double = 30) throws -> CommandResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    var env = ProcessInfo.processInfo.environment
+    for (k, v) in environment { env[k] = v }
+    process.environment = env
+    let out = Pipe(), err = Pipe(), input = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    process.standardInput = input
+    try process.run()
+    if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
+    try input.fileHandleForWriting.close()
+    let deadline = Date().addingTimeInterval(timeout)
+    let outData = ReadAll(out.fileHandleForReading), errData = ReadAll(err.fileHandleForReading)
+    while process.isRunning && Date() < deadline { usleep(2000) }
+    if process.isRunning { process.terminate() }
+    process.waitUntilExit()
+    return CommandResult(status: process.terminationStatus, stdout: outData.wait(), stderr: errData.wait())
+}
+
+/// Drains a pipe on a thread so a chatty child never blocks on a full pipe.
+final class ReadAll: @unchecked Sendable {
+    private var data = Data()
+    private let done = DispatchSemaphore(value: 0)
+    init(_ handle: FileHandle) {
+        Thread.detachNewThread { [self] in
+            data = handle.readDataToEndOfFile()
+            done.signal()
+        }
+    }
+    func wait() -> String {
+        done.wait()
+        return String(decoding: data, as: UTF8.self)
+    }
+}
+
+/// A server process (etcdlite or etcd) on loopback, stopped by `stop()` or `kill()`.
+final class ServerProcess: @unchecked Sendable {
+    let process = Process()
+    let clientPort: Int
+    let dataDir: TempDir
+    let logPath: String
+    var endpoint: String { "127.0.0.1:\(clientPort)" }
+
+    /// Starts `executable` with etcd's flags for one member on free loopback ports.
+    init(executable: String, name: String = "default", dataDir: TempDir? = nil, clientPort: Int? = nil, extra: [String] = []) throws {
+        self.dataDir = dataDir ?? TempDir()
+        self.clientPort = clientPort ?? freePort()
+        let peerPort = freePort()
+        let client = "http://127.0.0.1:\(self.clientPort)"
+        let peer = "http://127.0.0.1:\(peerPort)"
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = [
+            "--name", name, "--data-dir", self.dataDir.url.appendingPathComponent("data").path,
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", "\(name)=\(peer)",
+        ] + extra
+        logPath = self.dataDir.url.appendingPathComponent("server.log").path
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        let log = FileHandle(forWritingAtPath: logPath)!
+        process.standardOutput = log
+        process.standardError = log
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        try waitUntilServing()
+    }
+
+    /// Waits (at most 20 s) until etcdctl reaches the member.
+    func waitUntilServing() throws {
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            guard process.isRunning else { break }
+            if let result = try? etcdctl(["endpoint", "health", "--dial-timeout=500ms", "--command-timeout=1s"]), result.status == 0 { return }
+            usleep(50_000)
+        }
+        let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+        throw ProcessError(message: "server on \(endpoint) did not come up; log:\n\(log.suffix(2000))")
+    }
+
+    func etcdctl(_ arguments: [String], stdin: String? = nil) throws -> CommandResult {
+        try run(etcdctlPath(), ["--endpoints=\(endpoint)"] + arguments, stdin: stdin, environment: ["ETCDCTL_API": "3"])
+    }
+
+    func stop() {
+        if process.isRunning {
+            process.terminate()
+            process.waitUntilExit()
+        }
+    }
+
+    func kill() {
+        if process.isRunning {
+            Foundation.kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+
+    deinit { kill() }
+}
+
+func etcdctlPath() throws -> String {
+    guard let path = which("etcdctl") else { throw ProcessError(message: "etcdctl not installed (apt-get install etcd-client)") }
+    return path
+}
+
+struct ProcessError: Error, CustomStringConvertible {
+    let message: String
+    var description: String { message }
+}
+
+/// Tests that need Debian's etcd-server and etcd-client.
+let etcdInstalled = which("etcd") != nil && which("etcdctl") != nil
