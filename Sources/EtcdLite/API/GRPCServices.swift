@@ -86,7 +86,7 @@ struct MaintenanceService: Etcdserverpb_Maintenance.SimpleServiceProtocol {
     }
 
     func downgrade(request: Etcdserverpb_DowngradeRequest, context: ServerContext) async throws -> Etcdserverpb_DowngradeResponse {
-        throw unimplemented
+        throw unimplemented  // not registered: see EtcdServices
     }
 }
 

@@ -17,15 +17,14 @@ extension EtcdLiteServer {
             guard let url = URLComponents(string: text), let host = url.host else { throw ConfigError("invalid URL \(text)") }
             var transportConfig = HTTP2ServerTransport.Custom<ClientListener>.Config.defaults
             transportConfig.connection.keepalive.clientBehavior = .init(minPingIntervalWithoutCalls: .seconds(5), allowWithoutCalls: true)
-            transportConfig.rpc.maxRequestPayloadSize = config.maxRequestBytes + 512 * 1024
+            // The transport only guards memory; EtcdDeserializer enforces etcd's limit with etcd's error.
+            transportConfig.rpc.maxRequestPayloadSize = max(64 << 20, 2 * (config.maxRequestBytes + 512 * 1024))
             let listener = ClientListener(host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2379, eventLoopGroup: group) { [self] in
                 HTTPHandler(server: self)
             }
             let transport = HTTP2ServerTransport.Custom(listenerFactory: listener, config: transportConfig)
             listeners.append(listener)
-            servers.append(GRPCServer(transport: transport, services: [
-                KVService(server: self), MaintenanceService(server: self), ClusterService(server: self),
-            ]))
+            servers.append(GRPCServer(transport: transport, services: [EtcdServices(server: self)]))
         }
         let running = servers
         shutdownHook.withLock { $0 = { for server in running { server.beginGracefulShutdown() } } }
