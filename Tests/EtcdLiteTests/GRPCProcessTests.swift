@@ -169,3 +169,23 @@ func httpGet(port: Int, path: String) throws -> String {
         #expect(missing == 0, "acknowledged writes lost: \(missing) of \(acknowledged.count)")
     }
 }
+
+@Suite struct AutoCompactionTests {
+    @Test func periodicRetentionCompactsOldRevisions() throws {
+        let lite = try ServerProcess(executable: etcdliteBinary(), extra: ["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1s"])
+        defer { lite.stop(); lite.dataDir.cleanup() }
+        #expect(try lite.etcdctl(["put", "k", "1"]).status == 0)  // revision 2
+        #expect(try lite.etcdctl(["put", "k", "2"]).status == 0)  // revision 3
+        // Within a few retention periods revision 2 is compacted away.
+        let deadline = Date().addingTimeInterval(8)
+        var compacted = false
+        while !compacted && Date() < deadline {
+            _ = try lite.etcdctl(["put", "tick", "x"])
+            compacted = try lite.etcdctl(["get", "k", "--rev=2"]).stderr.contains("required revision has been compacted")
+            usleep(200_000)
+        }
+        #expect(compacted)
+        let log = try String(contentsOfFile: lite.logPath, encoding: .utf8)
+        #expect(log.contains("auto compaction finished"))
+    }
+}

@@ -28,9 +28,14 @@ extension EtcdLiteServer {
         }
         let running = servers
         shutdownHook.withLock { $0 = { for server in running { server.beginGracefulShutdown() } } }
+        let retention = try config.autoCompactionRetentionValue()
         try await withTaskCancellationHandler {
-            try await withThrowingDiscardingTaskGroup { group in
-                for server in running { group.addTask { try await server.serve() } }
+            // Child tasks: the gRPC servers (true) and the auto compactor (false), which stops with them.
+            try await withThrowingTaskGroup(of: Bool.self) { group in
+                for server in running { group.addTask { try await server.serve(); return true } }
+                if let retention {
+                    group.addTask { await AutoCompactor(server: self, retention: retention).run(); return false }
+                }
                 var ports: [Int] = []
                 for listener in listeners {
                     while listener.localAddress.withLockedValue({ $0 }) == nil { try await Task.sleep(for: .milliseconds(5)) }
@@ -38,6 +43,11 @@ extension EtcdLiteServer {
                 }
                 logger.info("ready to serve client requests", metadata: ["listen-client-urls": "\(config.listenClientURLs)", "ports": "\(ports)"])
                 onListening(ports)
+                var serving = running.count
+                while serving > 0, let isServer = try await group.next() {
+                    if isServer { serving -= 1 }
+                }
+                group.cancelAll()
             }
         } onCancel: {
             for server in running { server.beginGracefulShutdown() }
