@@ -54,10 +54,9 @@ final class ApplyLoop: @unchecked Sendable {
         thread.start()
     }
 
-    func propose(_ request: InternalRequest) async -> Result<InternalResponse, EtcdError> {
-        let data: [UInt8]
-        do { data = try request.encoded() } catch { return .failure(EtcdError(.internal, "\(error)")) }
-        return await withCheckedContinuation { continuation in
+    /// Appends `request` (already encoded as `data`) and waits until it is durable and applied.
+    func propose(_ request: InternalRequest, data: [UInt8]) async -> Result<InternalResponse, EtcdError> {
+        await withCheckedContinuation { continuation in
             enqueue(.proposal(data: data, request: request, completion: { continuation.resume(returning: $0) }))
         }
     }

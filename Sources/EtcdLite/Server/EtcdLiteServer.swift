@@ -136,9 +136,10 @@ public final class EtcdLiteServer: Sendable {
     }
 
     func propose(_ request: InternalRequest) async throws -> InternalResponse {
-        let size = (try? request.encoded().count) ?? 0
-        if size > config.maxRequestBytes { throw EtcdError.requestTooLarge }
-        return try await loop.propose(request).get()
+        let data: [UInt8]
+        do { data = try request.encoded() } catch { throw EtcdError(.internal, "etcdserver: \(error)") }
+        if data.count > config.maxRequestBytes { throw EtcdError.requestTooLarge }
+        return try await loop.propose(request, data: data).get()
     }
 
     /// etcd's quota check: a write that would push the database past the quota raises NOSPACE and
