@@ -31,6 +31,7 @@ wait_healthy() { # port
 
 h2() { # port path body streams requests -> "reqs/s p50_us"
   local out
+  rm -f "$work/h2.log"  # h2load appends to an existing log
   out=$(h2load -n "$5" -c 1 -m "$4" -H 'content-type: application/grpc' -H 'te: trailers' \
     --log-file="$work/h2.log" -d "$work/$3" "http://127.0.0.1:$1/$2" 2>&1)
   echo "$out" | grep -q "$5 succeeded" || { echo "h2load failed: $out" >&2; exit 1; }
