@@ -1,62 +1,104 @@
+import NIOConcurrencyHelpers
 import Foundation
-import GRPCCore
-import GRPCNIOTransportCore
-import GRPCNIOTransportHTTP2Posix
 import NIOCore
 import NIOPosix
+import EtcdLiteProto
 
 extension EtcdLiteServer {
     /// Serves gRPC and HTTP on every --listen-client-urls address until the task is cancelled or
-    /// `shutdown` is called; then stops accepting, lets in-flight RPCs finish and closes the store.
+    /// `shutdown` is called; then stops accepting, lets in-flight calls finish and closes the store.
     /// `onListening` receives the bound ports (useful with port 0).
     public func serve(onListening: @Sendable ([Int]) -> Void = { _ in }) async throws {
-        let group = MultiThreadedEventLoopGroup.singleton
-        var servers: [GRPCServer<HTTP2ServerTransport.Custom<ClientListener>>] = []
+        let methods = makeMethods()
         var listeners: [ClientListener] = []
         for text in config.listenClientURLs {
             guard let url = URLComponents(string: text), let host = url.host else { throw ConfigError("invalid URL \(text)") }
-            var transportConfig = HTTP2ServerTransport.Custom<ClientListener>.Config.defaults
-            transportConfig.connection.keepalive.clientBehavior = .init(minPingIntervalWithoutCalls: .seconds(5), allowWithoutCalls: true)
-            // The transport only guards memory; EtcdDeserializer enforces etcd's limit with etcd's error.
-            transportConfig.rpc.maxRequestPayloadSize = max(64 << 20, 2 * (config.maxRequestBytes + 512 * 1024))
-            let listener = ClientListener(host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2379, eventLoopGroup: group) { [self] in
-                HTTPHandler(server: self)
-            }
-            let transport = HTTP2ServerTransport.Custom(listenerFactory: listener, config: transportConfig)
-            listeners.append(listener)
-            servers.append(GRPCServer(transport: transport, services: [EtcdServices(server: self)]))
+            listeners.append(ClientListener(
+                host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2379,
+                group: MultiThreadedEventLoopGroup.singleton, methods: methods
+            ) { [self] in HTTPHandler(server: self) })
         }
-        let running = servers
-        shutdownHook.withLock { $0 = { for server in running { server.beginGracefulShutdown() } } }
+        var ports: [Int] = []
+        do {
+            for listener in listeners { ports.append(try await listener.bind()) }
+        } catch {
+            for listener in listeners { await listener.shutdown(grace: .zero) }
+            close()
+            throw error
+        }
+        logger.info("ready to serve client requests", metadata: ["listen-client-urls": "\(config.listenClientURLs)", "ports": "\(ports)"])
+        onListening(ports)
         let retention = try config.autoCompactionRetentionValue()
-        try await withTaskCancellationHandler {
-            // Child tasks: the gRPC servers (true) and the auto compactor (false), which stops with them.
-            try await withThrowingTaskGroup(of: Bool.self) { group in
-                for server in running { group.addTask { try await server.serve(); return true } }
-                if let retention {
-                    group.addTask { await AutoCompactor(server: self, retention: retention).run(); return false }
-                }
-                var ports: [Int] = []
-                for listener in listeners {
-                    while listener.localAddress.withLockedValue({ $0 }) == nil { try await Task.sleep(for: .milliseconds(5)) }
-                    ports.append(listener.localAddress.withLockedValue { $0 }?.port ?? 0)
-                }
-                logger.info("ready to serve client requests", metadata: ["listen-client-urls": "\(config.listenClientURLs)", "ports": "\(ports)"])
-                onListening(ports)
-                var serving = running.count
-                while serving > 0, let isServer = try await group.next() {
-                    if isServer { serving -= 1 }
-                }
-                group.cancelAll()
+        await withTaskGroup(of: Void.self) { group in
+            if let retention {
+                group.addTask { await AutoCompactor(server: self, retention: retention).run() }
             }
-        } onCancel: {
-            for server in running { server.beginGracefulShutdown() }
+            await withTaskCancellationHandler {
+                await stopRequested.wait()
+            } onCancel: {
+                stopRequested.fire()
+            }
+            group.cancelAll()
         }
+        for listener in listeners { await listener.shutdown() }
         close()
     }
 
-    /// Stops accepting connections; `serve` returns once in-flight RPCs are done.
+    /// Stops accepting connections; `serve` returns once in-flight calls are done.
     public func shutdown() {
-        shutdownHook.withLock { $0 }?()
+        stopRequested.fire()
+    }
+
+    /// etcd's services over gRPC. Methods not listed answer Unimplemented.
+    func makeMethods() -> GRPCMethods {
+        var m = GRPCMethods(receiveLimit: config.maxRequestBytes + 512 * 1024)
+        m.unary("/etcdserverpb.KV/Range") { (r: Etcdserverpb_RangeRequest, _) in try await self.range(r) }
+        m.unary("/etcdserverpb.KV/Put") { (r: Etcdserverpb_PutRequest, _) in try await self.put(r) }
+        m.unary("/etcdserverpb.KV/DeleteRange") { (r: Etcdserverpb_DeleteRangeRequest, _) in try await self.deleteRange(r) }
+        m.unary("/etcdserverpb.KV/Txn") { (r: Etcdserverpb_TxnRequest, _) in try await self.txn(r) }
+        m.unary("/etcdserverpb.KV/Compact") { (r: Etcdserverpb_CompactionRequest, _) in try await self.compact(r) }
+        m.unary("/etcdserverpb.Maintenance/Alarm") { (r: Etcdserverpb_AlarmRequest, _) in try await self.alarm(r) }
+        m.unary("/etcdserverpb.Maintenance/Status") { (_: Etcdserverpb_StatusRequest, _) in self.statusResponse() }
+        m.unary("/etcdserverpb.Maintenance/Defragment") { (_: Etcdserverpb_DefragmentRequest, _) in try await self.defragment() }
+        m.unary("/etcdserverpb.Maintenance/Hash") { (_: Etcdserverpb_HashRequest, _) in try self.hash() }
+        m.unary("/etcdserverpb.Maintenance/HashKV") { (r: Etcdserverpb_HashKVRequest, _) in try self.hashKV(r) }
+        m.unary("/etcdserverpb.Maintenance/MoveLeader") { (r: Etcdserverpb_MoveLeaderRequest, _) in try self.moveLeader(r) }
+        m.serverStreaming("/etcdserverpb.Maintenance/Snapshot") { (_: Etcdserverpb_SnapshotRequest, _, send) in
+            try await self.snapshotChunks(send)
+        }
+        m.unary("/etcdserverpb.Cluster/MemberList") { (_: Etcdserverpb_MemberListRequest, _) in self.memberList() }
+        return m
+    }
+
+    /// One member leads itself: moving leadership to itself is a no-op.
+    func moveLeader(_ request: Etcdserverpb_MoveLeaderRequest) throws -> Etcdserverpb_MoveLeaderResponse {
+        guard request.targetID == memberID else { throw EtcdError(.failedPrecondition, "etcdserver: bad leader transferee") }
+        var response = Etcdserverpb_MoveLeaderResponse()
+        response.header = header()
+        return response
+    }
+}
+
+/// A one-shot signal that many tasks can wait for.
+final class StopSignal: Sendable {
+    private let state = NIOLockedValueBox<(fired: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+
+    func fire() {
+        let waiters = state.withLockedValue { state -> [CheckedContinuation<Void, Never>] in
+            state.fired = true
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    func wait() async {
+        await withCheckedContinuation { continuation in
+            let fired = state.withLockedValue { state -> Bool in
+                if !state.fired { state.waiters.append(continuation) }
+                return state.fired
+            }
+            if fired { continuation.resume() }
+        }
     }
 }

@@ -21,7 +21,7 @@ public final class EtcdLiteServer: Sendable {
     let term: UInt64
     private let published: PublishedStatus
     let startedAt = ContinuousClock.now
-    let shutdownHook = Mutex<(@Sendable () -> Void)?>(nil)
+    let stopRequested = StopSignal()
 
     /// Opens (or creates) the member's data directory, replays the log into the store and starts
     /// the apply loop.

@@ -1,0 +1,344 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+
+/// Serves gRPC on one HTTP/2 connection, working on frames directly (no channel per stream):
+/// requests are reassembled from DATA frames, each call runs as one task, and responses go out as
+/// HEADERS, DATA and trailers. Runs on the connection's event loop; tasks hop back to it.
+final class GRPCConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTP2Frame
+    typealias OutboundOut = HTTP2Frame
+
+    private struct Call {
+        let method: GRPCMethod
+        let context: CallContext
+        var buffer: ByteBuffer
+        var message: [UInt8]?
+        var inbound: AsyncStream<[UInt8]>.Continuation?
+        var task: Task<Void, Never>?
+        var headersSent = false
+    }
+
+    private let methods: GRPCMethods
+    private var calls: [HTTP2StreamID: Call] = [:]
+    private var context: ChannelHandlerContext?
+    private var flushScheduled = false
+    private var lastStreamID = HTTP2StreamID.rootStream
+    private var draining = false
+    private var lastPing: NIODeadline?
+    private var pingStrikes = 0
+
+    /// etcd's keepalive enforcement: pings closer than this count as strikes.
+    static let minPingInterval = TimeAmount.seconds(5)
+    static let maxPingStrikes = 2
+
+    init(methods: GRPCMethods) {
+        self.methods = methods
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        for (_, call) in calls {
+            call.task?.cancel()
+            call.inbound?.finish()
+        }
+        calls.removeAll()
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        let id = frame.streamID
+        switch frame.payload {
+        case .headers(let headers):
+            if calls[id] != nil {
+                if headers.endStream { endOfRequest(id) }  // trailers from the client
+            } else {
+                start(id, headers.headers, endStream: headers.endStream)
+            }
+        case .data(let payload):
+            guard case .byteBuffer(var bytes) = payload.data else { return }
+            let consumed = bytes.readableBytes + (payload.paddingBytes ?? 0)
+            if consumed > 0 {
+                // Keep both windows open: what a call may buffer is bounded by the message limit.
+                write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: consumed)))
+                if !payload.endStream && calls[id] != nil {
+                    write(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: consumed)))
+                }
+            }
+            receive(id, &bytes)
+            if payload.endStream { endOfRequest(id) }
+        case .rstStream:
+            if let call = calls.removeValue(forKey: id) {
+                call.task?.cancel()
+                call.inbound?.finish()
+            }
+        case .ping(_, ack: false):
+            // NIOHTTP2Handler answers pings; we only police their rate.
+            let now = NIODeadline.now()
+            if let lastPing, now - lastPing < Self.minPingInterval { pingStrikes += 1 }
+            lastPing = now
+            if pingStrikes > Self.maxPingStrikes {
+                goAway(.enhanceYourCalm, debug: "too_many_pings")
+                context.close(promise: nil)
+            }
+        default:
+            break
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        flushIfNeeded()
+    }
+
+    // MARK: - Requests
+
+    private func start(_ id: HTTP2StreamID, _ headers: HPACKHeaders, endStream: Bool) {
+        if draining {
+            write(HTTP2Frame(streamID: id, payload: .rstStream(.refusedStream)))
+            return
+        }
+        lastStreamID = max(lastStreamID, id)
+        let path = headers.first(name: ":path") ?? ""
+        guard let contentType = headers.first(name: "content-type"), contentType.hasPrefix("application/grpc") else {
+            var response = HPACKHeaders()
+            response.add(name: ":status", value: "415")
+            write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: response, endStream: true))))
+            return
+        }
+        guard let method = methods[path] else {
+            respondWithStatus(id, .unimplemented(path), headersSent: false)
+            return
+        }
+        var metadata: [String: String] = [:]
+        for (name, value, _) in headers where !name.hasPrefix(":") && !name.hasPrefix("grpc-") {
+            metadata[name] = value
+        }
+        var call = Call(method: method, context: CallContext(metadata: metadata), buffer: ByteBuffer())
+        if case .streaming(let handler) = method {
+            let (requests, continuation) = AsyncStream<[UInt8]>.makeStream()
+            call.inbound = continuation
+            let writer = makeWriter(id)
+            let loop = loopBound()
+            let callContext = call.context
+            call.task = Task {
+                let status: GRPCStatus
+                do {
+                    try await handler(requests, writer, callContext)
+                    status = .ok
+                } catch {
+                    status = GRPCStatus(error)
+                }
+                loop.execute { $0.finish(id, status) }
+            }
+        }
+        calls[id] = call
+        if endStream { endOfRequest(id) }
+    }
+
+    private func receive(_ id: HTTP2StreamID, _ bytes: inout ByteBuffer) {
+        guard var call = calls[id] else { return }
+        call.buffer.writeBuffer(&bytes)
+        while call.buffer.readableBytes >= 5 {
+            let start = call.buffer.readerIndex
+            let compressed = call.buffer.getInteger(at: start, as: UInt8.self)!
+            let length = Int(call.buffer.getInteger(at: start + 1, as: UInt32.self)!)
+            if length > methods.receiveLimit {
+                fail(id, GRPCStatus(code: 8, message: "grpc: received message larger than max (\(length) vs. \(methods.receiveLimit))"))
+                return
+            }
+            if compressed != 0 {
+                fail(id, GRPCStatus(code: 12, message: "grpc: Decompressor is not installed for grpc-encoding"))
+                return
+            }
+            guard call.buffer.readableBytes >= 5 + length else { break }
+            call.buffer.moveReaderIndex(forwardBy: 5)
+            let message = call.buffer.readBytes(length: length)!
+            if let inbound = call.inbound {
+                inbound.yield(message)
+            } else if call.message == nil {
+                call.message = message
+            } else {
+                fail(id, GRPCStatus(code: 13, message: "grpc: too many request messages for a unary call"))
+                return
+            }
+        }
+        call.buffer.discardReadBytes()
+        calls[id] = call
+    }
+
+    private func endOfRequest(_ id: HTTP2StreamID) {
+        guard var call = calls[id] else { return }
+        if let inbound = call.inbound {
+            inbound.finish()
+            return
+        }
+        guard case .unary(let handler) = call.method, call.task == nil else { return }
+        guard let message = call.message else {
+            fail(id, GRPCStatus(code: 13, message: "grpc: no request message"))
+            return
+        }
+        let loop = loopBound()
+        let callContext = call.context
+        call.task = Task {
+            let result: Result<[UInt8], GRPCStatus>
+            do {
+                result = .success(try await handler(message, callContext))
+            } catch {
+                result = .failure(GRPCStatus(error))
+            }
+            loop.execute { $0.respond(id, result) }
+        }
+        call.message = nil
+        calls[id] = call
+    }
+
+    // MARK: - Responses
+
+    private func respond(_ id: HTTP2StreamID, _ result: Result<[UInt8], GRPCStatus>) {
+        guard calls.removeValue(forKey: id) != nil else { return }  // reset meanwhile
+        switch result {
+        case .success(let message):
+            writeHeaders(id)
+            writeMessage(id, message, promise: nil)
+            writeTrailers(id, .ok, trailersOnly: false)
+        case .failure(let status):
+            writeTrailers(id, status, trailersOnly: true)
+        }
+        callEnded()
+    }
+
+    /// A streaming call's handler returned.
+    private func finish(_ id: HTTP2StreamID, _ status: GRPCStatus) {
+        guard let call = calls.removeValue(forKey: id) else { return }
+        call.inbound?.finish()
+        writeTrailers(id, status, trailersOnly: !call.headersSent)
+        callEnded()
+    }
+
+    private func fail(_ id: HTTP2StreamID, _ status: GRPCStatus) {
+        guard let call = calls.removeValue(forKey: id) else { return }
+        call.task?.cancel()
+        call.inbound?.finish()
+        respondWithStatus(id, status, headersSent: call.headersSent)
+        callEnded()
+    }
+
+    private func respondWithStatus(_ id: HTTP2StreamID, _ status: GRPCStatus, headersSent: Bool) {
+        writeTrailers(id, status, trailersOnly: !headersSent)
+    }
+
+    private func makeWriter(_ id: HTTP2StreamID) -> ResponseWriter {
+        let loop = loopBound()
+        return ResponseWriter { message in
+            let promise = loop.eventLoop.makePromise(of: Void.self)
+            loop.execute { handler in
+                guard handler.calls[id] != nil else {
+                    promise.fail(CancellationError())
+                    return
+                }
+                if !handler.calls[id]!.headersSent {
+                    handler.calls[id]!.headersSent = true
+                    handler.writeHeaders(id)
+                }
+                handler.writeMessage(id, message, promise: promise)
+            }
+            try await promise.futureResult.get()
+        }
+    }
+
+    private func writeHeaders(_ id: HTTP2StreamID) {
+        var headers = HPACKHeaders()
+        headers.add(name: ":status", value: "200")
+        headers.add(name: "content-type", value: "application/grpc")
+        write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers, endStream: false))))
+    }
+
+    private func writeMessage(_ id: HTTP2StreamID, _ message: [UInt8], promise: EventLoopPromise<Void>?) {
+        guard let context else { return }
+        var buffer = context.channel.allocator.buffer(capacity: message.count + 5)
+        buffer.writeInteger(UInt8(0))
+        buffer.writeInteger(UInt32(message.count))
+        buffer.writeBytes(message)
+        pingStrikes = 0
+        write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer)))), promise: promise)
+    }
+
+    private func writeTrailers(_ id: HTTP2StreamID, _ status: GRPCStatus, trailersOnly: Bool) {
+        var headers = HPACKHeaders()
+        if trailersOnly {
+            headers.add(name: ":status", value: "200")
+            headers.add(name: "content-type", value: "application/grpc")
+        }
+        headers.add(name: "grpc-status", value: String(status.code))
+        if !status.message.isEmpty { headers.add(name: "grpc-message", value: status.encodedMessage) }
+        write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers, endStream: true))))
+    }
+
+    private func write(_ frame: HTTP2Frame, promise: EventLoopPromise<Void>? = nil) {
+        guard let context else {
+            promise?.fail(ChannelError.ioOnClosedChannel)
+            return
+        }
+        context.write(wrapOutboundOut(frame), promise: promise)
+        scheduleFlush()
+    }
+
+    /// Responses finished in one event-loop tick share one flush.
+    private func scheduleFlush() {
+        guard !flushScheduled, let context else { return }
+        flushScheduled = true
+        let loop = loopBound()
+        context.eventLoop.execute { loop.value.flushIfNeeded() }
+    }
+
+    private func flushIfNeeded() {
+        guard flushScheduled, let context else { return }
+        flushScheduled = false
+        context.flush()
+    }
+
+    // MARK: - Shutdown
+
+    /// Stops taking new calls (GOAWAY) and closes the connection once the running calls are done.
+    func drain() {
+        guard !draining else { return }
+        draining = true
+        goAway(.noError, debug: "server shutting down")
+        callEnded()
+    }
+
+    private func callEnded() {
+        if draining && calls.isEmpty {
+            flushIfNeeded()
+            context?.close(promise: nil)
+        }
+    }
+
+    private func goAway(_ code: HTTP2ErrorCode, debug: String) {
+        guard let context else { return }
+        let data = context.channel.allocator.buffer(string: debug)
+        write(HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: code, opaqueData: data)))
+        flushIfNeeded()
+    }
+
+    private func loopBound() -> LoopBoundHandler {
+        LoopBoundHandler(NIOLoopBound(self, eventLoop: context!.eventLoop))
+    }
+}
+
+/// The handler, reachable from tasks through its event loop.
+struct LoopBoundHandler: Sendable {
+    let bound: NIOLoopBound<GRPCConnectionHandler>
+    init(_ bound: NIOLoopBound<GRPCConnectionHandler>) { self.bound = bound }
+    var eventLoop: EventLoop { bound.eventLoop }
+    var value: GRPCConnectionHandler { bound.value }
+    func execute(_ body: @escaping @Sendable (GRPCConnectionHandler) -> Void) {
+        let bound = self.bound
+        bound.eventLoop.execute { body(bound.value) }
+    }
+}

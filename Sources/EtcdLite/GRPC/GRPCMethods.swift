@@ -1,0 +1,67 @@
+import Foundation
+import NIOCore
+import SwiftProtobuf
+
+/// What a call sees of its request besides the messages.
+struct CallContext: Sendable {
+    /// Request metadata (lowercased names), e.g. `hasleader`, `token`, `authorization`.
+    var metadata: [String: String]
+}
+
+/// A server-side gRPC method over raw message bytes.
+enum GRPCMethod: Sendable {
+    /// One request, one response.
+    case unary(@Sendable ([UInt8], CallContext) async throws -> [UInt8])
+    /// Requests and responses as streams (server-streaming calls see one request).
+    case streaming(@Sendable (AsyncStream<[UInt8]>, ResponseWriter, CallContext) async throws -> Void)
+}
+
+/// Sends response messages of a streaming call; each write waits until the frame is handed to
+/// the connection (so a slow reader slows the writer down).
+struct ResponseWriter: Sendable {
+    let write: @Sendable ([UInt8]) async throws -> Void
+}
+
+/// The method table, keyed by `/package.Service/Method`.
+struct GRPCMethods: Sendable {
+    private(set) var table: [String: GRPCMethod] = [:]
+    /// etcd's gRPC receive limit: --max-request-bytes plus 512 KiB.
+    let receiveLimit: Int
+
+    init(receiveLimit: Int) {
+        self.receiveLimit = receiveLimit
+    }
+
+    subscript(path: String) -> GRPCMethod? { table[path] }
+
+    mutating func unary<Request: Message, Response: Message>(
+        _ path: String, _ handler: @escaping @Sendable (Request, CallContext) async throws -> Response
+    ) {
+        table[path] = .unary { bytes, context in
+            let request: Request = try Self.decode(bytes)
+            return try await handler(request, context).serializedBytes()
+        }
+    }
+
+    mutating func serverStreaming<Request: Message, Response: Message>(
+        _ path: String, _ handler: @escaping @Sendable (Request, CallContext, @Sendable (Response) async throws -> Void) async throws -> Void
+    ) {
+        table[path] = .streaming { requests, writer, context in
+            var iterator = requests.makeAsyncIterator()
+            guard let bytes = await iterator.next() else {
+                throw GRPCStatus(code: 13, message: "grpc: no request message")
+            }
+            let request: Request = try Self.decode(bytes)
+            try await handler(request, context) { response in try await writer.write(try response.serializedBytes()) }
+        }
+    }
+
+    /// grpc-go's wording for an undecodable request.
+    static func decode<Request: Message>(_ bytes: [UInt8]) throws -> Request {
+        do {
+            return try Request(serializedBytes: bytes)
+        } catch {
+            throw GRPCStatus(code: 13, message: "grpc: error unmarshalling request: \(error)")
+        }
+    }
+}
