@@ -17,6 +17,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         var message: [UInt8]?
         var inbound: AsyncStream<[UInt8]>.Continuation?
         var task: Task<Void, Never>?
+        var started = false
         var headersSent = false
     }
 
@@ -177,14 +178,22 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             inbound.finish()
             return
         }
-        guard case .unary(let handler) = call.method, call.task == nil else { return }
+        guard !call.started else { return }
         guard let message = call.message else {
             fail(id, GRPCStatus(code: 13, message: "grpc: no request message"))
             return
         }
+        call.started = true
+        call.message = nil
+        calls[id] = call
         let loop = loopBound()
         let callContext = call.context
-        call.task = Task {
+        if case .unaryDirect(let handler) = call.method {
+            handler(message, callContext) { result in loop.execute { $0.respond(id, result) } }
+            return
+        }
+        guard case .unary(let handler) = call.method else { return }
+        calls[id]!.task = Task {
             let result: Result<[UInt8], GRPCStatus>
             do {
                 result = .success(try await handler(message, callContext))
@@ -193,8 +202,6 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             }
             loop.execute { $0.respond(id, result) }
         }
-        call.message = nil
-        calls[id] = call
     }
 
     // MARK: - Responses

@@ -12,6 +12,10 @@ struct CallContext: Sendable {
 enum GRPCMethod: Sendable {
     /// One request, one response.
     case unary(@Sendable ([UInt8], CallContext) async throws -> [UInt8])
+    /// One request, one response, started on the connection's event loop without a task: for
+    /// calls that only hand work to another thread (writes go to the apply loop). The completion
+    /// may run on any thread.
+    case unaryDirect(@Sendable ([UInt8], CallContext, @escaping @Sendable (Result<[UInt8], GRPCStatus>) -> Void) -> Void)
     /// Requests and responses as streams (server-streaming calls see one request).
     case streaming(@Sendable (AsyncStream<[UInt8]>, ResponseWriter, CallContext) async throws -> Void)
 }
@@ -40,6 +44,21 @@ struct GRPCMethods: Sendable {
         table[path] = .unary { bytes, context in
             let request: Request = try Self.decode(bytes)
             return try await handler(request, context).serializedBytes()
+        }
+    }
+
+    mutating func unaryDirect<Request: Message, Response: Message>(
+        _ path: String,
+        _ handler: @escaping @Sendable (Request, CallContext, @escaping @Sendable (Result<Response, any Error>) -> Void) -> Void
+    ) {
+        table[path] = .unaryDirect { bytes, context, completion in
+            let request: Request
+            do { request = try Self.decode(bytes) } catch { return completion(.failure(GRPCStatus(error))) }
+            handler(request, context) { result in
+                completion(result.flatMap { response in
+                    Result { try response.serializedBytes() as [UInt8] }
+                }.mapError { GRPCStatus($0) })
+            }
         }
     }
 

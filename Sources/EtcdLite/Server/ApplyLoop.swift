@@ -61,6 +61,11 @@ final class ApplyLoop: @unchecked Sendable {
         }
     }
 
+    /// Appends `request` and calls `completion` on the loop's thread once it is durable and applied.
+    func propose(_ request: InternalRequest, data: [UInt8], completion: @escaping Completion) {
+        enqueue(.proposal(data: data, request: request, completion: completion))
+    }
+
     /// Proposes without waiting for the outcome (alarms raised by the member itself).
     func proposeDetached(_ request: InternalRequest) {
         guard let data = try? request.encoded() else { return }

@@ -53,9 +53,9 @@ extension EtcdLiteServer {
     func makeMethods() -> GRPCMethods {
         var m = GRPCMethods(receiveLimit: config.maxRequestBytes + 512 * 1024)
         m.unary("/etcdserverpb.KV/Range") { (r: Etcdserverpb_RangeRequest, _) in try await self.range(r) }
-        m.unary("/etcdserverpb.KV/Put") { (r: Etcdserverpb_PutRequest, _) in try await self.put(r) }
-        m.unary("/etcdserverpb.KV/DeleteRange") { (r: Etcdserverpb_DeleteRangeRequest, _) in try await self.deleteRange(r) }
-        m.unary("/etcdserverpb.KV/Txn") { (r: Etcdserverpb_TxnRequest, _) in try await self.txn(r) }
+        m.unaryDirect("/etcdserverpb.KV/Put") { (r: Etcdserverpb_PutRequest, _, done) in self.put(r, completion: done) }
+        m.unaryDirect("/etcdserverpb.KV/DeleteRange") { (r: Etcdserverpb_DeleteRangeRequest, _, done) in self.deleteRange(r, completion: done) }
+        m.unaryDirect("/etcdserverpb.KV/Txn") { (r: Etcdserverpb_TxnRequest, _, done) in self.txn(r, completion: done) }
         m.unary("/etcdserverpb.KV/Compact") { (r: Etcdserverpb_CompactionRequest, _) in try await self.compact(r) }
         m.unary("/etcdserverpb.Maintenance/Alarm") { (r: Etcdserverpb_AlarmRequest, _) in try await self.alarm(r) }
         m.unary("/etcdserverpb.Maintenance/Status") { (_: Etcdserverpb_StatusRequest, _) in self.statusResponse() }

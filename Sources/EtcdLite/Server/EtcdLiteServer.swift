@@ -136,15 +136,80 @@ public final class EtcdLiteServer: Sendable {
     }
 
     func propose(_ request: InternalRequest) async throws -> InternalResponse {
+        try await loop.propose(request, data: try encode(request)).get()
+    }
+
+    private func encode(_ request: InternalRequest) throws -> [UInt8] {
         let data: [UInt8]
         do { data = try request.encoded() } catch { throw EtcdError(.internal, "etcdserver: \(error)") }
         if data.count > config.maxRequestBytes { throw EtcdError.requestTooLarge }
-        return try await loop.propose(request, data: data).get()
+        return data
+    }
+
+    // MARK: - Writes without a task
+    //
+    // The gRPC path starts writes on the connection's event loop and is answered from the apply
+    // loop's thread: no task and two fewer thread wake-ups per write than the async forms above.
+
+    func put(_ request: Etcdserverpb_PutRequest, completion: @escaping @Sendable (Result<Etcdserverpb_PutResponse, any Error>) -> Void) {
+        submit(.put(request), completion, validate: {
+            try RequestValidation.check(request)
+            try self.checkQuota(cost: 256 + request.key.count + request.value.count)
+        }) { response in
+            guard case .put(let put) = response else { return nil }
+            return put
+        }
+    }
+
+    func deleteRange(_ request: Etcdserverpb_DeleteRangeRequest, completion: @escaping @Sendable (Result<Etcdserverpb_DeleteRangeResponse, any Error>) -> Void) {
+        submit(.deleteRange(request), completion, validate: { try RequestValidation.check(request) }) { response in
+            guard case .deleteRange(let delete) = response else { return nil }
+            return delete
+        }
+    }
+
+    /// Read-only txns read SQLite, which does not belong on an event loop: they run as a task.
+    func txn(_ request: Etcdserverpb_TxnRequest, completion: @escaping @Sendable (Result<Etcdserverpb_TxnResponse, any Error>) -> Void) {
+        if RequestValidation.isReadOnly(request) {
+            Task { completion(await Result(catching: { try await self.txn(request) })) }
+            return
+        }
+        submit(.txn(request), completion, validate: {
+            try RequestValidation.check(request, maxTxnOps: self.config.maxTxnOps)
+            let cost = Self.putCost(request)
+            if cost > 0 { try self.checkQuota(cost: cost) }
+        }) { response in
+            guard case .txn(let txn) = response else { return nil }
+            return txn
+        }
+    }
+
+    private func submit<Response: HasHeader>(
+        _ request: InternalRequest, _ completion: @escaping @Sendable (Result<Response, any Error>) -> Void,
+        validate: () throws -> Void, extract: @escaping @Sendable (InternalResponse) -> Response?
+    ) {
+        let data: [UInt8]
+        do {
+            try validate()
+            data = try encode(request)
+        } catch {
+            return completion(.failure(error))
+        }
+        loop.propose(request, data: data) { result in
+            switch result {
+            case .success(let response):
+                guard var typed = extract(response) else { return completion(.failure(self.unexpected())) }
+                self.fill(&typed.header)
+                completion(.success(typed))
+            case .failure(let error):
+                completion(.failure(error))
+            }
+        }
     }
 
     /// etcd's quota check: a write that would push the database past the quota raises NOSPACE and
     /// fails; while the alarm is active the apply step rejects writes too.
-    private func checkQuota(cost: Int) throws {
+    func checkQuota(cost: Int) throws {
         guard let quota = config.effectiveQuotaBytes else { return }
         if status.dbSize + Int64(cost) <= quota { return }
         var alarm = Etcdserverpb_AlarmRequest()
@@ -155,7 +220,7 @@ public final class EtcdLiteServer: Sendable {
         throw EtcdError.noSpace
     }
 
-    private static func putCost(_ request: Etcdserverpb_TxnRequest) -> Int {
+    static func putCost(_ request: Etcdserverpb_TxnRequest) -> Int {
         (request.success + request.failure).reduce(0) { total, op in
             switch op.request {
             case .requestPut(let put): total + 256 + put.key.count + put.value.count
@@ -165,7 +230,22 @@ public final class EtcdLiteServer: Sendable {
         }
     }
 
-    private func unexpected() -> EtcdError { EtcdError(.internal, "etcdserver: unexpected response type") }
+    func unexpected() -> EtcdError { EtcdError(.internal, "etcdserver: unexpected response type") }
+}
+
+/// Responses whose header the API layer fills.
+protocol HasHeader {
+    var header: Etcdserverpb_ResponseHeader { get set }
+}
+
+extension Etcdserverpb_PutResponse: HasHeader {}
+extension Etcdserverpb_DeleteRangeResponse: HasHeader {}
+extension Etcdserverpb_TxnResponse: HasHeader {}
+
+extension Result where Failure == any Error {
+    init(catching body: () async throws -> Success) async {
+        do { self = .success(try await body()) } catch { self = .failure(error) }
+    }
 }
 
 /// Per-member facts kept beside the data: identity and the last term.

@@ -17,7 +17,7 @@ final class Backend: Sendable {
         // Durability comes from our own log: SQLite may lose its last commits on power loss, and
         // the entries after the recorded applied index are re-applied from the log.
         try writer.execute("PRAGMA synchronous=NORMAL")
-        try writer.execute("PRAGMA cache_size=-65536")
+        try writer.execute("PRAGMA cache_size=-8192")
         try writer.execute("BEGIN IMMEDIATE")
         for statement in Schema.statements { try writer.execute(statement) }
         try writer.execute("COMMIT")
@@ -45,7 +45,7 @@ final class Backend: Sendable {
         if let connection = readers.withLock({ $0.popLast() }) { return connection }
         let connection = try SQLiteConnection(path: path)
         try connection.execute("PRAGMA query_only=1")
-        try connection.execute("PRAGMA cache_size=-16384")
+        try connection.execute("PRAGMA cache_size=-4096")
         try connection.execute("PRAGMA mmap_size=268435456")
         return connection
     }
