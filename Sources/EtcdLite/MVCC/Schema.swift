@@ -1,7 +1,8 @@
 /// The SQLite schema of one member's MVCC store.
 ///
-/// - `revs` holds every revision of every key until compaction; its rowid grows with
-///   (mod_rev, sub), so rowid order is event order.
+/// - `revs` holds every revision of every key until compaction. Its rowid is
+///   `mod_rev << 24 | sub` (`RevisionID`), so rowid order is event order and the events of a
+///   revision range are a rowid range: no second index on revisions.
 /// - `latest` maps each live key to the rowid of its current revision (reads at the current
 ///   revision never scan history).
 /// - `store_state` is a single row: the current and compacted revisions and the index of the last
@@ -23,7 +24,6 @@ enum Schema {
           tombstone INTEGER NOT NULL)
         """,
         "CREATE UNIQUE INDEX IF NOT EXISTS revs_by_key ON revs(key, mod_rev)",
-        "CREATE INDEX IF NOT EXISTS revs_by_rev ON revs(mod_rev)",
         "CREATE TABLE IF NOT EXISTS latest(key BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID",
         """
         CREATE TABLE IF NOT EXISTS store_state(

@@ -72,8 +72,10 @@ final class WriteTxn: KVView {
     }
 
     private func insert(_ kv: Mvccpb_KeyValue, tombstone: Bool) throws -> Int64 {
+        let id = try RevisionID.make(revision: kv.modRevision, sub: Int64(events.count))
         let statement = try connection.prepared(
-            "INSERT INTO revs(key, mod_rev, sub, create_rev, version, lease, value, tombstone) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id")
+            "INSERT INTO revs(id, key, mod_rev, sub, create_rev, version, lease, value, tombstone) VALUES (?9, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
+        statement.bind(9, id)
         statement.bind(1, kv.key)
         statement.bind(2, kv.modRevision)
         statement.bind(3, Int64(events.count))
@@ -82,8 +84,23 @@ final class WriteTxn: KVView {
         statement.bind(6, kv.lease)
         statement.bind(7, kv.value)
         statement.bind(8, tombstone ? 1 : 0)
-        defer { statement.reset() }
-        guard try statement.step() else { throw SQLiteError(code: 0, message: "insert returned no id") }
-        return statement.int64(0)
+        try statement.run()
+        return id
     }
+}
+
+/// The rowid of a stored revision: the main revision in the high bits, the position of the change
+/// within its revision (sub-revision) in the low 24.
+enum RevisionID {
+    static let subBits: Int64 = 24
+
+    static func make(revision: Int64, sub: Int64) throws -> Int64 {
+        guard sub < 1 << subBits else {
+            throw EtcdError(.invalidArgument, "etcdserver: too many keys changed in one revision")
+        }
+        return revision << subBits | sub
+    }
+
+    /// The first rowid of `revision`.
+    static func first(of revision: Int64) -> Int64 { revision << subBits }
 }

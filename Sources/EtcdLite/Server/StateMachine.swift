@@ -58,11 +58,21 @@ final class StateMachine {
         }
     }
 
+    /// Runs one write request inside a savepoint: a request that fails part-way leaves nothing.
     private func write<T>(_ body: (WriteTxn) throws -> T) throws -> T {
-        let txn = WriteTxn(connection: backend.writer, state: state)
-        let result = try body(txn)
-        if txn.changed { state.currentRevision = txn.writeRevision }
-        return result
+        let writer = backend.writer
+        try writer.prepared("SAVEPOINT request").run()
+        let txn = WriteTxn(connection: writer, state: state)
+        do {
+            let result = try body(txn)
+            try writer.prepared("RELEASE request").run()
+            if txn.changed { state.currentRevision = txn.writeRevision }
+            return result
+        } catch {
+            try writer.prepared("ROLLBACK TO request").run()
+            try writer.prepared("RELEASE request").run()
+            throw error
+        }
     }
 
     /// Drops every revision that no read at or after `revision` can see.
