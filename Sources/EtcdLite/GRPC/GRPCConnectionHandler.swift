@@ -22,6 +22,8 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     }
 
     private let methods: GRPCMethods
+    /// Answers of calls completed on other threads, delivered with one hop per burst.
+    private let mailbox = ResponseMailbox()
     private var calls: [HTTP2StreamID: Call] = [:]
     private var context: ChannelHandlerContext?
     private var flushScheduled = false
@@ -189,7 +191,8 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         let loop = loopBound()
         let callContext = call.context
         if case .unaryDirect(let handler) = call.method {
-            handler(message, callContext) { result in loop.execute { $0.respond(id, result) } }
+            let mailbox = self.mailbox
+            handler(message, callContext) { result in mailbox.post(id, result, to: loop) }
             return
         }
         guard case .unary(let handler) = call.method else { return }
@@ -205,6 +208,10 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     }
 
     // MARK: - Responses
+
+    fileprivate func drainMailbox() {
+        for (id, result) in mailbox.take() { respond(id, result) }
+    }
 
     private func respond(_ id: HTTP2StreamID, _ result: Result<[UInt8], GRPCStatus>) {
         guard calls.removeValue(forKey: id) != nil else { return }  // reset meanwhile
@@ -347,5 +354,26 @@ struct LoopBoundHandler: Sendable {
     func execute(_ body: @escaping @Sendable (GRPCConnectionHandler) -> Void) {
         let bound = self.bound
         bound.eventLoop.execute { body(bound.value) }
+    }
+}
+
+/// Completed answers waiting for the connection's event loop. The first post of a burst schedules
+/// the one hop that delivers them all (the apply loop completes a whole batch at once).
+final class ResponseMailbox: Sendable {
+    private let pending = NIOLockedValueBox<[(HTTP2StreamID, Result<[UInt8], GRPCStatus>)]>([])
+
+    func post(_ id: HTTP2StreamID, _ result: Result<[UInt8], GRPCStatus>, to loop: LoopBoundHandler) {
+        let first = pending.withLockedValue { pending in
+            pending.append((id, result))
+            return pending.count == 1
+        }
+        if first { loop.execute { $0.drainMailbox() } }
+    }
+
+    func take() -> [(HTTP2StreamID, Result<[UInt8], GRPCStatus>)] {
+        pending.withLockedValue { pending in
+            defer { pending.removeAll(keepingCapacity: true) }
+            return pending
+        }
     }
 }

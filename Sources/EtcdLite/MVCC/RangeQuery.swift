@@ -11,7 +11,50 @@ struct RangeResult {
 /// Range reads over the MVCC tables, shared by read views and write transactions (which read their
 /// own uncommitted writes through the same connection).
 enum RangeQuery {
-    private static let columns = "r.key, r.create_rev, r.mod_rev, r.version, r.lease, r.value"
+    /// SQL per range shape, built once: the hot paths look statements up by these strings.
+    private struct Queries {
+        let latestRows: String
+        let historicalRows: String
+        let latestCount: String
+        let historicalCount: String
+        let deleteLatest: String
+
+        init(_ condition: (String) -> String) {
+            latestRows = "SELECT r.key, r.create_rev, r.mod_rev, r.version, r.lease, r.value FROM latest l JOIN revs r ON r.id = l.id WHERE \(condition("l.key")) ORDER BY l.key LIMIT ?3"
+            // SQLite returns the bare columns of the row holding max(mod_rev) in each group.
+            historicalRows = """
+                SELECT r.key, r.create_rev, max(r.mod_rev), r.version, r.lease, r.value FROM revs r
+                WHERE \(condition("r.key")) AND r.mod_rev <= ?4
+                GROUP BY r.key HAVING r.tombstone = 0 ORDER BY r.key LIMIT ?3
+                """
+            latestCount = "SELECT count(*) FROM latest WHERE \(condition("key"))"
+            historicalCount = "SELECT count(*) FROM (SELECT tombstone, max(mod_rev) FROM revs WHERE \(condition("key")) AND mod_rev <= ?4 GROUP BY key HAVING tombstone = 0)"
+            deleteLatest = "DELETE FROM latest WHERE \(condition("key"))"
+        }
+    }
+
+    private static let single = Queries { "\($0) = ?1" }
+    private static let interval = Queries { "\($0) >= ?1 AND \($0) < ?2" }
+    private static let from = Queries { "\($0) >= ?1" }
+
+    private static func queries(_ range: KeyRange) -> Queries {
+        switch range {
+        case .single: single
+        case .interval: interval
+        case .from: from
+        }
+    }
+
+    /// Binds the range's keys to ?1 (and ?2).
+    static func bind(_ range: KeyRange, _ statement: SQLiteStatement) {
+        switch range {
+        case .single(let key), .from(let key):
+            statement.bind(1, key)
+        case .interval(let start, let end):
+            statement.bind(1, start)
+            statement.bind(2, end)
+        }
+    }
 
     /// Reads `range` as of `revision`; `atLatest` means `revision` is the current revision, which
     /// the `latest` table answers without scanning history.
@@ -22,20 +65,9 @@ enum RangeQuery {
         if countOnly {
             return RangeResult(kvs: [], count: try count(connection, range: range, revision: revision, atLatest: atLatest))
         }
-        let (condition, binds) = where_(range, column: atLatest ? "l.key" : "r.key")
-        let sql: String
-        if atLatest {
-            sql = "SELECT \(columns) FROM latest l JOIN revs r ON r.id = l.id WHERE \(condition) ORDER BY l.key LIMIT ?3"
-        } else {
-            // SQLite returns the bare columns of the row holding max(mod_rev) in each group.
-            sql = """
-                SELECT r.key, r.create_rev, max(r.mod_rev), r.version, r.lease, r.value FROM revs r
-                WHERE \(condition) AND r.mod_rev <= ?4
-                GROUP BY r.key HAVING r.tombstone = 0 ORDER BY r.key LIMIT ?3
-                """
-        }
-        let statement = try connection.prepared(sql)
-        binds(statement)
+        let queries = queries(range)
+        let statement = try connection.prepared(atLatest ? queries.latestRows : queries.historicalRows)
+        bind(range, statement)
         statement.bind(3, limit > 0 ? Int64(limit) : -1)
         if !atLatest { statement.bind(4, revision) }
         var kvs: [Mvccpb_KeyValue] = []
@@ -56,26 +88,18 @@ enum RangeQuery {
     }
 
     static func count(_ connection: SQLiteConnection, range: KeyRange, revision: Int64, atLatest: Bool) throws -> Int {
-        let (condition, binds) = where_(range, column: "key")
-        let sql = atLatest
-            ? "SELECT count(*) FROM latest WHERE \(condition)"
-            : "SELECT count(*) FROM (SELECT tombstone, max(mod_rev) FROM revs WHERE \(condition) AND mod_rev <= ?4 GROUP BY key HAVING tombstone = 0)"
-        let statement = try connection.prepared(sql)
-        binds(statement)
+        let queries = queries(range)
+        let statement = try connection.prepared(atLatest ? queries.latestCount : queries.historicalCount)
+        bind(range, statement)
         if !atLatest { statement.bind(4, revision) }
         defer { statement.reset() }
         return try statement.step() ? Int(statement.int64(0)) : 0
     }
 
-    /// The SQL condition for a range over `column`, using parameters ?1 and ?2.
-    static func where_(_ range: KeyRange, column: String) -> (String, (SQLiteStatement) -> Void) {
-        switch range {
-        case .single(let key):
-            return ("\(column) = ?1", { $0.bind(1, key) })
-        case .interval(let start, let end):
-            return ("\(column) >= ?1 AND \(column) < ?2", { $0.bind(1, start); $0.bind(2, end) })
-        case .from(let start):
-            return ("\(column) >= ?1", { $0.bind(1, start) })
-        }
+    /// Removes the range from the current-key index (its tombstones are in `revs`).
+    static func deleteLatest(_ connection: SQLiteConnection, range: KeyRange) throws {
+        let statement = try connection.prepared(queries(range).deleteLatest)
+        bind(range, statement)
+        try statement.run()
     }
 }

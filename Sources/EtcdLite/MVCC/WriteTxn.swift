@@ -60,10 +60,7 @@ final class WriteTxn: KVView {
             event.prevKv = previous
             events.append(event)
         }
-        let (condition, binds) = RangeQuery.where_(range, column: "key")
-        let delete = try connection.prepared("DELETE FROM latest WHERE \(condition)")
-        binds(delete)
-        try delete.run()
+        try RangeQuery.deleteLatest(connection, range: range)
         return existing.kvs
     }
 
