@@ -206,3 +206,30 @@ func httpGet(port: Int, path: String) throws -> String {
         #expect(sqlite.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "50")
     }
 }
+
+@Suite struct LargeRequestTests {
+    /// Messages that span many HTTP/2 DATA frames, up to etcd's limits.
+    @Test func largeValuesAndTheRequestLimit() async throws {
+        let lite = try ServerProcess(executable: etcdliteBinary())
+        defer { lite.stop(); lite.dataDir.cleanup() }
+        try await withClient(port: lite.clientPort) { client in
+            let kv = Etcdserverpb_KV.Client(wrapping: client)
+            var request = Etcdserverpb_PutRequest()
+            request.key = Data("big".utf8)
+            request.value = Data((0..<1_000_000).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+            _ = try await kv.put(request)
+            var get = Etcdserverpb_RangeRequest()
+            get.key = Data("big".utf8)
+            #expect(try await kv.range(get).kvs.first?.value == request.value)
+            // Over --max-request-bytes (1.5 MiB) but under the gRPC limit: etcd's own error.
+            request.value = Data(repeating: 7, count: 1_600_000)
+            do {
+                _ = try await kv.put(request)
+                Issue.record("a 1.6 MB put was accepted")
+            } catch let error as RPCError {
+                #expect(error.code == .invalidArgument && error.message == "etcdserver: request is too large")
+            }
+            #expect(try await kv.range(get).kvs.first?.value.count == 1_000_000)
+        }
+    }
+}

@@ -84,34 +84,50 @@ final class ReadAll: @unchecked Sendable {
 
 /// A server process (etcdlite or etcd) on loopback, stopped by `stop()` or `kill()`.
 final class ServerProcess: @unchecked Sendable {
-    let process = Process()
-    let clientPort: Int
+    private(set) var process = Process()
+    private(set) var clientPort: Int
     let dataDir: TempDir
     let logPath: String
     var endpoint: String { "127.0.0.1:\(clientPort)" }
 
-    /// Starts `executable` with etcd's flags for one member on free loopback ports.
+    /// Starts `executable` with etcd's flags for one member on free loopback ports (picking new
+    /// ports if another process took them in the meantime).
     init(executable: String, name: String = "default", dataDir: TempDir? = nil, clientPort: Int? = nil, extra: [String] = []) throws {
         self.dataDir = dataDir ?? TempDir()
+        logPath = self.dataDir.url.appendingPathComponent("server.log").path
         self.clientPort = clientPort ?? freePort()
+        for attempt in 1...3 {
+            try launch(executable: executable, name: name, extra: extra)
+            do {
+                try waitUntilServing()
+                return
+            } catch {
+                kill()
+                let log = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+                guard attempt < 3, clientPort == nil, log.contains("in use") else { throw error }
+                self.clientPort = freePort()
+            }
+        }
+    }
+
+    private func launch(executable: String, name: String, extra: [String]) throws {
         let peerPort = freePort()
-        let client = "http://127.0.0.1:\(self.clientPort)"
+        let client = "http://127.0.0.1:\(clientPort)"
         let peer = "http://127.0.0.1:\(peerPort)"
+        process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = [
-            "--name", name, "--data-dir", self.dataDir.url.appendingPathComponent("data").path,
+            "--name", name, "--data-dir", dataDir.url.appendingPathComponent("data").path,
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", "\(name)=\(peer)",
         ] + extra
-        logPath = self.dataDir.url.appendingPathComponent("server.log").path
         FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = FileHandle(forWritingAtPath: logPath)!
         process.standardOutput = log
         process.standardError = log
         process.standardInput = FileHandle.nullDevice
         try process.run()
-        try waitUntilServing()
     }
 
     /// Waits (at most 20 s) until etcdctl reaches the member.

@@ -13,7 +13,8 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     private struct Call {
         let method: GRPCMethod
         let context: CallContext
-        var buffer: ByteBuffer
+        /// Bytes of a message that spans DATA frames.
+        var buffer: ByteBuffer?
         var message: [UInt8]?
         var inbound: AsyncStream<[UInt8]>.Continuation?
         var task: Task<Void, Never>?
@@ -117,11 +118,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             respondWithStatus(id, .unimplemented(path), headersSent: false)
             return
         }
-        var metadata: [String: String] = [:]
-        for (name, value, _) in headers where !name.hasPrefix(":") && !name.hasPrefix("grpc-") {
-            metadata[name] = value
-        }
-        var call = Call(method: method, context: CallContext(metadata: metadata), buffer: ByteBuffer())
+        var call = Call(method: method, context: CallContext(headers: headers), buffer: nil)
         if case .streaming(let handler) = method {
             let (requests, continuation) = AsyncStream<[UInt8]>.makeStream()
             call.inbound = continuation
@@ -144,12 +141,19 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     }
 
     private func receive(_ id: HTTP2StreamID, _ bytes: inout ByteBuffer) {
-        guard var call = calls[id] else { return }
-        call.buffer.writeBuffer(&bytes)
-        while call.buffer.readableBytes >= 5 {
-            let start = call.buffer.readerIndex
-            let compressed = call.buffer.getInteger(at: start, as: UInt8.self)!
-            let length = Int(call.buffer.getInteger(at: start + 1, as: UInt32.self)!)
+        guard calls[id] != nil else { return }
+        // Usually a DATA frame holds whole messages: parse it in place; keep only a partial tail.
+        var pending: ByteBuffer
+        if var buffered = calls[id]!.buffer.take() {
+            buffered.writeBuffer(&bytes)
+            pending = buffered
+        } else {
+            pending = bytes
+        }
+        while pending.readableBytes >= 5 {
+            let start = pending.readerIndex
+            let compressed = pending.getInteger(at: start, as: UInt8.self)!
+            let length = Int(pending.getInteger(at: start + 1, as: UInt32.self)!)
             if length > methods.receiveLimit {
                 fail(id, GRPCStatus(code: 8, message: "grpc: received message larger than max (\(length) vs. \(methods.receiveLimit))"))
                 return
@@ -158,20 +162,22 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
                 fail(id, GRPCStatus(code: 12, message: "grpc: Decompressor is not installed for grpc-encoding"))
                 return
             }
-            guard call.buffer.readableBytes >= 5 + length else { break }
-            call.buffer.moveReaderIndex(forwardBy: 5)
-            let message = call.buffer.readBytes(length: length)!
-            if let inbound = call.inbound {
+            guard pending.readableBytes >= 5 + length else { break }
+            pending.moveReaderIndex(forwardBy: 5)
+            let message = pending.readBytes(length: length)!
+            if let inbound = calls[id]!.inbound {
                 inbound.yield(message)
-            } else if call.message == nil {
-                call.message = message
+            } else if calls[id]!.message == nil {
+                calls[id]!.message = message
             } else {
                 fail(id, GRPCStatus(code: 13, message: "grpc: too many request messages for a unary call"))
                 return
             }
         }
-        call.buffer.discardReadBytes()
-        calls[id] = call
+        if pending.readableBytes > 0 {
+            pending.discardReadBytes()
+            calls[id]!.buffer = pending
+        }
     }
 
     private func endOfRequest(_ id: HTTP2StreamID) {

@@ -1,11 +1,16 @@
 import Foundation
 import NIOCore
+import NIOHPACK
 import SwiftProtobuf
 
 /// What a call sees of its request besides the messages.
 struct CallContext: Sendable {
-    /// Request metadata (lowercased names), e.g. `hasleader`, `token`, `authorization`.
-    var metadata: [String: String]
+    let headers: HPACKHeaders
+
+    /// A request metadata value (names are lowercase), e.g. `hasleader`, `token`, `authorization`.
+    func metadata(_ name: String) -> String? {
+        headers.first(name: name)
+    }
 }
 
 /// A server-side gRPC method over raw message bytes.
