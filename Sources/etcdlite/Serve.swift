@@ -125,21 +125,39 @@ struct Serve: AsyncParsableCommand {
     }
 }
 
-/// SIGTERM and SIGINT start a graceful shutdown.
+/// The write end of the pipe that signal handlers report to (set once, before handlers exist).
+nonisolated(unsafe) private var signalPipe: Int32 = -1
+
+/// SIGTERM and SIGINT start a graceful shutdown. The handler only writes the signal number to a
+/// pipe (async-signal-safe, whichever thread the kernel picks); a thread of ours reads it.
 final class ShutdownSignals: @unchecked Sendable {
-    private let sources: [DispatchSourceSignal]
+    private var fds: [Int32] = [-1, -1]
 
     init(_ handler: @escaping @Sendable (Int32) -> Void) {
-        sources = [SIGTERM, SIGINT].map { number in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler { handler(number) }
-            source.resume()
-            return source
+        guard pipe(&fds) == 0 else { return }
+        signalPipe = fds[1]
+        for number in [SIGTERM, SIGINT] {
+            var action = sigaction()
+            action.__sigaction_handler.sa_handler = { signal in
+                var byte = UInt8(truncatingIfNeeded: signal)
+                _ = write(signalPipe, &byte, 1)
+            }
+            sigemptyset(&action.sa_mask)
+            action.sa_flags = SA_RESTART
+            sigaction(number, &action, nil)
         }
+        let readEnd = fds[0]
+        let thread = Thread {
+            var byte: UInt8 = 0
+            while read(readEnd, &byte, 1) == 1 {
+                handler(Int32(byte))
+            }
+        }
+        thread.name = "etcdlite-signals"
+        thread.start()
     }
 
     func cancel() {
-        for source in sources { source.cancel() }
+        for number in [SIGTERM, SIGINT] { signal(number, SIG_DFL) }
     }
 }

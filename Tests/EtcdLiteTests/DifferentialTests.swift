@@ -3,7 +3,7 @@ import Testing
 
 /// The same etcdctl commands against etcd 3.4 and etcdlite, started with the same flags; the
 /// outputs must match once ids, ports, sizes and versions are normalised.
-@Suite(.serialized, .enabled(if: etcdInstalled, "needs etcd and etcdctl (apt-get install etcd-server etcd-client)"))
+@Suite(.serialized, .timeLimit(.minutes(3)), .enabled(if: etcdInstalled, "needs etcd and etcdctl (apt-get install etcd-server etcd-client)"))
 struct DifferentialTests {
     static func normalize(_ text: String) -> String {
         var out = text

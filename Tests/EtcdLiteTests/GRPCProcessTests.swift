@@ -52,7 +52,7 @@ func httpGet(port: Int, path: String) throws -> String {
     return String(decoding: response, as: UTF8.self)
 }
 
-@Suite(.serialized) struct GRPCProcessTests {
+@Suite(.serialized, .timeLimit(.minutes(3))) struct GRPCProcessTests {
     @Test func unknownMethodsAndBadInputKeepTheMemberServing() async throws {
         let lite = try ServerProcess(executable: etcdliteBinary())
         defer { lite.stop(); lite.dataDir.cleanup() }
@@ -170,7 +170,7 @@ func httpGet(port: Int, path: String) throws -> String {
     }
 }
 
-@Suite struct AutoCompactionTests {
+@Suite(.timeLimit(.minutes(2))) struct AutoCompactionTests {
     @Test func periodicRetentionCompactsOldRevisions() throws {
         let lite = try ServerProcess(executable: etcdliteBinary(), extra: ["--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1s"])
         defer { lite.stop(); lite.dataDir.cleanup() }
@@ -190,7 +190,7 @@ func httpGet(port: Int, path: String) throws -> String {
     }
 }
 
-@Suite struct SnapshotProcessTests {
+@Suite(.timeLimit(.minutes(2))) struct SnapshotProcessTests {
     @Test func etcdctlSnapshotSaveWritesTheStore() throws {
         let lite = try ServerProcess(executable: etcdliteBinary())
         defer { lite.stop(); lite.dataDir.cleanup() }
@@ -207,7 +207,7 @@ func httpGet(port: Int, path: String) throws -> String {
     }
 }
 
-@Suite struct LargeRequestTests {
+@Suite(.timeLimit(.minutes(2))) struct LargeRequestTests {
     /// Messages that span many HTTP/2 DATA frames, up to etcd's limits.
     @Test func largeValuesAndTheRequestLimit() async throws {
         let lite = try ServerProcess(executable: etcdliteBinary())

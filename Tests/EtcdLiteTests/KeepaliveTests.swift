@@ -29,7 +29,7 @@ final class FrameRecorder: ChannelInboundHandler, @unchecked Sendable {
 
 /// kube-apiserver and etcd clients ping idle connections every 10–30 s; etcd accepts pings
 /// spaced at least 5 s apart and answers faster ones with GOAWAY too_many_pings.
-@Suite(.serialized) struct KeepaliveTests {
+@Suite(.serialized, .timeLimit(.minutes(2))) struct KeepaliveTests {
     func connect(port: Int) async throws -> (Channel, FrameRecorder) {
         let recorder = FrameRecorder()
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)

@@ -146,11 +146,13 @@ final class ServerProcess: @unchecked Sendable {
         try run(etcdctlPath(), ["--endpoints=\(endpoint)"] + arguments, stdin: stdin, environment: ["ETCDCTL_API": "3"])
     }
 
+    /// SIGTERM, and SIGKILL if the process is still there after 10 s (a test must not hang).
     func stop() {
-        if process.isRunning {
-            process.terminate()
-            process.waitUntilExit()
-        }
+        guard process.isRunning else { return }
+        process.terminate()
+        let deadline = Date().addingTimeInterval(10)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        kill()
     }
 
     func kill() {

@@ -30,8 +30,14 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     private var flushScheduled = false
     private var lastStreamID = HTTP2StreamID.rootStream
     private var draining = false
+    /// Inbound bytes not yet returned to the connection window; returned in bulk.
+    private var unacknowledgedBytes = 0
     private var lastPing: NIODeadline?
     private var pingStrikes = 0
+
+    /// The connection-level receive window we open at the start (the protocol starts it at 64 KiB);
+    /// consumed bytes are returned once half of it is used, not frame by frame.
+    static let connectionWindow = 16 << 20
 
     /// etcd's keepalive enforcement: pings closer than this count as strikes.
     static let minPingInterval = TimeAmount.seconds(5)
@@ -45,6 +51,8 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         self.context = context
     }
 
+    private var connectionWindowOpened = false
+
     func channelInactive(context: ChannelHandlerContext) {
         for (_, call) in calls {
             call.task?.cancel()
@@ -57,6 +65,11 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
         let id = frame.streamID
+        if !connectionWindowOpened {
+            // The client's preface has arrived, so frames may flow both ways: widen the window.
+            connectionWindowOpened = true
+            write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: Self.connectionWindow - 65_535)))
+        }
         switch frame.payload {
         case .headers(let headers):
             if calls[id] != nil {
@@ -69,7 +82,11 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             let consumed = bytes.readableBytes + (payload.paddingBytes ?? 0)
             if consumed > 0 {
                 // Keep both windows open: what a call may buffer is bounded by the message limit.
-                write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: consumed)))
+                unacknowledgedBytes += consumed
+                if unacknowledgedBytes >= Self.connectionWindow / 2 {
+                    write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: unacknowledgedBytes)))
+                    unacknowledgedBytes = 0
+                }
                 if !payload.endStream && calls[id] != nil {
                     write(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: consumed)))
                 }

@@ -39,7 +39,8 @@ final class StateMachine {
             switch request {
             case .put(let r):
                 if noSpace { throw EtcdError.noSpace }
-                return .success(.put(try write { try applier.put(r, $0) }))
+                // A put checks everything before it writes; it needs no savepoint.
+                return .success(.put(try write(savepoint: false) { try applier.put(r, $0) }))
             case .deleteRange(let r):
                 return .success(.deleteRange(try write { try applier.deleteRange(r, $0) }))
             case .txn(let r):
@@ -58,9 +59,16 @@ final class StateMachine {
         }
     }
 
-    /// Runs one write request inside a savepoint: a request that fails part-way leaves nothing.
-    private func write<T>(_ body: (WriteTxn) throws -> T) throws -> T {
+    /// Runs one write request, inside a savepoint unless it cannot fail part-way: a request that
+    /// fails leaves nothing.
+    private func write<T>(savepoint: Bool = true, _ body: (WriteTxn) throws -> T) throws -> T {
         let writer = backend.writer
+        guard savepoint else {
+            let txn = WriteTxn(connection: writer, state: state)
+            let result = try body(txn)
+            if txn.changed { state.currentRevision = txn.writeRevision }
+            return result
+        }
         try writer.prepared("SAVEPOINT request").run()
         let txn = WriteTxn(connection: writer, state: state)
         do {
