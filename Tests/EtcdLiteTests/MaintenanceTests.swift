@@ -57,3 +57,21 @@ import EtcdLiteProto
         #expect(members.count == 1 && members[0].id == server.memberID && members[0].name == "default")
     }
 }
+
+@Suite struct AutoCompactorTests {
+    @Test func revisionModeKeepsTheLastRevisions() async throws {
+        let dir = TempDir(); defer { dir.cleanup() }
+        let server = try makeServer(dir); defer { server.close() }
+        for i in 0..<10 { _ = try await server.put(put("k", "\(i)")) }  // revisions 2...11
+        let compactor = AutoCompactor(server: server, retention: .revisions(3), revisionCheck: .milliseconds(20))
+        let task = Task { await compactor.run() }
+        for _ in 0..<200 where server.status.state.compactRevision == 0 {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        task.cancel()
+        await task.value
+        #expect(server.status.state.compactRevision == 8)
+        #expect(await expectEtcdError(.compacted) { _ = try await server.range(range("k", revision: 7)) })
+        #expect(try await server.range(range("k", revision: 8)).kvs.first?.value == Data("6"))
+    }
+}
