@@ -20,7 +20,6 @@ public final class EtcdLiteServer: Sendable {
     let loop: ApplyLoop
     let term: UInt64
     private let published: PublishedStatus
-    let startedAt = ContinuousClock.now
     let stopRequested = StopSignal()
 
     /// Opens (or creates) the member's data directory, replays the log into the store and starts
