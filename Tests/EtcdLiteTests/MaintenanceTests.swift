@@ -51,8 +51,16 @@ import EtcdLiteProto
         #expect(try count.step() && count.int64(0) == 10)
         count.reset()
 
+        // Deleting everything and defragmenting shrinks the database, and status shows it at once.
+        _ = try await server.deleteRange(deleteRange("\0", "\0"))
+        var compactAll = Etcdserverpb_CompactionRequest()
+        compactAll.revision = server.status.state.currentRevision
+        _ = try await server.compact(compactAll)
+        let before = server.statusResponse().dbSize
         let defrag = try await server.defragment()
         #expect(defrag.header.memberID == server.memberID)
+        #expect(server.statusResponse().dbSize <= before)
+        #expect(server.statusResponse().dbSizeInUse == server.statusResponse().dbSize, "no free pages after VACUUM")
         let members = server.memberList().members
         #expect(members.count == 1 && members[0].id == server.memberID && members[0].name == "default")
     }

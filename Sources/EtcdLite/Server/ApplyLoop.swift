@@ -75,7 +75,12 @@ final class ApplyLoop: @unchecked Sendable {
     /// Runs `body` on the loop's thread, with the writer connection, after earlier proposals.
     func onLoop<T: Sendable>(_ body: @escaping (StateMachine) throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { continuation in
-            enqueue(.local { [machine] in continuation.resume(with: Result { try body(machine) }) })
+            enqueue(.local { [self] in
+                let result = Result { try body(machine) }
+                // Local work (defragment) changes the sizes that status and the quota check read.
+                onBatch(status())
+                continuation.resume(with: result)
+            })
         }
     }
 

@@ -48,8 +48,6 @@ extension EtcdLiteServer {
             try machine.backend.writer.execute("VACUUM")
             try machine.backend.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         }
-        // Publish the new sizes.
-        _ = try await loop.onLoop { _ in () }
         var response = Etcdserverpb_DefragmentResponse()
         response.header = header(revision: status.state.currentRevision)
         return response

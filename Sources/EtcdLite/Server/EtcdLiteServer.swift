@@ -95,31 +95,26 @@ public final class EtcdLiteServer: Sendable {
         return response
     }
 
+    // The async forms (the embedding API) wait for the callback forms below, so both paths run
+    // the same validation, quota check and header filling.
+
     public func put(_ request: Etcdserverpb_PutRequest) async throws -> Etcdserverpb_PutResponse {
-        try RequestValidation.check(request)
-        try checkQuota(cost: 256 + request.key.count + request.value.count)
-        guard case .put(var response) = try await propose(.put(request)) else { throw unexpected() }
-        fill(&response.header)
-        return response
+        try await withCheckedThrowingContinuation { continuation in put(request) { continuation.resume(with: $0) } }
     }
 
     public func deleteRange(_ request: Etcdserverpb_DeleteRangeRequest) async throws -> Etcdserverpb_DeleteRangeResponse {
-        try RequestValidation.check(request)
-        guard case .deleteRange(var response) = try await propose(.deleteRange(request)) else { throw unexpected() }
-        fill(&response.header)
-        return response
+        try await withCheckedThrowingContinuation { continuation in deleteRange(request) { continuation.resume(with: $0) } }
     }
 
     public func txn(_ request: Etcdserverpb_TxnRequest) async throws -> Etcdserverpb_TxnResponse {
+        if RequestValidation.isReadOnly(request) { return try readOnlyTxn(request) }
+        return try await withCheckedThrowingContinuation { continuation in txn(request) { continuation.resume(with: $0) } }
+    }
+
+    /// A txn without writes reads the committed state directly; it never enters the log.
+    private func readOnlyTxn(_ request: Etcdserverpb_TxnRequest) throws -> Etcdserverpb_TxnResponse {
         try RequestValidation.check(request, maxTxnOps: config.maxTxnOps)
-        if RequestValidation.isReadOnly(request) {
-            var response = try backend.read { try Applier.readOnlyTxn(request, $0) }
-            fill(&response.header)
-            return response
-        }
-        let cost = Self.putCost(request)
-        if cost > 0 { try checkQuota(cost: cost) }
-        guard case .txn(var response) = try await propose(.txn(request)) else { throw unexpected() }
+        var response = try backend.read { try Applier.readOnlyTxn(request, $0) }
         fill(&response.header)
         return response
     }
@@ -148,7 +143,7 @@ public final class EtcdLiteServer: Sendable {
     // MARK: - Writes without a task
     //
     // The gRPC path starts writes on the connection's event loop and is answered from the apply
-    // loop's thread: no task and two fewer thread wake-ups per write than the async forms above.
+    // loop's thread: no task and two fewer thread wake-ups per write than awaiting them.
 
     func put(_ request: Etcdserverpb_PutRequest, completion: @escaping @Sendable (Result<Etcdserverpb_PutResponse, any Error>) -> Void) {
         submit(.put(request), completion, validate: {
@@ -170,7 +165,7 @@ public final class EtcdLiteServer: Sendable {
     /// Read-only txns read SQLite, which does not belong on an event loop: they run as a task.
     func txn(_ request: Etcdserverpb_TxnRequest, completion: @escaping @Sendable (Result<Etcdserverpb_TxnResponse, any Error>) -> Void) {
         if RequestValidation.isReadOnly(request) {
-            Task { completion(await Result(catching: { try await self.txn(request) })) }
+            Task { completion(Result { try self.readOnlyTxn(request) }) }
             return
         }
         submit(.txn(request), completion, validate: {
@@ -240,12 +235,6 @@ protocol HasHeader {
 extension Etcdserverpb_PutResponse: HasHeader {}
 extension Etcdserverpb_DeleteRangeResponse: HasHeader {}
 extension Etcdserverpb_TxnResponse: HasHeader {}
-
-extension Result where Failure == any Error {
-    init(catching body: () async throws -> Success) async {
-        do { self = .success(try await body()) } catch { self = .failure(error) }
-    }
-}
 
 /// Per-member facts kept beside the data: identity and the last term.
 struct MemberMeta {
