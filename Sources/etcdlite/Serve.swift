@@ -29,7 +29,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Logger (accepted for compatibility; logs are always JSON lines).") var logger: String?
     @Option(help: "Log outputs (accepted for compatibility; logs go to standard error).") var logOutputs: String?
 
-    // Accepted now and validated; the TLS, metrics and watch issues give them their effect.
+    // Accepted now and validated; the TLS and metrics issues give them their effect.
     @Option var certFile: String?
     @Option var keyFile: String?
     @Option var trustedCaFile: String?
@@ -106,9 +106,11 @@ struct Serve: AsyncParsableCommand {
             guard JSONLogHandler.level(v) != nil else { throw ValidationError("invalid log level \"\(v)\"") }
             config.logLevel = v
         }
-        if let v = value(experimentalWatchProgressNotifyInterval, "experimental-watch-progress-notify-interval"),
-           Double(v) == nil, v.rangeOfCharacter(from: .letters) == nil {
-            throw ValidationError("invalid value \"\(v)\" for flag -experimental-watch-progress-notify-interval")
+        if let v = value(experimentalWatchProgressNotifyInterval, "experimental-watch-progress-notify-interval") {
+            guard let seconds = Duration.parseGo(v), seconds > 0 else {
+                throw ValidationError("invalid value \"\(v)\" for flag -experimental-watch-progress-notify-interval: parse error")
+            }
+            config.watchProgressNotifyInterval = .seconds(seconds)
         }
         for (file, flag) in [(certFile, "cert-file"), (keyFile, "key-file"), (trustedCaFile, "trusted-ca-file"),
                              (peerCertFile, "peer-cert-file"), (peerKeyFile, "peer-key-file"), (peerTrustedCaFile, "peer-trusted-ca-file")] {

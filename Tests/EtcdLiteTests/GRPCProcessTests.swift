@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import GRPCCore
 import GRPCNIOTransportHTTP2Posix
 import Testing
@@ -61,7 +62,7 @@ func httpGet(port: Int, path: String) throws -> String {
 
         try await withClient(port: lite.clientPort) { client in
             #expect(await rawCall(client, "etcdserverpb.KV", "RangeStream", []) == .unimplemented)
-            #expect(await rawCall(client, "etcdserverpb.Lease", "LeaseGrant", []) == .unimplemented)
+            #expect(await rawCall(client, "etcdserverpb.Auth", "AuthEnable", []) == .unimplemented)
             #expect(await rawCall(client, "etcdserverpb.Cluster", "MemberAdd", []) == .unimplemented)
             #expect(await rawCall(client, "no.Such", "Method", []) == .unimplemented)
             let kv = Etcdserverpb_KV.Client(wrapping: client)
@@ -120,6 +121,7 @@ func httpGet(port: Int, path: String) throws -> String {
         let dir = TempDir(); defer { dir.cleanup() }
         let lite = try ServerProcess(executable: etcdliteBinary(), dataDir: dir)
         let port = lite.clientPort
+        let count = Counter()
         let acknowledged = try await withClient(port: port) { client in
             let kv = Etcdserverpb_KV.Client(wrapping: client)
             return await withTaskGroup(of: [String: Int64].self) { group in
@@ -133,6 +135,7 @@ func httpGet(port: Int, path: String) throws -> String {
                             do {
                                 let response = try await kv.put(request)
                                 acked["w\(writer)/\(n)"] = response.header.revision
+                                count.value.add(1, ordering: .relaxed)
                             } catch {
                                 break
                             }
@@ -141,7 +144,11 @@ func httpGet(port: Int, path: String) throws -> String {
                     }
                 }
                 group.addTask {
-                    try? await Task.sleep(for: .milliseconds(1500))
+                    // Kill mid-stream: once writes flow (a loaded machine may take a while).
+                    let deadline = ContinuousClock.now + .seconds(20)
+                    while count.value.load(ordering: .relaxed) < 500 && ContinuousClock.now < deadline {
+                        try? await Task.sleep(for: .milliseconds(10))
+                    }
                     lite.kill()
                     return [:]
                 }
@@ -168,6 +175,10 @@ func httpGet(port: Int, path: String) throws -> String {
         }
         #expect(missing == 0, "acknowledged writes lost: \(missing) of \(acknowledged.count)")
     }
+}
+
+final class Counter: Sendable {
+    let value = Atomic<Int>(0)
 }
 
 @Suite(.timeLimit(.minutes(2))) struct AutoCompactionTests {

@@ -177,3 +177,18 @@ struct ProcessError: Error, CustomStringConvertible {
 
 /// Tests that need Debian's etcd-server and etcd-client.
 let etcdInstalled = which("etcd") != nil && which("etcdctl") != nil
+
+/// Runs `session` against etcd and then etcdlite, each on a fresh member started with `extra`,
+/// and expects the same lines from both. Returns etcd's lines for further checks.
+@discardableResult
+func expectSameAsEtcd(extra: [String] = [], _ session: (ServerProcess) throws -> [String]) throws -> [String] {
+    let etcd = try ServerProcess(executable: which("etcd")!, extra: extra)
+    defer { etcd.stop(); etcd.dataDir.cleanup() }
+    let lite = try ServerProcess(executable: etcdliteBinary(), extra: extra)
+    defer { lite.stop(); lite.dataDir.cleanup() }
+    let expected = try session(etcd)
+    let actual = try session(lite)
+    #expect(actual.count == expected.count)
+    for (e, a) in zip(expected, actual) { #expect(a == e) }
+    return expected
+}

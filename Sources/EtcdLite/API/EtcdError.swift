@@ -29,6 +29,8 @@ public struct EtcdError: Error, Equatable, Sendable, CustomStringConvertible {
     public static let compacted = EtcdError(.outOfRange, "etcdserver: mvcc: required revision has been compacted")
     public static let futureRevision = EtcdError(.outOfRange, "etcdserver: mvcc: required revision is a future revision")
     public static let leaseNotFound = EtcdError(.notFound, "etcdserver: requested lease not found")
+    public static let leaseExists = EtcdError(.failedPrecondition, "etcdserver: lease already exists")
+    public static let leaseTTLTooLarge = EtcdError(.outOfRange, "etcdserver: too large lease TTL")
     public static let noSpace = EtcdError(.resourceExhausted, "etcdserver: mvcc: database space exceeded")
     public static let memberNotFound = EtcdError(.notFound, "etcdserver: member not found")
     public static let notCapable = EtcdError(.failedPrecondition, "etcdserver: not capable")

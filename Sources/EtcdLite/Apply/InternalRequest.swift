@@ -8,6 +8,10 @@ enum InternalRequest: Sendable {
     case txn(Etcdserverpb_TxnRequest)
     case compaction(Etcdserverpb_CompactionRequest)
     case alarm(Etcdserverpb_AlarmRequest)
+    /// A grant whose ID and TTL the API layer has settled (server-chosen ID, minimum TTL).
+    case leaseGrant(Etcdserverpb_LeaseGrantRequest)
+    /// A client's revoke, or the leader's for an expired lease.
+    case leaseRevoke(Etcdserverpb_LeaseRevokeRequest)
 
     private var tag: UInt8 {
         switch self {
@@ -16,6 +20,8 @@ enum InternalRequest: Sendable {
         case .txn: 3
         case .compaction: 4
         case .alarm: 5
+        case .leaseGrant: 6
+        case .leaseRevoke: 7
         }
     }
 
@@ -28,6 +34,8 @@ enum InternalRequest: Sendable {
         case .txn(let r): body = try r.serializedBytes()
         case .compaction(let r): body = try r.serializedBytes()
         case .alarm(let r): body = try r.serializedBytes()
+        case .leaseGrant(let r): body = try r.serializedBytes()
+        case .leaseRevoke(let r): body = try r.serializedBytes()
         }
         return [tag] + body
     }
@@ -41,6 +49,8 @@ enum InternalRequest: Sendable {
         case 3: self = .txn(try .init(serializedBytes: body))
         case 4: self = .compaction(try .init(serializedBytes: body))
         case 5: self = .alarm(try .init(serializedBytes: body))
+        case 6: self = .leaseGrant(try .init(serializedBytes: body))
+        case 7: self = .leaseRevoke(try .init(serializedBytes: body))
         default: throw EntryDecodingError(message: "unknown entry type \(tag)")
         }
     }
@@ -57,4 +67,6 @@ enum InternalResponse: Sendable {
     case txn(Etcdserverpb_TxnResponse)
     case compaction(Etcdserverpb_CompactionResponse)
     case alarm(Etcdserverpb_AlarmResponse)
+    case leaseGrant(Etcdserverpb_LeaseGrantResponse)
+    case leaseRevoke(Etcdserverpb_LeaseRevokeResponse)
 }

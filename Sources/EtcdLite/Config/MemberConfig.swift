@@ -23,6 +23,11 @@ public struct MemberConfig: Sendable {
     public var heartbeatIntervalMilliseconds = 100
     public var electionTimeoutMilliseconds = 1000
     public var logLevel = "info"
+    /// How often a synced watcher that asked for progress notifications and got no events hears
+    /// the current revision (etcd's --experimental-watch-progress-notify-interval).
+    public var watchProgressNotifyInterval = Duration.seconds(600)
+    /// Event bytes a Watch stream may have queued before its watchers read from history instead.
+    public var watchStreamQueueBytes = 4 << 20
 
     public init() {}
 
@@ -123,7 +128,7 @@ public struct ConfigError: Error, CustomStringConvertible {
 
 extension Duration {
     /// Seconds in a Go duration string such as "1h30m", "5m", "250ms".
-    static func parseGo(_ text: String) -> Double? {
+    public static func parseGo(_ text: String) -> Double? {
         let units: [(String, Double)] = [("ns", 1e-9), ("us", 1e-6), ("µs", 1e-6), ("ms", 1e-3), ("s", 1), ("m", 60), ("h", 3600)]
         var rest = Substring(text)
         var total = 0.0

@@ -184,6 +184,18 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             let message = pending.readBytes(length: length)!
             if let inbound = calls[id]!.inbound {
                 inbound.yield(message)
+            } else if case .streamingDirect(let handler) = calls[id]!.method {
+                switch handler(message, calls[id]!.context) {
+                case .success(let response):
+                    if !calls[id]!.headersSent {
+                        calls[id]!.headersSent = true
+                        writeHeaders(id)
+                    }
+                    writeMessage(id, response, promise: nil)
+                case .failure(let status):
+                    fail(id, status)
+                    return
+                }
             } else if calls[id]!.message == nil {
                 calls[id]!.message = message
             } else {
@@ -201,6 +213,10 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         guard var call = calls[id] else { return }
         if let inbound = call.inbound {
             inbound.finish()
+            return
+        }
+        if case .streamingDirect = call.method {
+            finish(id, .ok)
             return
         }
         guard !call.started else { return }
@@ -271,7 +287,8 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
 
     private func makeWriter(_ id: HTTP2StreamID) -> ResponseWriter {
         let loop = loopBound()
-        return ResponseWriter { message in
+        return ResponseWriter { messages in
+            guard !messages.isEmpty else { return }
             let promise = loop.eventLoop.makePromise(of: Void.self)
             loop.execute { handler in
                 guard handler.calls[id] != nil else {
@@ -282,7 +299,8 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
                     handler.calls[id]!.headersSent = true
                     handler.writeHeaders(id)
                 }
-                handler.writeMessage(id, message, promise: promise)
+                for message in messages.dropLast() { handler.writeMessage(id, message, promise: nil) }
+                handler.writeMessage(id, messages.last!, promise: promise)
             }
             try await promise.futureResult.get()
         }

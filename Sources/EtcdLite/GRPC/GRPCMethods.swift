@@ -23,12 +23,18 @@ enum GRPCMethod: Sendable {
     case unaryDirect(@Sendable ([UInt8], CallContext, @escaping @Sendable (Result<[UInt8], GRPCStatus>) -> Void) -> Void)
     /// Requests and responses as streams (server-streaming calls see one request).
     case streaming(@Sendable (AsyncStream<[UInt8]>, ResponseWriter, CallContext) async throws -> Void)
+    /// A bidirectional stream answered message by message on the connection's event loop, for
+    /// answers that need no I/O (lease keep-alives). The call ends when the client's side does.
+    case streamingDirect(@Sendable ([UInt8], CallContext) -> Result<[UInt8], GRPCStatus>)
 }
 
-/// Sends response messages of a streaming call; each write waits until the frame is handed to
+/// Sends response messages of a streaming call; each write waits until the frames are handed to
 /// the connection (so a slow reader slows the writer down).
 struct ResponseWriter: Sendable {
-    let write: @Sendable ([UInt8]) async throws -> Void
+    let writeMessages: @Sendable ([[UInt8]]) async throws -> Void
+
+    func write(_ message: [UInt8]) async throws { try await writeMessages([message]) }
+    func write(_ messages: [[UInt8]]) async throws { try await writeMessages(messages) }
 }
 
 /// The method table, keyed by `/package.Service/Method`.
@@ -77,6 +83,25 @@ struct GRPCMethods: Sendable {
             }
             let request: Request = try Self.decode(bytes)
             try await handler(request, context) { response in try await writer.write(try response.serializedBytes()) }
+        }
+    }
+
+    mutating func streaming(
+        _ path: String, _ handler: @escaping @Sendable (AsyncStream<[UInt8]>, ResponseWriter, CallContext) async throws -> Void
+    ) {
+        table[path] = .streaming(handler)
+    }
+
+    mutating func streamingDirect<Request: Message, Response: Message>(
+        _ path: String, _ handler: @escaping @Sendable (Request, CallContext) -> Response
+    ) {
+        table[path] = .streamingDirect { bytes, context in
+            do {
+                let request: Request = try Self.decode(bytes)
+                return .success(try handler(request, context).serializedBytes())
+            } catch {
+                return .failure(GRPCStatus(error))
+            }
         }
     }
 

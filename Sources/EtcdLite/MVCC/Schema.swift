@@ -5,6 +5,8 @@
 ///   revision range are a rowid range: no second index on revisions.
 /// - `latest` maps each live key to the rowid of its current revision (reads at the current
 ///   revision never scan history).
+/// - `leases` holds each lease's granted TTL; its attached keys are the current rows carrying its
+///   id (`revs_by_lease`).
 /// - `store_state` is a single row: the current and compacted revisions and the index of the last
 ///   applied log entry, written in the same SQLite transaction as the changes it describes.
 enum Schema {
@@ -35,6 +37,10 @@ enum Schema {
         """,
         "INSERT OR IGNORE INTO store_state VALUES (1, 1, 0, 0, \(version))",
         "CREATE TABLE IF NOT EXISTS alarms(member_id INTEGER NOT NULL, alarm INTEGER NOT NULL, PRIMARY KEY(member_id, alarm)) WITHOUT ROWID",
+        // Leases and their granted TTLs; the keys attached to a lease are the live rows with its id,
+        // found through a partial index that costs nothing for puts without a lease.
+        "CREATE TABLE IF NOT EXISTS leases(id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS revs_by_lease ON revs(lease) WHERE lease != 0",
         "CREATE TABLE IF NOT EXISTS member_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     ]
 }

@@ -26,12 +26,16 @@ final class ApplyLoop: @unchecked Sendable {
     private let log: WriteAheadLog
     private let logger: Logger
     private let onBatch: @Sendable (StoreStatus) -> Void
+    /// Receives each committed batch's events and the revision the batch ended at.
+    private let onEvents: @Sendable ([Mvccpb_Event], Int64) -> Void
 
-    init(machine: StateMachine, log: WriteAheadLog, logger: Logger, onBatch: @escaping @Sendable (StoreStatus) -> Void) {
+    init(machine: StateMachine, log: WriteAheadLog, logger: Logger, onBatch: @escaping @Sendable (StoreStatus) -> Void,
+         onEvents: @escaping @Sendable ([Mvccpb_Event], Int64) -> Void) {
         self.machine = machine
         self.log = log
         self.logger = logger
         self.onBatch = onBatch
+        self.onEvents = onEvents
     }
 
     /// Re-applies entries that were durable in the log but not yet in the store.
@@ -42,6 +46,7 @@ final class ApplyLoop: @unchecked Sendable {
             _ = try machine.apply(try InternalRequest(encoded: entry.data), index: entry.index)
         }
         try machine.commit()
+        _ = machine.takeEvents()  // nobody watches yet
         logger.info("replayed log entries", metadata: ["count": "\(entries.count)", "applied-index": "\(machine.state.appliedIndex)"])
     }
 
@@ -151,6 +156,8 @@ final class ApplyLoop: @unchecked Sendable {
             }
             let status = status()
             onBatch(status)
+            let events = machine.takeEvents()
+            if !events.isEmpty { onEvents(events, machine.state.currentRevision) }
             for (completion, result) in applied { completion?(result) }
             maintainLog()
         }

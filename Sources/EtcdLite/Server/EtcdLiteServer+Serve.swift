@@ -66,6 +66,12 @@ extension EtcdLiteServer {
         m.serverStreaming("/etcdserverpb.Maintenance/Snapshot") { (_: Etcdserverpb_SnapshotRequest, _, send) in
             try await self.snapshotChunks(send)
         }
+        m.unary("/etcdserverpb.Lease/LeaseGrant") { (r: Etcdserverpb_LeaseGrantRequest, _) in try await self.leaseGrant(r) }
+        m.unary("/etcdserverpb.Lease/LeaseRevoke") { (r: Etcdserverpb_LeaseRevokeRequest, _) in try await self.leaseRevoke(r) }
+        m.unary("/etcdserverpb.Lease/LeaseTimeToLive") { (r: Etcdserverpb_LeaseTimeToLiveRequest, _) in try self.leaseTimeToLive(r) }
+        m.unary("/etcdserverpb.Lease/LeaseLeases") { (_: Etcdserverpb_LeaseLeasesRequest, _) in self.leaseLeases() }
+        m.streamingDirect("/etcdserverpb.Lease/LeaseKeepAlive") { (r: Etcdserverpb_LeaseKeepAliveRequest, _) in self.leaseKeepAlive(r) }
+        m.streaming("/etcdserverpb.Watch/Watch") { requests, writer, context in try await self.watch(requests, writer, context) }
         m.unary("/etcdserverpb.Cluster/MemberList") { (_: Etcdserverpb_MemberListRequest, _) in self.memberList() }
         return m
     }

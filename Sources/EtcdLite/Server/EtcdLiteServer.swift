@@ -21,6 +21,10 @@ public final class EtcdLiteServer: Sendable {
     let term: UInt64
     private let published: PublishedStatus
     let stopRequested = StopSignal()
+    let lessor = Lessor()
+    let leaseIDs: LeaseIDGenerator
+    let watchHub: WatchHub
+    private let leaseClock = OwnedTask()
 
     /// Opens (or creates) the member's data directory, replays the log into the store and starts
     /// the apply loop.
@@ -48,20 +52,40 @@ public final class EtcdLiteServer: Sendable {
         clusterID = meta.clusterID!
         term = meta.term!
 
-        let machine = try StateMachine(backend: backend)
+        leaseIDs = LeaseIDGenerator(memberID: memberID)
+        let machine = try StateMachine(backend: backend, lessor: lessor)
         let log = try WriteAheadLog(directory: memberDir.appendingPathComponent("wal"), appliedIndex: machine.state.appliedIndex)
         let pending = try log.recover(after: machine.state.appliedIndex)
         let published = PublishedStatus(StoreStatus(state: machine.state, logIndex: log.lastIndex, dbSize: 0, dbSizeInUse: 0, alarms: []))
         self.published = published
-        loop = ApplyLoop(machine: machine, log: log, logger: logger) { status in
+        var template = Etcdserverpb_ResponseHeader()
+        template.clusterID = clusterID
+        template.memberID = memberID
+        template.raftTerm = term
+        let hub = WatchHub(revision: machine.state.currentRevision, header: template, queueLimit: config.watchStreamQueueBytes)
+        watchHub = hub
+        loop = ApplyLoop(machine: machine, log: log, logger: logger, onBatch: { status in
             published.value.withLock { $0 = status }
-        }
+        }, onEvents: { events, revision in
+            hub.publish(events, revision: revision)
+        })
         try loop.replay(pending)
+        hub.reset(revision: machine.state.currentRevision)
+        // This member leads from now on: every lease's clock starts afresh.
+        lessor.renewAll()
         loop.start()
+        leaseClock.start { [weak self] in
+            while !Task.isCancelled {
+                try? await Task.sleep(for: Self.leaseCheckInterval)
+                guard let self else { return }
+                self.revokeExpiredLeases()
+            }
+        }
     }
 
     /// Stops the apply loop after what is queued; the store is closed when the server is released.
     public func close() {
+        leaseClock.cancel()
         loop.stop()
         backend.closeReaders()
     }

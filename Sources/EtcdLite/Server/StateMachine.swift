@@ -1,3 +1,4 @@
+import Foundation
 import EtcdLiteProto
 
 /// Applies log entries to the store: the replicated state machine. Used only by the apply loop's
@@ -8,10 +9,19 @@ final class StateMachine {
     var applier = Applier()
     /// Active alarms, mirrored from the `alarms` table.
     private(set) var alarms: [Etcdserverpb_AlarmMember] = []
+    /// Which leases exist (mirrored from the `leases` table) and their clocks.
+    let lessor: Lessor
+    /// Events of the writes applied since the last `takeEvents()`, in revision order.
+    private var events: [Mvccpb_Event] = []
 
-    init(backend: Backend) throws {
+    init(backend: Backend, lessor: Lessor) throws {
         self.backend = backend
+        self.lessor = lessor
         state = try StoreState.load(backend.writer)
+        let leases = try backend.writer.prepared("SELECT id, ttl FROM leases")
+        while try leases.step() { lessor.granted(leases.int64(0), ttl: leases.int64(1)) }
+        leases.reset()
+        applier.leaseExists = { lessor.contains($0) }
         let statement = try backend.writer.prepared("SELECT member_id, alarm FROM alarms ORDER BY member_id, alarm")
         while try statement.step() {
             var alarm = Etcdserverpb_AlarmMember()
@@ -53,6 +63,11 @@ final class StateMachine {
                 return .success(.compaction(response))
             case .alarm(let r):
                 return .success(.alarm(try alarm(r)))
+            case .leaseGrant(let r):
+                if noSpace { throw EtcdError.noSpace }
+                return .success(.leaseGrant(try grant(r)))
+            case .leaseRevoke(let r):
+                return .success(.leaseRevoke(try revoke(r)))
             }
         } catch let error as EtcdError {
             return .failure(error)
@@ -66,7 +81,7 @@ final class StateMachine {
         guard savepoint else {
             let txn = WriteTxn(connection: writer, state: state)
             let result = try body(txn)
-            if txn.changed { state.currentRevision = txn.writeRevision }
+            finish(txn)
             return result
         }
         try writer.prepared("SAVEPOINT request").run()
@@ -74,13 +89,71 @@ final class StateMachine {
         do {
             let result = try body(txn)
             try writer.prepared("RELEASE request").run()
-            if txn.changed { state.currentRevision = txn.writeRevision }
+            finish(txn)
             return result
         } catch {
             try writer.prepared("ROLLBACK TO request").run()
             try writer.prepared("RELEASE request").run()
             throw error
         }
+    }
+
+    private func finish(_ txn: WriteTxn) {
+        guard txn.changed else { return }
+        state.currentRevision = txn.writeRevision
+        events += txn.events
+    }
+
+    /// The events applied since the last call (for watchers, after the batch commits).
+    func takeEvents() -> [Mvccpb_Event] {
+        defer { events.removeAll(keepingCapacity: true) }
+        return events
+    }
+
+    // MARK: - Leases
+
+    private func grant(_ request: Etcdserverpb_LeaseGrantRequest) throws -> Etcdserverpb_LeaseGrantResponse {
+        if lessor.contains(request.id) { throw EtcdError.leaseExists }
+        let insert = try backend.writer.prepared("INSERT INTO leases(id, ttl) VALUES (?1, ?2)")
+        insert.bind(1, request.id)
+        insert.bind(2, request.ttl)
+        try insert.run()
+        lessor.granted(request.id, ttl: request.ttl)
+        var response = Etcdserverpb_LeaseGrantResponse()
+        response.id = request.id
+        response.ttl = request.ttl
+        response.header.revision = state.currentRevision
+        return response
+    }
+
+    /// Deletes the lease's keys in one revision (DELETE events with their previous values), then
+    /// the lease.
+    private func revoke(_ request: Etcdserverpb_LeaseRevokeRequest) throws -> Etcdserverpb_LeaseRevokeResponse {
+        guard lessor.contains(request.id) else { throw EtcdError.leaseNotFound }
+        let keys = try Self.attachedKeys(request.id, backend.writer)
+        if !keys.isEmpty {
+            try write { txn in
+                for key in keys { _ = try txn.deleteRange(.single(key)) }
+            }
+        }
+        let delete = try backend.writer.prepared("DELETE FROM leases WHERE id = ?1")
+        delete.bind(1, request.id)
+        try delete.run()
+        lessor.revoked(request.id)
+        var response = Etcdserverpb_LeaseRevokeResponse()
+        response.header.revision = state.currentRevision
+        return response
+    }
+
+    /// The live keys attached to lease `id`, in key order.
+    static func attachedKeys(_ id: Int64, _ connection: SQLiteConnection) throws -> [Data] {
+        let statement = try connection.prepared(
+            "SELECT r.key FROM revs r JOIN latest l ON l.key = r.key AND l.id = r.id WHERE r.lease = ?1 ORDER BY r.key")
+        statement.bind(1, id)
+        defer { statement.reset() }
+        var keys: [Data] = []
+        while try statement.step() { keys.append(statement.data(0)) }
+        return keys
     }
 
     /// Drops every revision that no read at or after `revision` can see.
