@@ -47,10 +47,32 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
             ]
         ),
+        // A lean gRPC client on HTTP/2 frames, for load generation (no task per call).
+        .target(
+            name: "EtcdLiteClient",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
+                .product(name: "NIOHPACK", package: "swift-nio-http2"),
+            ]
+        ),
+        // `etcdlite bench`: workloads against any etcd-compatible endpoint.
+        .target(
+            name: "EtcdLiteBench",
+            dependencies: [
+                "EtcdLiteClient",
+                "EtcdLiteProto",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
         .executableTarget(
             name: "EtcdLiteMain",
             dependencies: [
                 "EtcdLite",
+                "EtcdLiteBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -60,6 +82,8 @@ let package = Package(
             name: "EtcdLiteTests",
             dependencies: [
                 "EtcdLite",
+                "EtcdLiteBench",
+                "EtcdLiteClient",
                 "EtcdLiteProto",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2Posix", package: "grpc-swift-nio-transport"),

@@ -1,4 +1,6 @@
 import Foundation
+import EtcdLiteProto
+import NIOHPACK
 import NIOCore
 import NIOHTTP2
 import NIOPosix
@@ -35,7 +37,9 @@ final class FrameRecorder: ChannelInboundHandler, @unchecked Sendable {
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client))
+                    var configuration = NIOHTTP2Handler.ConnectionConfiguration()
+                    configuration.controlFrameRateLimit.maximumCount = 100_000  // we count the server's acks
+                    try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: configuration))
                     try channel.pipeline.syncOperations.addHandler(recorder)
                 }
             }
@@ -71,5 +75,43 @@ final class FrameRecorder: ChannelInboundHandler, @unchecked Sendable {
         }
         try await Task.sleep(for: .milliseconds(500))
         #expect(recorder.snapshot.goAways.contains(.enhanceYourCalm))
+    }
+
+    /// grpc-go clients ping (BDP estimation) whenever data arrives; hundreds of pings each
+    /// answered by data in between are no abuse, and neither are hundreds of cancelled calls.
+    @Test func busyClientsPingsAndCancelsKeepTheConnection() async throws {
+        let lite = try ServerProcess(executable: etcdliteBinary())
+        defer { lite.stop(); lite.dataDir.cleanup() }
+        let (channel, recorder) = try await connect(port: lite.clientPort)
+        defer { channel.close(promise: nil) }
+        var request = Etcdserverpb_RangeRequest()
+        request.key = Data("k".utf8)
+        let message: [UInt8] = try request.serializedBytes()
+        var headers = HPACKHeaders()
+        for (name, value) in [(":method", "POST"), (":scheme", "http"), (":path", "/etcdserverpb.KV/Range"),
+                              (":authority", "127.0.0.1"), ("content-type", "application/grpc"), ("te", "trailers")] {
+            headers.add(name: name, value: value)
+        }
+        var body = ByteBuffer()
+        body.writeInteger(UInt8(0))
+        body.writeInteger(UInt32(message.count))
+        body.writeBytes(message)
+        for n in 0..<800 {
+            let id = HTTP2StreamID(2 * n + 1)
+            channel.write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers))), promise: nil)
+            if n % 2 == 0 {
+                // A call the client gives up on.
+                channel.write(HTTP2Frame(streamID: id, payload: .rstStream(.cancel)), promise: nil)
+                channel.flush()
+                continue
+            }
+            try await channel.writeAndFlush(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(body), endStream: true))))
+            try await Task.sleep(for: .milliseconds(3))  // the answer's DATA comes back
+            try await ping(channel, UInt64(n))
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let seen = recorder.snapshot
+        #expect(seen.goAways.isEmpty && channel.isActive)
+        #expect(seen.acks >= 390, "acks: \(seen.acks)")
     }
 }

@@ -38,6 +38,30 @@ final class ClientListener: Sendable {
         HTTP2Setting(parameter: .maxHeaderListSize, value: 16 << 20),
     ]
 
+    static let connectionConfiguration: NIOHTTP2Handler.ConnectionConfiguration = {
+        var configuration = NIOHTTP2Handler.ConnectionConfiguration()
+        configuration.initialSettings = http2Settings
+        // We send constant, valid headers; checking every field of every request and response
+        // cost ~3 % of the event loop (perf).
+        configuration.headerBlockValidation = .disabled
+        configuration.contentLengthValidation = .disabled
+        // grpc-go clients send a BDP ping whenever data arrives and none is outstanding, so a busy
+        // watch stream brings thousands of pings a second; their rate is policed by etcd's rule
+        // (strikes for pings without data in between, GOAWAY too_many_pings), not by a count.
+        configuration.controlFrameRateLimit.maximumCount = Int.max / 2
+        configuration.controlFrameRateLimit.windowLength = .seconds(1)
+        return configuration
+    }()
+
+    static let streamConfiguration: NIOHTTP2Handler.StreamConfiguration = {
+        var configuration = NIOHTTP2Handler.StreamConfiguration()
+        // Clients cancel RPCs with RST_STREAM (kube-apiserver's request timeouts, closed watches,
+        // etcdctl's deadlines); grpc-go servers take any number of them.
+        configuration.streamResetFrameRateLimit.maximumCount = 100_000
+        configuration.streamResetFrameRateLimit.windowLength = .seconds(10)
+        return configuration
+    }()
+
     /// Binds and returns the bound port.
     func bind() async throws -> Int {
         let channel = try await ServerBootstrap(group: group)
@@ -56,10 +80,8 @@ final class ClientListener: Sendable {
                         case .http2:
                             let handler = GRPCConnectionHandler(methods: methods)
                             try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(
-                                mode: .server, initialSettings: Self.http2Settings,
-                                // We send constant, valid headers; checking every field of every
-                                // request and response cost ~3 % of the event loop (perf).
-                                headerBlockValidation: .disabled, contentLengthValidation: .disabled))
+                                mode: .server, connectionConfiguration: Self.connectionConfiguration,
+                                streamConfiguration: Self.streamConfiguration))
                             try channel.pipeline.syncOperations.addHandler(handler)
                             let bound = NIOLoopBound(handler, eventLoop: channel.eventLoop)
                             connections.withLockedValue { $0[key]?.grpc = bound }

@@ -1,0 +1,125 @@
+import Foundation
+import EtcdLiteClient
+import Synchronization
+
+/// Monotonic nanoseconds (CLOCK_MONOTONIC), comparable across this process's threads.
+@inline(__always)
+func monotonicNanos() -> UInt64 {
+    var spec = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &spec)
+    return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)
+}
+
+/// Latency samples in nanoseconds; percentiles by sorting (exact).
+final class LatencyRecorder: Sendable {
+    private let samples = Mutex<[UInt64]>([])
+
+    func record(_ nanoseconds: UInt64) { samples.withLock { $0.append(nanoseconds) } }
+    func record(contentsOf values: [UInt64]) { samples.withLock { $0 += values } }
+
+    var count: Int { samples.withLock { $0.count } }
+
+    func summary() -> LatencySummary { LatencySummary(samples.withLock { $0 }) }
+}
+
+/// Milliseconds at the usual percentiles.
+public struct LatencySummary: Sendable, Codable {
+    public var count: Int
+    public var p50: Double
+    public var p90: Double
+    public var p99: Double
+    public var p999: Double
+    public var max: Double
+    public var mean: Double
+
+    init(_ values: [UInt64]) {
+        let sorted = values.sorted()
+        count = sorted.count
+        func at(_ q: Double) -> Double {
+            guard !sorted.isEmpty else { return 0 }
+            let index = Swift.min(sorted.count - 1, Int((Double(sorted.count) * q).rounded(.up)) - 1)
+            return Double(sorted[Swift.max(0, index)]) / 1e6
+        }
+        p50 = at(0.5)
+        p90 = at(0.9)
+        p99 = at(0.99)
+        p999 = at(0.999)
+        max = Double(sorted.last ?? 0) / 1e6
+        mean = sorted.isEmpty ? 0 : Double(sorted.reduce(0, +)) / Double(sorted.count) / 1e6
+    }
+
+    public var text: String {
+        String(format: "n=%d p50=%.3fms p90=%.3fms p99=%.3fms p99.9=%.3fms max=%.3fms mean=%.3fms", count, p50, p90, p99, p999, max, mean)
+    }
+}
+
+/// Where a workload connects: "host:port" or "http://host:port".
+public struct Endpoint: Sendable {
+    public let host: String
+    public let port: Int
+
+    public init(_ text: String) throws {
+        var rest = Substring(text)
+        if let scheme = rest.range(of: "://") { rest = rest[scheme.upperBound...] }
+        let parts = rest.split(separator: ":")
+        guard parts.count == 2, let port = Int(parts[1]) else { throw BenchError("invalid endpoint \(text)") }
+        host = parts[0] == "localhost" ? "127.0.0.1" : String(parts[0])
+        self.port = port
+    }
+
+    func connect() async throws -> GRPCClientConnection {
+        try await GRPCClientConnection.connect(host: host, port: port)
+    }
+}
+
+public struct BenchError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// Counts answers of fire-and-forget calls and records their latency from an intended start.
+final class TimedCall: ClientCallObserver, @unchecked Sendable {
+    let intended: UInt64
+    let recorder: LatencyRecorder
+    let errors: ErrorCounter
+
+    init(intended: UInt64, recorder: LatencyRecorder, errors: ErrorCounter) {
+        self.intended = intended
+        self.recorder = recorder
+        self.errors = errors
+    }
+
+    func received(_ message: [UInt8]) {}
+
+    func closed(_ status: ClientStatus) {
+        if status.code == 0 {
+            recorder.record(monotonicNanos() &- intended)
+        } else {
+            errors.add(status.message)
+        }
+    }
+}
+
+/// Errors by message.
+final class ErrorCounter: Sendable {
+    private let counts = Mutex<[String: Int]>([:])
+    func add(_ message: String) { counts.withLock { $0[message, default: 0] += 1 } }
+    var all: [String: Int] { counts.withLock { $0 } }
+    var total: Int { all.values.reduce(0, +) }
+}
+
+/// Sleeps until a monotonic instant.
+func sleep(until nanos: UInt64) async {
+    let now = monotonicNanos()
+    if nanos > now { try? await Task.sleep(nanoseconds: nanos - now) }
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` seconds pass; true if it held.
+func waitUntil(timeout: Double, _ condition: () -> Bool) async -> Bool {
+    let deadline = monotonicNanos() + UInt64(timeout * 1e9)
+    while monotonicNanos() < deadline {
+        if condition() { return true }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    return condition()
+}
