@@ -22,6 +22,9 @@ final class WatchSession: Sendable {
 
     func send(_ request: Etcdserverpb_WatchRequest) { requests.yield(request) }
 
+    /// Half-closes the stream: no more requests.
+    func finishSending() { requests.finish() }
+
     func create(_ key: String, _ rangeEnd: String = "", start: Int64 = 0, prevKV: Bool = false, id: Int64 = 0,
                 filters: [Etcdserverpb_WatchCreateRequest.FilterType] = [], fragment: Bool = false, progressNotify: Bool = false) {
         var create = Etcdserverpb_WatchCreateRequest()

@@ -148,6 +148,24 @@ import EtcdLiteProto
         }
     }
 
+    /// A client that stops sending (half-close) still gets events until it cancels, as from etcd.
+    @Test func aHalfClosedStreamKeepsDeliveringEvents() async throws {
+        let lite = try ServerProcess(executable: etcdliteBinary())
+        defer { lite.stop(); lite.dataDir.cleanup() }
+        try await withClient(port: lite.clientPort) { client in
+            try await withWatchSession(client) { w in
+                w.create("h")
+                await w.wait { $0.contains(where: \.created) }
+                w.finishSending()
+                try await Task.sleep(for: .milliseconds(200))
+                _ = try await Etcdserverpb_KV.Client(wrapping: client).put(put("h", "1"))
+                let seen = await w.wait { $0.flatMap(\.events).count == 1 }
+                #expect(seen.flatMap(\.events).count == 1)
+                #expect(w.endStatus.withLock { $0 } == nil)
+            }
+        }
+    }
+
     @Test func hasLeaderMetadataAndManyStreams() async throws {
         let lite = try ServerProcess(executable: etcdliteBinary())
         defer { lite.stop(); lite.dataDir.cleanup() }

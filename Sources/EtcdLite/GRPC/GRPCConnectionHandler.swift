@@ -299,8 +299,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
                     handler.calls[id]!.headersSent = true
                     handler.writeHeaders(id)
                 }
-                for message in messages.dropLast() { handler.writeMessage(id, message, promise: nil) }
-                handler.writeMessage(id, messages.last!, promise: promise)
+                handler.writeMessages(id, messages, promise: promise)
             }
             try await promise.futureResult.get()
         }
@@ -319,6 +318,20 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         buffer.writeInteger(UInt8(0))
         buffer.writeInteger(UInt32(message.count))
         buffer.writeBytes(message)
+        pingStrikes = 0
+        write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer)))), promise: promise)
+    }
+
+    /// Several messages of one stream in a single DATA frame (split by the HTTP/2 layer when it
+    /// exceeds the peer's frame size): one frame instead of one per message.
+    private func writeMessages(_ id: HTTP2StreamID, _ messages: [[UInt8]], promise: EventLoopPromise<Void>?) {
+        guard let context else { return }
+        var buffer = context.channel.allocator.buffer(capacity: messages.reduce(0) { $0 + 5 + $1.count })
+        for message in messages {
+            buffer.writeInteger(UInt8(0))
+            buffer.writeInteger(UInt32(message.count))
+            buffer.writeBytes(message)
+        }
         pingStrikes = 0
         write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer)))), promise: promise)
     }

@@ -31,11 +31,9 @@ extension EtcdLiteServer {
                     hub.progressTick(stream)
                 }
             }
-            group.addTask { [self] in
-                await send(stream, writer, maxBytes: maxBytes)
-            }
-            // The sender returns when the stream closes (cancellation); then stop the others.
-            await group.next()
+            // The sender runs until the call is cancelled (the client resets the stream or goes
+            // away): a client that only half-closes keeps receiving events, as from etcd.
+            await send(stream, writer, maxBytes: maxBytes)
             group.cancelAll()
         }
     }
@@ -52,9 +50,14 @@ extension EtcdLiteServer {
                 var messages: [[UInt8]] = []
                 messages.reserveCapacity(items.count)
                 for item in items {
-                    for response in Self.fragments(item, maxBytes: maxBytes) {
-                        guard let bytes: [UInt8] = try? response.serializedBytes() else { continue }
+                    switch item {
+                    case .encoded(let bytes):
                         messages.append(bytes)
+                    case .message(let response, let fragment):
+                        for piece in fragment ? Self.fragments(response, maxBytes: maxBytes) : [response] {
+                            guard let bytes: [UInt8] = try? piece.serializedBytes() else { continue }
+                            messages.append(bytes)
+                        }
                     }
                 }
                 do { try await writer.write(messages) } catch { return }
@@ -76,9 +79,8 @@ extension EtcdLiteServer {
     /// etcd's fragmenting: a response over the request limit with more than one event, for a
     /// watcher that asked for fragments, goes out in pieces of at least one event that stay under
     /// the limit; all but the last carry `fragment: true`.
-    static func fragments(_ item: WatchHub.Outbound, maxBytes: Int) -> [Etcdserverpb_WatchResponse] {
-        let response = item.response
-        guard item.fragment, response.events.count > 1, (try? response.serializedBytes() as [UInt8])?.count ?? 0 >= maxBytes else {
+    static func fragments(_ response: Etcdserverpb_WatchResponse, maxBytes: Int) -> [Etcdserverpb_WatchResponse] {
+        guard response.events.count > 1, (try? response.serializedBytes() as [UInt8])?.count ?? 0 >= maxBytes else {
             return [response]
         }
         var empty = response

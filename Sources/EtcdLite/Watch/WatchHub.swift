@@ -42,10 +42,18 @@ final class WatchHub: Sendable {
         }
     }
 
-    /// A response waiting to be written, and whether it may be fragmented.
-    struct Outbound: Sendable {
-        var response: Etcdserverpb_WatchResponse
-        var fragment: Bool
+    /// A response waiting to be written: a message (that may be fragmented), or the encoded
+    /// bytes of an event response shared by every watcher that gets the same events.
+    enum Outbound: Sendable {
+        case message(Etcdserverpb_WatchResponse, fragment: Bool)
+        case encoded([UInt8])
+    }
+
+    /// Watchers that receive the same events with the same shape get the same response bytes
+    /// but for their watch ID: encoded once per batch.
+    private struct SharedBody: Hashable {
+        let prevKV: Bool
+        let events: [Int]
     }
 
     /// History an unsynced watcher needs next: its next revision through `through`.
@@ -77,7 +85,11 @@ final class WatchHub: Sendable {
         var allSynced: Bool { watchers.values.allSatisfy(\.synced) }
 
         mutating func enqueue(_ response: Etcdserverpb_WatchResponse, fragment: Bool = false, bytes: Int = 64) {
-            queue.append(Outbound(response: response, fragment: fragment))
+            enqueue(.message(response, fragment: fragment), bytes: bytes)
+        }
+
+        mutating func enqueue(_ outbound: Outbound, bytes: Int) {
+            queue.append(outbound)
             queuedBytes += bytes
             signal()
         }
@@ -267,25 +279,27 @@ final class WatchHub: Sendable {
         state.withLock { state in
             let first = state.revision + 1
             state.revision = revision
+            var shared: [SharedBody: [UInt8]] = [:]
             for index in state.streams.indices {
-                state.stats.fallbacks += deliver(events, first: first, revision: revision, to: &state.streams.values[index])
+                state.stats.fallbacks += deliver(events, first: first, revision: revision, to: &state.streams.values[index], shared: &shared)
                 state.stats.peakQueuedBytes = max(state.stats.peakQueuedBytes, state.streams.values[index].queuedBytes)
             }
         }
     }
 
     /// Returns how many watchers fell back to history.
-    private func deliver(_ events: [Mvccpb_Event], first: Int64, revision: Int64, to stream: inout Stream) -> Int {
+    private func deliver(_ events: [Mvccpb_Event], first: Int64, revision: Int64, to stream: inout Stream,
+                         shared: inout [SharedBody: [UInt8]]) -> Int {
         var fallbacks = 0
+        var matched: [Int] = []
         for index in stream.watchers.indices {
             let watcher = stream.watchers.values[index]
             guard watcher.synced else { continue }
-            var matched: [Mvccpb_Event] = []
+            matched.removeAll(keepingCapacity: true)
             var bytes = 0
-            for event in events where watcher.wants(event) {
-                let shaped = watcher.shaped(event)
-                bytes += Self.size(shaped)
-                matched.append(shaped)
+            for (position, event) in events.enumerated() where watcher.wants(event) {
+                matched.append(position)
+                bytes += Self.size(event)
             }
             guard !matched.isEmpty else { continue }
             if stream.queuedBytes + bytes > queueLimit && !stream.queue.isEmpty {
@@ -296,14 +310,45 @@ final class WatchHub: Sendable {
                 fallbacks += 1
                 continue
             }
-            var response = Etcdserverpb_WatchResponse()
-            response.header = header(revision)
-            response.watchID = watcher.id
-            response.events = matched
             stream.watchers.values[index].sentSinceProgress = true
-            stream.enqueue(response, fragment: watcher.fragment, bytes: bytes)
+            if watcher.fragment {
+                var response = Etcdserverpb_WatchResponse()
+                response.header = header(revision)
+                response.watchID = watcher.id
+                response.events = matched.map { watcher.shaped(events[$0]) }
+                stream.enqueue(response, fragment: true, bytes: bytes)
+                continue
+            }
+            let key = SharedBody(prevKV: watcher.prevKV, events: matched)
+            let body: [UInt8]
+            if let cached = shared[key] {
+                body = cached
+            } else {
+                var response = Etcdserverpb_WatchResponse()
+                response.header = header(revision)
+                response.events = matched.map { watcher.shaped(events[$0]) }
+                body = (try? response.serializedBytes()) ?? []
+                shared[key] = body
+            }
+            stream.enqueue(.encoded(Self.withWatchID(watcher.id, body)), bytes: bytes)
         }
         return fallbacks
+    }
+
+    /// A response body with the watch ID field (2, varint) in front: protobuf fields may come in
+    /// any order, and proto3 leaves out an ID of 0.
+    static func withWatchID(_ id: Int64, _ body: [UInt8]) -> [UInt8] {
+        guard id != 0 else { return body }
+        var bytes: [UInt8] = [0x10]
+        bytes.reserveCapacity(body.count + 11)
+        var value = UInt64(bitPattern: id)
+        while value >= 0x80 {
+            bytes.append(UInt8(value & 0x7F) | 0x80)
+            value >>= 7
+        }
+        bytes.append(UInt8(value))
+        bytes += body
+        return bytes
     }
 
     static func size(_ event: Mvccpb_Event) -> Int {
