@@ -199,6 +199,24 @@ func outcome<T: Sendable>(_ body: () async throws -> T, _ text: (T) -> String) a
         }
     }
 
+    /// A revoke finds the lease's keys through the partial index, not by scanning every revision.
+    @Test func attachedKeysAreFoundThroughTheLeaseIndex() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let server = try makeServer(dir)
+        defer { server.close() }
+        let plan = try server.backend.withReader { connection -> [String] in
+            let statement = try connection.prepared("EXPLAIN QUERY PLAN " + StateMachine.attachedKeysSQL)
+            statement.bind(1, Int64(7))
+            defer { statement.reset() }
+            var details: [String] = []
+            while try statement.step() { details.append(statement.text(3)) }
+            return details
+        }
+        #expect(plan.contains { $0.contains("USING INDEX revs_by_lease") }, "\(plan)")
+        #expect(!plan.contains { $0.hasPrefix("SCAN r") }, "\(plan)")
+    }
+
     @Test func lessorHandsOutEachExpiredLeaseOnceUntilItsRetry() async throws {
         let lessor = Lessor()
         lessor.granted(1, ttl: 0)

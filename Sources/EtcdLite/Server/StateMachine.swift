@@ -145,10 +145,14 @@ final class StateMachine {
         return response
     }
 
+    /// `lease != 0` lets SQLite use the partial index `revs_by_lease` (a bound parameter alone
+    /// does not prove the index's condition; without it every revoke scanned all of `revs`).
+    static let attachedKeysSQL =
+        "SELECT r.key FROM revs r JOIN latest l ON l.key = r.key AND l.id = r.id WHERE r.lease = ?1 AND r.lease != 0 ORDER BY r.key"
+
     /// The live keys attached to lease `id`, in key order.
     static func attachedKeys(_ id: Int64, _ connection: SQLiteConnection) throws -> [Data] {
-        let statement = try connection.prepared(
-            "SELECT r.key FROM revs r JOIN latest l ON l.key = r.key AND l.id = r.id WHERE r.lease = ?1 ORDER BY r.key")
+        let statement = try connection.prepared(attachedKeysSQL)
         statement.bind(1, id)
         defer { statement.reset() }
         var keys: [Data] = []
