@@ -58,7 +58,7 @@ import EtcdLiteProto
         _ = try await server.compact(compactAll)
         let before = server.statusResponse().dbSize
         let defrag = try await server.defragment()
-        #expect(defrag.header.memberID == server.memberID)
+        #expect(!defrag.hasHeader, "etcd 3.4 answers a defragment with an empty message")
         #expect(server.statusResponse().dbSize <= before)
         #expect(server.statusResponse().dbSizeInUse == server.statusResponse().dbSize, "no free pages after VACUUM")
         let members = server.memberList().members

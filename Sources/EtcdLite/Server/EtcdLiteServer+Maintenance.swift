@@ -38,7 +38,8 @@ extension EtcdLiteServer {
             }
             response = applied
         }
-        response.header = header(revision: status.state.currentRevision)
+        // etcd 3.4 answers alarms without a header.
+        response.clearHeader()
         return response
     }
 
@@ -48,9 +49,8 @@ extension EtcdLiteServer {
             try machine.backend.writer.execute("VACUUM")
             try machine.backend.writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         }
-        var response = Etcdserverpb_DefragmentResponse()
-        response.header = header(revision: status.state.currentRevision)
-        return response
+        // etcd 3.4 answers a defragment with an empty message.
+        return Etcdserverpb_DefragmentResponse()
     }
 
     /// A CRC-32C over every stored revision: equal stores give equal hashes.
@@ -123,21 +123,17 @@ extension EtcdLiteServer {
         try handle.seek(toOffset: 0)
         var sent: UInt64 = 0
         var sha = SHA256()
-        let header = self.header(revision: status.state.currentRevision)
+        // Chunks as etcd 3.4 sends them: remaining bytes and the blob, no header.
         while let chunk = try handle.read(upToCount: 32 * 1024), !chunk.isEmpty {
             sha.update(data: chunk)
             sent += UInt64(chunk.count)
             var response = Etcdserverpb_SnapshotResponse()
-            response.header = header
             response.remainingBytes = total - sent
             response.blob = chunk
-            response.version = Self.apiVersion
             try await body(response)
         }
         var last = Etcdserverpb_SnapshotResponse()
-        last.header = header
         last.blob = Data(sha.finalize())
-        last.version = Self.apiVersion
         try await body(last)
     }
 

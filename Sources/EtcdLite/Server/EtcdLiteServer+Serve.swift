@@ -16,7 +16,7 @@ extension EtcdLiteServer {
             listeners.append(ClientListener(
                 host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2379,
                 group: MultiThreadedEventLoopGroup.singleton, methods: methods
-            ) { [self] in HTTPHandler(server: self) })
+            ) { [self] in HTTPHandler(server: self, methods: methods) })
         }
         var ports: [Int] = []
         do {
