@@ -11,6 +11,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTP2Frame
 
     private struct Call {
+        let path: String
         let method: GRPCMethod
         let context: CallContext
         /// Bytes of a message that spans DATA frames.
@@ -95,6 +96,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             if payload.endStream { endOfRequest(id) }
         case .rstStream:
             if let call = calls.removeValue(forKey: id) {
+                handled(call, 1)
                 call.task?.cancel()
                 call.inbound?.finish()
             }
@@ -135,7 +137,8 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             respondWithStatus(id, .unimplemented(path), headersSent: false)
             return
         }
-        var call = Call(method: method, context: CallContext(headers: headers), buffer: nil)
+        methods.metrics?.rpcStarted(path)
+        var call = Call(path: path, method: method, context: CallContext(headers: headers), buffer: nil)
         if case .streaming(let handler) = method {
             let (requests, continuation) = AsyncStream<[UInt8]>.makeStream()
             call.inbound = continuation
@@ -253,7 +256,8 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     }
 
     private func respond(_ id: HTTP2StreamID, _ result: Result<[UInt8], GRPCStatus>) {
-        guard calls.removeValue(forKey: id) != nil else { return }  // reset meanwhile
+        guard let call = calls.removeValue(forKey: id) else { return }  // reset meanwhile
+        if case .failure(let status) = result { handled(call, status.code) } else { handled(call, 0) }
         switch result {
         case .success(let message):
             writeHeaders(id)
@@ -269,6 +273,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     private func finish(_ id: HTTP2StreamID, _ status: GRPCStatus) {
         guard let call = calls.removeValue(forKey: id) else { return }
         call.inbound?.finish()
+        handled(call, status.code)
         writeTrailers(id, status, trailersOnly: !call.headersSent)
         callEnded()
     }
@@ -277,8 +282,13 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         guard let call = calls.removeValue(forKey: id) else { return }
         call.task?.cancel()
         call.inbound?.finish()
+        handled(call, status.code)
         respondWithStatus(id, status, headersSent: call.headersSent)
         callEnded()
+    }
+
+    private func handled(_ call: Call, _ code: Int) {
+        methods.metrics?.rpcHandled(call.path, code: code)
     }
 
     private func respondWithStatus(_ id: HTTP2StreamID, _ status: GRPCStatus, headersSent: Bool) {

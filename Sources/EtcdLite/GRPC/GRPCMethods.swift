@@ -42,6 +42,8 @@ struct GRPCMethods: Sendable {
     private(set) var table: [String: GRPCMethod] = [:]
     /// etcd's gRPC receive limit: --max-request-bytes plus 512 KiB.
     let receiveLimit: Int
+    /// Where calls are counted (grpc_server_started_total, grpc_server_handled_total).
+    var metrics: MemberMetrics?
 
     init(receiveLimit: Int) {
         self.receiveLimit = receiveLimit

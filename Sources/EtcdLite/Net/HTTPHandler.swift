@@ -70,6 +70,14 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
         case "/health", "/livez", "/readyz":
             let (status, text) = health(query: query)
             respond(head, status, text)
+        case "/metrics":
+            // Counting keys reads SQLite: off the event loop.
+            let loop = NIOLoopBound(self, eventLoop: context!.eventLoop)
+            let server = self.server
+            Task {
+                let text = server.metricsText()
+                loop.eventLoop.execute { loop.value.respond(head, .ok, text, contentType: "text/plain; version=0.0.4; charset=utf-8") }
+            }
         default:
             guard let route = GatewayRoute.route(for: path) else {
                 // The gateway's own 404 under its prefixes; Go's mux's elsewhere.

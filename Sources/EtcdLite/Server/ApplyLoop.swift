@@ -28,9 +28,11 @@ final class ApplyLoop: @unchecked Sendable {
     private let onBatch: @Sendable (StoreStatus) -> Void
     /// Receives each committed batch's events and the revision the batch ended at.
     private let onEvents: @Sendable ([Mvccpb_Event], Int64) -> Void
+    private let metrics: MemberMetrics
 
-    init(machine: StateMachine, log: WriteAheadLog, logger: Logger, onBatch: @escaping @Sendable (StoreStatus) -> Void,
-         onEvents: @escaping @Sendable ([Mvccpb_Event], Int64) -> Void) {
+    init(machine: StateMachine, log: WriteAheadLog, logger: Logger, metrics: MemberMetrics,
+         onBatch: @escaping @Sendable (StoreStatus) -> Void, onEvents: @escaping @Sendable ([Mvccpb_Event], Int64) -> Void) {
+        self.metrics = metrics
         self.machine = machine
         self.log = log
         self.logger = logger
@@ -142,13 +144,22 @@ final class ApplyLoop: @unchecked Sendable {
             }
         }
         if !proposals.isEmpty {
+            metrics.proposalsPending.record(Double(proposals.count))
             do {
+                let syncStart = DispatchTime.now().uptimeNanoseconds
                 try log.sync()
+                let applyStart = DispatchTime.now().uptimeNanoseconds
+                metrics.walFsync.recordNanoseconds(Int64(applyStart - syncStart))
+                metrics.proposalsCommitted.increment(by: Int64(proposals.count))
                 try machine.begin()
                 for (index, request, completion) in proposals {
                     applied.append((completion, try machine.apply(request, index: index)))
                 }
+                let commitStart = DispatchTime.now().uptimeNanoseconds
                 try machine.commit()
+                metrics.backendCommit.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - commitStart))
+                metrics.proposalsApplied.increment(by: Int64(proposals.count))
+                metrics.proposalsPending.record(0)
             } catch {
                 // The log or the database failed under us: nothing more can be made durable.
                 logger.critical("write path failed; stopping", metadata: ["error": "\(error)"])

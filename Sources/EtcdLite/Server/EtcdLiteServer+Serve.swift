@@ -52,6 +52,7 @@ extension EtcdLiteServer {
     /// etcd's services over gRPC. Methods not listed answer Unimplemented.
     func makeMethods() -> GRPCMethods {
         var m = GRPCMethods(receiveLimit: config.maxRequestBytes + 512 * 1024)
+        m.metrics = metrics
         m.unary("/etcdserverpb.KV/Range") { (r: Etcdserverpb_RangeRequest, _) in try await self.range(r) }
         m.unaryDirect("/etcdserverpb.KV/Put") { (r: Etcdserverpb_PutRequest, _, done) in self.put(r, completion: done) }
         m.unaryDirect("/etcdserverpb.KV/DeleteRange") { (r: Etcdserverpb_DeleteRangeRequest, _, done) in self.deleteRange(r, completion: done) }

@@ -24,6 +24,7 @@ public final class EtcdLiteServer: Sendable {
     let lessor = Lessor()
     let leaseIDs: LeaseIDGenerator
     let watchHub: WatchHub
+    let metrics = MemberMetrics()
     private let leaseClock = OwnedTask()
 
     /// Opens (or creates) the member's data directory, replays the log into the store and starts
@@ -64,7 +65,7 @@ public final class EtcdLiteServer: Sendable {
         template.raftTerm = term
         let hub = WatchHub(revision: machine.state.currentRevision, header: template, queueLimit: config.watchStreamQueueBytes)
         watchHub = hub
-        loop = ApplyLoop(machine: machine, log: log, logger: logger, onBatch: { status in
+        loop = ApplyLoop(machine: machine, log: log, logger: logger, metrics: metrics, onBatch: { status in
             published.value.withLock { $0 = status }
         }, onEvents: { events, revision in
             hub.publish(events, revision: revision)
@@ -73,6 +74,9 @@ public final class EtcdLiteServer: Sendable {
         hub.reset(revision: machine.state.currentRevision)
         // This member leads from now on: every lease's clock starts afresh.
         lessor.renewAll()
+        metrics.hasLeader.record(1)
+        metrics.isLeader.record(1)
+        metrics.leaderChanges.increment()
         loop.start()
         leaseClock.start { [weak self] in
             while !Task.isCancelled {
@@ -91,6 +95,16 @@ public final class EtcdLiteServer: Sendable {
     }
 
     var status: StoreStatus { published.value.withLock { $0 } }
+
+    /// Prometheus text of the member's metrics (etcd's names).
+    public func metricsText() -> String {
+        let keyCount = try? backend.read { view -> Int in
+            let statement = try view.connection.prepared("SELECT count(*) FROM latest")
+            defer { statement.reset() }
+            return try statement.step() ? Int(statement.int64(0)) : 0
+        }
+        return metrics.render(status: status, keyCount: keyCount)
+    }
 
     func header(revision: Int64? = nil) -> Etcdserverpb_ResponseHeader {
         var header = Etcdserverpb_ResponseHeader()
