@@ -7,27 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-lite_bin=${ETCDLITE_BINARY:-.build/release/etcdlite}
-work=$(mktemp -d /var/tmp/etcdlite-bench.XXXXXX)
-trap 'pkill -f "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
+source Benchmarks/lib.sh
 python3 Benchmarks/grpc_bodies.py bodies "$work"
-
-start_server() { # name binary port -> pid
-  local name=$1 bin=$2 port=$3 dir="$work/$1-data"
-  "$bin" --name "$name" --data-dir "$dir" \
-    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
-    --listen-peer-urls "http://127.0.0.1:$((port + 1))" --initial-advertise-peer-urls "http://127.0.0.1:$((port + 1))" \
-    --initial-cluster "$name=http://127.0.0.1:$((port + 1))" > "$work/$name.log" 2>&1 &
-  echo $!
-}
-
-wait_healthy() { # port
-  for _ in $(seq 1 2000); do
-    curl -sf "http://127.0.0.1:$1/health" > /dev/null 2>&1 && return 0
-    sleep 0.005
-  done
-  return 1
-}
 
 h2() { # port path body streams requests -> "reqs/s p50_us"
   local out
@@ -44,11 +25,11 @@ h2() { # port path body streams requests -> "reqs/s p50_us"
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
-echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+machine_line
 echo "etcd: $(etcd --version | head -1); etcdlite: $lite_bin"
 for round in $(seq 1 "$rounds"); do
   for target in etcd etcdlite; do
-    if [ "$target" = etcd ]; then bin=$(command -v etcd); else bin=$lite_bin; fi
+    bin=$(server_binary "$target")
     rm -rf "$work/$target-data"
     port=$((24000 + round * 10))
     pid=$(start_server "$target" "$bin" "$port")
