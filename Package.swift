@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .executable(name: "etcdlite", targets: ["EtcdLiteMain"]),
         .library(name: "EtcdLite", targets: ["EtcdLite"]),
+        .library(name: "Raft", targets: ["Raft"]),
     ],
     dependencies: [
         .package(url: "https://github.com/grpc/grpc-swift-2.git", exact: "2.4.3"),
@@ -51,6 +52,8 @@ let package = Package(
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]
         ),
+        // The consensus core: pure and deterministic (no I/O, clocks or system randomness).
+        .target(name: "Raft"),
         // A lean gRPC client on HTTP/2 frames, for load generation (no task per call).
         .target(
             name: "EtcdLiteClient",
@@ -82,6 +85,7 @@ let package = Package(
             ],
             path: "Sources/etcdlite"
         ),
+        .testTarget(name: "RaftTests", dependencies: ["Raft"]),
         .testTarget(
             name: "EtcdLiteTests",
             dependencies: [

@@ -1,0 +1,115 @@
+/// The leader's view of one follower's log (§5.3, etcd-io/raft's progress states).
+struct Progress {
+    enum State: Hashable {
+        /// One append at a time until the follower's match point is found.
+        case probe
+        /// Appends pipelined optimistically, bounded by in-flight messages.
+        case replicate
+    }
+
+    var match: LogIndex = .zero
+    var next: LogIndex
+    var state = State.probe
+    /// Probe: an append is out and unanswered (paused until a response or a heartbeat).
+    var probeSent = false
+    /// Replicate: the last index of each unacknowledged append, oldest first.
+    var inflights: [LogIndex] = []
+    /// Heard from since the last check-quorum round.
+    var recentActive = false
+    /// The highest commit index sent to the follower (it may need telling about a newer one).
+    var sentCommit: LogIndex = .zero
+
+    init(next: LogIndex) { self.next = next }
+
+    func isPaused(maxInflight: Int) -> Bool {
+        switch state {
+        case .probe: probeSent
+        case .replicate: inflights.count >= maxInflight
+        }
+    }
+
+    mutating func becomeProbe() {
+        state = .probe
+        next = match.next
+        probeSent = false
+        inflights.removeAll()
+    }
+
+    mutating func becomeReplicate() {
+        state = .replicate
+        next = match.next
+        inflights.removeAll()
+    }
+
+    /// An append with entries up to `last` went out.
+    mutating func sent(through last: LogIndex, entries: Int) {
+        switch state {
+        case .replicate:
+            if entries > 0 {
+                next = last.next
+                inflights.append(last)
+            }
+        case .probe:
+            probeSent = true
+        }
+    }
+
+    /// The follower has everything through `index`; false when that is old news.
+    mutating func maybeUpdate(_ index: LogIndex) -> Bool {
+        var updated = false
+        if match < index {
+            match = index
+            updated = true
+            probeSent = false
+        }
+        next = max(next, index.next)
+        inflights.removeAll { $0 <= index }
+        return updated
+    }
+
+    /// The follower rejected an append at `rejected`; its last index is `hint`. False when the
+    /// rejection is stale.
+    mutating func maybeDecrease(rejected: LogIndex, hint: LogIndex) -> Bool {
+        if state == .replicate {
+            // Stale unless it rejects exactly what follows our match.
+            guard rejected > match else { return false }
+            next = match.next
+            return true
+        }
+        guard next.previous == rejected else { return false }
+        next = max(min(rejected, hint.next), LogIndex(1))
+        probeSent = false
+        return true
+    }
+}
+
+/// Majority quorums over a set of voters.
+struct Quorum {
+    let voters: Set<NodeID>
+
+    var size: Int { voters.count / 2 + 1 }
+
+    /// The highest index a majority has (acknowledged match indexes).
+    func committedIndex(_ match: (NodeID) -> LogIndex) -> LogIndex {
+        guard !voters.isEmpty else { return LogIndex(UInt64.max) }
+        let sorted = voters.map(match).sorted(by: >)
+        return sorted[size - 1]
+    }
+
+    enum VoteResult { case pending, won, lost }
+
+    func result(_ votes: [NodeID: Bool]) -> VoteResult {
+        var granted = 0
+        var rejected = 0
+        for voter in voters {
+            switch votes[voter] {
+            case true?: granted += 1
+            case false?: rejected += 1
+            case nil: break
+            }
+        }
+        if granted >= size { return .won }
+        if voters.count - rejected < size { return .lost }
+        return .pending
+    }
+}

@@ -1,0 +1,283 @@
+extension RaftNode {
+    /// Handles a message from a peer or a local input (`hup`, `beat`, `checkQuorum`, `propose`).
+    public func step(_ m: Message) {
+        if m.term > term && m.term != .zero {
+            if m.kind == .vote || m.kind == .preVote {
+                // A leader we heard from within the election timeout is alive: ignore the
+                // disruption (§4.2.3). Not for a pre-vote we just started ourselves.
+                if config.checkQuorum && leader != .none && electionElapsed < config.electionTicks { return }
+            }
+            switch m.kind {
+            case .preVote:
+                break  // a pre-vote does not change our term
+            case .preVoteResponse where !m.reject:
+                break  // the term in a granted pre-vote is the one we would campaign at
+            case .append, .heartbeat:
+                becomeFollower(term: m.term, leader: m.from)
+            default:
+                becomeFollower(term: m.term, leader: .none)
+            }
+        } else if m.term < term && m.term != .zero {
+            if (config.checkQuorum || config.preVote) && (m.kind == .heartbeat || m.kind == .append) {
+                // A leader from an old term (perhaps partitioned): tell it about ours so it steps
+                // down, instead of letting it wait for votes that never come.
+                send(Message(kind: .appendResponse, to: m.from, term: term))
+            } else if m.kind == .preVote {
+                send(Message(kind: .preVoteResponse, to: m.from, term: term, reject: true))
+            }
+            return
+        }
+
+        switch m.kind {
+        case .hup:
+            campaignIfAllowed()
+        case .vote, .preVote:
+            handleVoteRequest(m)
+        default:
+            switch role {
+            case .leader: stepLeader(m)
+            case .candidate, .preCandidate: stepCandidate(m)
+            case .follower: stepFollower(m)
+            }
+        }
+    }
+
+    // MARK: - Elections
+
+    func campaignIfAllowed() {
+        guard role != .leader, isPromotable else { return }
+        // Committed entries this node has not applied may hold a configuration change it must see
+        // before it leads; configuration changes arrive with a later step of this library.
+        if config.preVote { campaign(pre: true) } else { campaign(pre: false) }
+    }
+
+    func campaign(pre: Bool) {
+        let campaignTerm: Term
+        if pre {
+            becomePreCandidate()
+            campaignTerm = term.next
+            receiveVote(from: id, granted: true)
+        } else {
+            becomeCandidate()
+            campaignTerm = term
+            // Our own vote counts once the hard state holding it is durable (see `advance`).
+            selfVotePending = true
+        }
+        if role == .leader { return }
+        for voter in quorum.voters.sorted() where voter != id {
+            send(Message(kind: pre ? .preVote : .vote, to: voter, term: campaignTerm,
+                         logTerm: log.lastTerm, index: log.lastIndex))
+        }
+    }
+
+    func handleVoteRequest(_ m: Message) {
+        let canVote = vote == m.from || (vote == .none && leader == .none) || (m.kind == .preVote && m.term > term)
+        let responseKind: Message.Kind = m.kind == .vote ? .voteResponse : .preVoteResponse
+        if canVote && log.isUpToDate(lastIndex: m.index, lastTerm: m.logTerm) {
+            // A granted pre-vote answers with the term it was asked about.
+            send(Message(kind: responseKind, to: m.from, term: m.kind == .vote ? term : m.term))
+            if m.kind == .vote {
+                electionElapsed = 0
+                vote = m.from
+            }
+        } else {
+            send(Message(kind: responseKind, to: m.from, term: term, reject: true))
+        }
+    }
+
+    func receiveVote(from voter: NodeID, granted: Bool) {
+        guard votes[voter] == nil else { return }
+        votes[voter] = granted
+        switch quorum.result(votes) {
+        case .won:
+            if role == .preCandidate { campaign(pre: false) } else if role == .candidate { becomeLeader() }
+        case .lost:
+            becomeFollower(term: term, leader: .none)
+        case .pending:
+            break
+        }
+    }
+
+    func stepCandidate(_ m: Message) {
+        switch m.kind {
+        case .propose:
+            break  // no leader to take it
+        case .append:
+            becomeFollower(term: m.term, leader: m.from)
+            handleAppend(m)
+        case .heartbeat:
+            becomeFollower(term: m.term, leader: m.from)
+            handleHeartbeat(m)
+        case .voteResponse where role == .candidate, .preVoteResponse where role == .preCandidate:
+            receiveVote(from: m.from, granted: !m.reject)
+        default:
+            break
+        }
+    }
+
+    // MARK: - Following
+
+    func stepFollower(_ m: Message) {
+        switch m.kind {
+        case .propose:
+            guard leader != .none else { return }
+            var forwarded = m
+            forwarded.to = leader
+            send(forwarded)
+        case .append:
+            electionElapsed = 0
+            leader = m.from
+            handleAppend(m)
+        case .heartbeat:
+            electionElapsed = 0
+            leader = m.from
+            handleHeartbeat(m)
+        default:
+            break
+        }
+    }
+
+    func handleAppend(_ m: Message) {
+        if m.index < log.committed {
+            // Old news: everything up to our commit index already matches.
+            send(Message(kind: .appendResponse, to: m.from, term: term, index: log.committed))
+            return
+        }
+        if let lastNew = log.maybeAppend(prevIndex: m.index, prevTerm: m.logTerm, commit: m.commit, entries: m.entries) {
+            send(Message(kind: .appendResponse, to: m.from, term: term, index: lastNew))
+        } else {
+            send(Message(kind: .appendResponse, to: m.from, term: term, index: m.index, reject: true,
+                         rejectHint: min(m.index, log.lastIndex)))
+        }
+    }
+
+    func handleHeartbeat(_ m: Message) {
+        // A heartbeat carries min(leader's commit, our match): safe to commit up to.
+        log.commit(to: min(m.commit, log.lastIndex))
+        send(Message(kind: .heartbeatResponse, to: m.from, term: term))
+    }
+
+    // MARK: - Leading
+
+    func stepLeader(_ m: Message) {
+        switch m.kind {
+        case .beat:
+            broadcastHeartbeat()
+        case .checkQuorum:
+            let active = quorum.voters.filter { $0 == id || progress[$0]?.recentActive == true }
+            for voter in quorum.voters where voter != id { progress[voter]?.recentActive = false }
+            if active.count < quorum.size { becomeFollower(term: term, leader: .none) }
+        case .propose:
+            appendEntries(m.entries)
+            broadcastAppend()
+        case .appendResponse:
+            guard var p = progress[m.from] else { return }
+            p.recentActive = true
+            if m.reject {
+                if p.maybeDecrease(rejected: m.index, hint: m.rejectHint) {
+                    if p.state == .replicate { p.becomeProbe() }
+                    progress[m.from] = p
+                    sendAppend(to: m.from)
+                } else {
+                    progress[m.from] = p
+                }
+                return
+            }
+            let updated = p.maybeUpdate(m.index)
+            if updated && p.state == .probe { p.becomeReplicate() }
+            progress[m.from] = p
+            if updated {
+                if maybeCommit() { broadcastAppend(sendIfEmpty: true) } else { sendAppend(to: m.from) }
+            }
+            if let q = progress[m.from], q.match == log.lastIndex, q.sentCommit < log.committed {
+                sendAppend(to: m.from, sendIfEmpty: true)  // it has everything but the news of a commit
+            }
+            // Keep a follower that is behind fed while there is room.
+            while let q = progress[m.from], q.match < log.lastIndex, !q.isPaused(maxInflight: config.maxInflightMessages),
+                  q.next <= log.lastIndex {
+                if !sendAppend(to: m.from) { break }
+            }
+        case .heartbeatResponse:
+            guard progress[m.from] != nil else { return }
+            progress[m.from]!.recentActive = true
+            progress[m.from]!.probeSent = false
+            // Appends may have been lost: free a slot so replication can resume (a gap makes the
+            // follower reject, which sends it back to probing).
+            if progress[m.from]!.state == .replicate && progress[m.from]!.inflights.count >= config.maxInflightMessages {
+                progress[m.from]!.inflights.removeFirst()
+            }
+            if progress[m.from]!.match < log.lastIndex { sendAppend(to: m.from) }
+        default:
+            break
+        }
+    }
+
+    /// Assigns terms and indexes to proposed entries and appends them (durable once the
+    /// application persists them; the leader counts itself then).
+    func appendEntries(_ proposed: [Entry]) {
+        var entries = proposed
+        var index = log.lastIndex
+        for i in entries.indices {
+            index = index.next
+            entries[i].term = term
+            entries[i].index = index
+        }
+        log.append(entries)
+    }
+
+    /// Recomputes the commit index from the voters' match indexes.
+    @discardableResult
+    func maybeCommit() -> Bool {
+        let index = quorum.committedIndex { self.progress[$0]?.match ?? .zero }
+        return log.maybeCommit(index, term: term)
+    }
+
+    /// `sendIfEmpty`: also tell followers that are up to date (a new commit index).
+    func broadcastAppend(sendIfEmpty: Bool = false) {
+        for voter in quorum.voters.sorted() where voter != id { sendAppend(to: voter, sendIfEmpty: sendIfEmpty) }
+    }
+
+    func broadcastHeartbeat() {
+        for voter in quorum.voters.sorted() where voter != id {
+            let commit = min(progress[voter]?.match ?? .zero, log.committed)
+            if var p = progress[voter] {
+                p.sentCommit = max(p.sentCommit, commit)
+                progress[voter] = p
+            }
+            send(Message(kind: .heartbeat, to: voter, term: term, commit: commit))
+        }
+    }
+
+    /// Sends the follower what it lacks from `next` on; false when paused or nothing to send.
+    @discardableResult
+    func sendAppend(to peer: NodeID, sendIfEmpty: Bool = false) -> Bool {
+        guard var p = progress[peer], !p.isPaused(maxInflight: config.maxInflightMessages) else { return false }
+        let prevIndex = p.next.previous
+        guard let prevTerm = log.term(at: prevIndex),
+              let entries = try? log.entries(from: p.next, maxBytes: config.maxMessageBytes) else {
+            // Compacted: a snapshot would be needed (snapshots arrive with a later step).
+            return false
+        }
+        if p.state == .replicate && entries.isEmpty && !sendIfEmpty { return false }
+        send(Message(kind: .append, to: peer, term: term, logTerm: prevTerm, index: prevIndex, entries: entries,
+                     commit: log.committed))
+        p.sent(through: entries.last?.index ?? prevIndex, entries: entries.count)
+        p.sentCommit = max(p.sentCommit, min(log.committed, entries.last?.index ?? prevIndex))
+        progress[peer] = p
+        return true
+    }
+
+    /// Queues a message. The leader's appends and heartbeats may leave before this Ready's persist
+    /// completes; everything else (votes, acknowledgements) only after it.
+    func send(_ message: Message) {
+        var m = message
+        m.from = id
+        if m.term == .zero && m.kind != .propose { m.term = term }
+        if m.kind == .propose { m.term = .zero }
+        if m.kind == .append || m.kind == .heartbeat {
+            messages.append(m)
+        } else {
+            messagesAfterPersist.append(m)
+        }
+    }
+}

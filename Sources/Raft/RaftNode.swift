@@ -1,0 +1,202 @@
+public struct RaftConfig: Sendable {
+    public var id: NodeID
+    /// Ticks without hearing from a leader before campaigning (randomized in [n, 2n)).
+    public var electionTicks = 10
+    public var heartbeatTicks = 1
+    /// Campaign first in a pre-vote round that changes no terms (§9.6).
+    public var preVote = true
+    /// A leader without recent contact from a quorum steps down; votes are refused while a leader
+    /// is known to be alive (§4.2.3, disruptive servers).
+    public var checkQuorum = true
+    public var maxMessageBytes = 1 << 20
+    public var maxInflightMessages = 256
+    public var maxApplyBytes = 64 << 20
+    /// The last index the application had applied before this start.
+    public var applied: LogIndex = .zero
+
+    public init(id: NodeID) { self.id = id }
+}
+
+/// What the application does next, in this order: persist `hardState` and `entries`; send
+/// `messages` at any time (the leader's appends and heartbeats: the leader persists in parallel);
+/// send `messagesAfterPersist` only once the persist is durable; apply `committedEntries`; then call
+/// `advance(_:)` with this Ready.
+public struct Ready: Sendable {
+    public var softState: SoftState?
+    public var hardState: HardState?
+    public var entries: [Entry]
+    public var committedEntries: [Entry]
+    public var messages: [Message]
+    public var messagesAfterPersist: [Message]
+}
+
+/// One Raft peer: a deterministic state machine. No I/O, clocks or system randomness: inputs are
+/// `tick`, `step`, `propose` and `campaign`; outputs come out as `Ready`.
+public final class RaftNode<Random: RaftRandom> {
+    public let id: NodeID
+    let config: RaftConfig
+    var random: Random
+
+    public internal(set) var term: Term = .zero
+    public internal(set) var vote: NodeID = .none
+    public internal(set) var role = Role.follower
+    public internal(set) var leader: NodeID = .none
+    var log: RaftLog
+    var progress: [NodeID: Progress] = [:]
+    var quorum: Quorum
+    var votes: [NodeID: Bool] = [:]
+    /// The candidate's vote for itself counts once the hard state holding it is durable.
+    var selfVotePending = false
+
+    var electionElapsed = 0
+    var heartbeatElapsed = 0
+    var randomizedElectionTimeout = 0
+
+    var messages: [Message] = []
+    var messagesAfterPersist: [Message] = []
+    private var lastSoftState: SoftState
+    private var lastHardState: HardState
+
+    public init(config: RaftConfig, storage: LogStorage, random: Random) {
+        id = config.id
+        self.config = config
+        self.random = random
+        let (hard, members) = storage.initialState()
+        log = RaftLog(storage: storage, committed: hard.commit, applied: config.applied, maxApplyBytes: config.maxApplyBytes)
+        quorum = Quorum(voters: Set(members))
+        lastSoftState = SoftState(leader: .none, role: .follower)
+        lastHardState = hard
+        becomeFollower(term: hard.term, leader: .none)
+        vote = hard.vote
+    }
+
+    public var commitIndex: LogIndex { log.committed }
+    public var lastIndex: LogIndex { log.lastIndex }
+    public var appliedIndex: LogIndex { log.applied }
+    var isPromotable: Bool { quorum.voters.contains(id) }
+    var hardState: HardState { HardState(term: term, vote: vote, commit: log.committed) }
+    var softState: SoftState { SoftState(leader: leader, role: role) }
+
+    // MARK: - Inputs
+
+    public func tick() {
+        if role == .leader {
+            heartbeatElapsed += 1
+            electionElapsed += 1
+            if electionElapsed >= config.electionTicks {
+                electionElapsed = 0
+                if config.checkQuorum { step(Message(kind: .checkQuorum, from: id)) }
+            }
+            if role == .leader && heartbeatElapsed >= config.heartbeatTicks {
+                heartbeatElapsed = 0
+                step(Message(kind: .beat, from: id))
+            }
+        } else {
+            electionElapsed += 1
+            if isPromotable && electionElapsed >= randomizedElectionTimeout {
+                electionElapsed = 0
+                step(Message(kind: .hup, from: id))
+            }
+        }
+    }
+
+    public func campaign() { step(Message(kind: .hup, from: id)) }
+
+    public func propose(_ data: [UInt8]) throws {
+        guard role == .leader || (role == .follower && leader != .none) else { throw RaftError.proposalDropped }
+        step(Message(kind: .propose, from: id, entries: [Entry(term: .zero, index: .zero, data: data)]))
+    }
+
+    // MARK: - Ready
+
+    public var hasReady: Bool {
+        softState != lastSoftState || hardState != lastHardState || !log.unstable.isEmpty
+            || !messages.isEmpty || !messagesAfterPersist.isEmpty || !log.entriesToApply().isEmpty
+    }
+
+    public func ready() -> Ready {
+        let soft = softState
+        let hard = hardState
+        let ready = Ready(
+            softState: soft != lastSoftState ? soft : nil,
+            hardState: hard != lastHardState ? hard : nil,
+            entries: log.unstable,
+            committedEntries: log.entriesToApply(),
+            messages: messages,
+            messagesAfterPersist: messagesAfterPersist)
+        messages = []
+        messagesAfterPersist = []
+        if let soft = ready.softState { lastSoftState = soft }
+        return ready
+    }
+
+    /// The application persisted, sent and applied what `ready` asked for.
+    public func advance(_ ready: Ready) {
+        if let hard = ready.hardState { lastHardState = hard }
+        if let last = ready.entries.last { log.stable(to: last.index, term: last.term) }
+        if let applied = ready.committedEntries.last?.index { log.applied = max(log.applied, applied) }
+        if selfVotePending, ready.hardState?.term == term, ready.hardState?.vote == id {
+            selfVotePending = false
+            if role == .candidate { receiveVote(from: id, granted: true) }
+        }
+        if role == .leader {
+            // The leader counts itself only for what it has persisted.
+            if progress[id]?.maybeUpdate(log.persistedIndex) == true, maybeCommit() { broadcastAppend(sendIfEmpty: true) }
+        }
+    }
+
+    // MARK: - Roles
+
+    func resetRandomizedElectionTimeout() {
+        randomizedElectionTimeout = config.electionTicks + random.next(below: config.electionTicks)
+    }
+
+    func reset(term newTerm: Term) {
+        if term != newTerm {
+            term = newTerm
+            vote = .none
+        }
+        leader = .none
+        electionElapsed = 0
+        heartbeatElapsed = 0
+        resetRandomizedElectionTimeout()
+        votes = [:]
+        selfVotePending = false
+        progress = [:]
+        for voter in quorum.voters {
+            var p = Progress(next: log.lastIndex.next)
+            if voter == id { p.match = log.persistedIndex }
+            progress[voter] = p
+        }
+    }
+
+    func becomeFollower(term newTerm: Term, leader newLeader: NodeID) {
+        reset(term: newTerm)
+        leader = newLeader
+        role = .follower
+    }
+
+    func becomePreCandidate() {
+        // A pre-vote changes neither term nor vote.
+        votes = [:]
+        selfVotePending = false
+        leader = .none
+        role = .preCandidate
+    }
+
+    func becomeCandidate() {
+        reset(term: term.next)
+        vote = id
+        role = .candidate
+    }
+
+    func becomeLeader() {
+        reset(term: term)
+        leader = id
+        role = .leader
+        for voter in quorum.voters where voter != id { progress[voter]!.recentActive = true }
+        // An entry of the new term: committing it commits everything before (§5.4.2).
+        appendEntries([Entry(term: term, index: .zero)])
+        broadcastAppend()
+    }
+}

@@ -1,0 +1,121 @@
+import Testing
+@testable import Raft
+
+/// A cluster driven by hand: deliver everything until quiet, with optional partitions.
+final class TestCluster {
+    var nodes: [NodeID: (raft: RaftNode<SeededRandom>, storage: MemoryStorage)] = [:]
+    var cut: Set<NodeID> = []
+    var ids: [NodeID]
+
+    init(_ size: Int, preVote: Bool = true, checkQuorum: Bool = true) {
+        ids = (1...UInt64(size)).map { NodeID($0) }
+        for id in ids {
+            let storage = MemoryStorage(members: ids)
+            var config = RaftConfig(id: id)
+            config.preVote = preVote
+            config.checkQuorum = checkQuorum
+            nodes[id] = (RaftNode(config: config, storage: storage, random: SeededRandom(seed: id.value)), storage)
+        }
+    }
+
+    func raft(_ id: NodeID) -> RaftNode<SeededRandom> { nodes[id]!.raft }
+
+    /// Processes Readies and delivers messages (except across the cut) until nothing moves.
+    func stabilize() {
+        var moved = true
+        while moved {
+            moved = false
+            for id in ids {
+                let (raft, storage) = nodes[id]!
+                guard raft.hasReady else { continue }
+                moved = true
+                let ready = raft.ready()
+                storage.append(ready.entries)
+                if let hard = ready.hardState { storage.setHardState(hard) }
+                for m in ready.messages + ready.messagesAfterPersist {
+                    if cut.contains(m.from) != cut.contains(m.to) { continue }
+                    nodes[m.to]?.raft.step(m)
+                }
+                raft.advance(ready)
+            }
+        }
+    }
+
+    func tick(_ times: Int) {
+        for _ in 0..<times {
+            for id in ids { raft(id).tick() }
+            stabilize()
+        }
+    }
+
+    var leaders: [NodeID] { ids.filter { raft($0).role == .leader } }
+}
+
+@Suite struct ElectionTests {
+    @Test func aCampaignWinsAndTheLeaderCommitsAnEntryOfItsTerm() {
+        let cluster = TestCluster(3)
+        cluster.raft(1).campaign()
+        cluster.stabilize()
+        #expect(cluster.leaders == [1])
+        #expect(cluster.ids.allSatisfy { cluster.raft($0).term == 1 && cluster.raft($0).commitIndex == 1 },
+                "\(cluster.ids.map { (cluster.raft($0).term, cluster.raft($0).commitIndex, cluster.raft($0).lastIndex) })")
+    }
+
+    @Test func electionTimeoutsElectExactlyOneLeader() {
+        let cluster = TestCluster(5)
+        cluster.tick(30)
+        #expect(cluster.leaders.count == 1)
+        let term = cluster.raft(cluster.leaders[0]).term
+        #expect(cluster.ids.allSatisfy { cluster.raft($0).term == term })
+    }
+
+    @Test func aVoteNeedsALogAtLeastAsUpToDate() throws {
+        let cluster = TestCluster(3)
+        cluster.raft(1).campaign()
+        cluster.stabilize()
+        // Node 3 misses an entry; it cannot win against two nodes that have it.
+        cluster.cut = [3]
+        try cluster.raft(1).propose([1])
+        cluster.stabilize()
+        cluster.cut = []
+        let before = cluster.raft(1).term
+        cluster.raft(3).step(Message(kind: .hup, from: 3))
+        cluster.stabilize()
+        #expect(cluster.raft(3).role != .leader)
+        #expect(cluster.leaders == [1] && cluster.raft(1).term == before, "pre-vote failed: nobody's term moved")
+    }
+
+    @Test func anIsolatedNodeWithPreVoteDoesNotRaiseItsTerm() {
+        let cluster = TestCluster(3)
+        cluster.raft(1).campaign()
+        cluster.stabilize()
+        cluster.cut = [3]
+        cluster.tick(50)
+        #expect(cluster.raft(3).term == 1, "pre-vote keeps the partitioned node's term")
+        cluster.cut = []
+        cluster.tick(5)
+        #expect(cluster.leaders == [1] && cluster.raft(1).term == 1, "rejoining disturbs nobody")
+    }
+
+    @Test func anIsolatedLeaderStepsDownWithCheckQuorum() {
+        let cluster = TestCluster(3)
+        cluster.raft(1).campaign()
+        cluster.stabilize()
+        cluster.cut = [1]
+        cluster.tick(40)
+        #expect(cluster.raft(1).role != .leader, "no quorum heard: step down")
+        #expect(cluster.leaders.count == 1 && cluster.leaders[0] != 1)
+        cluster.cut = []
+        cluster.tick(5)
+        #expect(cluster.leaders.count == 1 && cluster.raft(1).leader == cluster.leaders[0])
+    }
+
+    @Test func followersForwardProposals() throws {
+        let cluster = TestCluster(3)
+        cluster.raft(1).campaign()
+        cluster.stabilize()
+        try cluster.raft(2).propose(Array("via follower".utf8))
+        cluster.stabilize()
+        #expect(cluster.ids.allSatisfy { cluster.raft($0).commitIndex == 2 })
+    }
+}

@@ -1,0 +1,228 @@
+import Foundation
+import Testing
+@testable import Raft
+
+/// A seeded simulation of a cluster: random message loss, duplication, reordering and delay,
+/// partitions, crashes that lose whatever was not persisted, and ticks; invariants checked after
+/// every step.
+final class Simulation {
+    final class Node {
+        let id: NodeID
+        var storage: MemoryStorage
+        var raft: RaftNode<SeededRandom>
+        var applied: [Entry] = []
+        var alive = true
+
+        init(id: NodeID, storage: MemoryStorage, raft: RaftNode<SeededRandom>) {
+            self.id = id
+            self.storage = storage
+            self.raft = raft
+        }
+    }
+
+    var random: SeededRandom
+    let seed: UInt64
+    var nodes: [NodeID: Node] = [:]
+    var ids: [NodeID]
+    var inFlight: [Message] = []
+    /// Pairs (from, to) whose messages are dropped.
+    var blocked: Set<[UInt64]> = []
+    var leaders: [Term: NodeID] = [:]
+    /// What was applied at each index by anyone: every node must apply the same.
+    var appliedAt: [LogIndex: Entry] = [:]
+    var proposed = 0
+    var dropRate = 5, duplicateRate = 2
+    var steps = 0
+    var failure: String?
+
+    init(seed: UInt64, size: Int) {
+        self.seed = seed
+        random = SeededRandom(seed: seed)
+        ids = (1...UInt64(size)).map { NodeID($0) }
+        for id in ids {
+            let storage = MemoryStorage(members: ids)
+            nodes[id] = Node(id: id, storage: storage, raft: makeRaft(id, storage, applied: .zero))
+        }
+    }
+
+    func makeRaft(_ id: NodeID, _ storage: MemoryStorage, applied: LogIndex) -> RaftNode<SeededRandom> {
+        var config = RaftConfig(id: id)
+        config.applied = applied
+        config.maxInflightMessages = 4
+        config.maxMessageBytes = 256
+        return RaftNode(config: config, storage: storage, random: SeededRandom(seed: seed &* 31 &+ id.value))
+    }
+
+    func check(_ condition: Bool, _ message: @autoclosure () -> String) {
+        if !condition && failure == nil { failure = "seed \(seed) step \(steps): \(message())" }
+    }
+
+    /// Persists, sends and applies one node's Ready (the application's loop).
+    func processReady(_ node: Node) {
+        guard node.alive, node.raft.hasReady else { return }
+        let ready = node.raft.ready()
+        node.storage.append(ready.entries)
+        if let hard = ready.hardState { node.storage.setHardState(hard) }
+        inFlight += ready.messages + ready.messagesAfterPersist
+        for entry in ready.committedEntries {
+            check(entry.index == (node.applied.last?.index ?? .zero).next, "node \(node.id) applied \(entry.index) out of order")
+            if let other = appliedAt[entry.index] {
+                check(other == entry, "state machine safety: index \(entry.index) applied as \(other) and \(entry)")
+            } else {
+                appliedAt[entry.index] = entry
+            }
+            if !entry.data.isEmpty {
+                check(!node.applied.contains { $0.data == entry.data }, "proposal \(entry.data) applied twice on \(node.id)")
+            }
+            node.applied.append(entry)
+        }
+        node.raft.advance(ready)
+    }
+
+    func checkInvariants() {
+        for node in nodes.values where node.alive {
+            let raft = node.raft
+            if raft.role == .leader {
+                if let other = leaders[raft.term] {
+                    check(other == node.id, "election safety: \(other) and \(node.id) both lead term \(raft.term)")
+                } else {
+                    leaders[raft.term] = node.id
+                    // Leader completeness: every applied entry is in the new leader's log.
+                    for (index, entry) in appliedAt {
+                        check(raft.log.term(at: index) == entry.term, "leader completeness: leader \(node.id) of \(raft.term) lacks \(index)")
+                    }
+                }
+            }
+            check(raft.commitIndex <= raft.lastIndex, "commit beyond the log on \(node.id)")
+        }
+    }
+
+    func crash(_ node: Node) {
+        // Whatever the node had not persisted is gone; its state machine survives to `applied`.
+        let durable = node.storage.copy()
+        node.storage = durable
+        node.raft = makeRaft(node.id, durable, applied: node.applied.last?.index ?? .zero)
+        inFlight.removeAll { $0.to == node.id }
+    }
+
+    func deliver(_ index: Int) {
+        let m = inFlight.remove(at: index)
+        guard let target = nodes[m.to], target.alive, !blocked.contains([m.from.value, m.to.value]) else { return }
+        if random.next(below: 100) < dropRate { return }
+        // Peers talk over streams: a forwarded proposal is never delivered twice (the member
+        // matches proposals by request ID); Raft's own messages may be.
+        if m.kind != .propose && random.next(below: 100) < duplicateRate { inFlight.append(m) }
+        target.raft.step(m)
+    }
+
+    func randomStep() {
+        steps += 1
+        let roll = random.next(below: 100)
+        let node = nodes[ids[random.next(below: ids.count)]]!
+        switch roll {
+        case 0..<50:
+            if !inFlight.isEmpty { deliver(random.next(below: min(inFlight.count, 8))) }
+        case 50..<70:
+            if node.alive { node.raft.tick() }
+        case 70..<88:
+            processReady(node)
+        case 88..<94:
+            if node.alive, node.raft.role == .leader || node.raft.leader != .none {
+                proposed += 1
+                try? node.raft.propose(Array("p\(proposed)".utf8))
+            }
+        case 94..<97:
+            // A partition: isolate one node (both ways, or only its outbound), or heal.
+            blocked.removeAll()
+            if random.next(below: 3) > 0 {
+                let isolated = ids[random.next(below: ids.count)]
+                let oneWay = random.next(below: 3) == 0
+                for other in ids where other != isolated {
+                    blocked.insert([isolated.value, other.value])
+                    if !oneWay { blocked.insert([other.value, isolated.value]) }
+                }
+            }
+        default:
+            if node.alive { crash(node) }
+        }
+        checkInvariants()
+    }
+
+    /// Heals everything and runs until a leader commits a new proposal everywhere.
+    func converge() {
+        blocked.removeAll()
+        dropRate = 0
+        duplicateRate = 0
+        // A client proposes a marker and, like any client, retries with a new one if it is lost
+        // (an uncommitted entry of a deposed leader may be overwritten).
+        var markers: [[UInt8]] = []
+        for round in 0..<20_000 {
+            steps += 1
+            for id in ids { processReady(nodes[id]!) }
+            while !inFlight.isEmpty { deliver(0) }
+            for id in ids { processReady(nodes[id]!) }
+            if let leader = nodes.values.first(where: { $0.raft.role == .leader }) {
+                if round % 200 == 0 {
+                    markers.append(Array("final-\(round)".utf8))
+                    try? leader.raft.propose(markers.last!)
+                }
+                if markers.contains(where: { marker in nodes.values.allSatisfy { $0.applied.contains { $0.data == marker } } }) {
+                    let logs = Set(nodes.values.map { $0.applied.map(\.term) })
+                    let lengths = Set(nodes.values.map(\.applied.count))
+                    check(lengths.count == 1 && logs.count == 1, "applied logs differ after convergence")
+                    checkInvariants()
+                    return
+                }
+            }
+            for id in ids { nodes[id]!.raft.tick() }
+            checkInvariants()
+        }
+        let state = ids.map { id -> String in
+            let r = nodes[id]!.raft
+            let p = r.progress.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value.state) m\($0.value.match) n\($0.value.next) ps\($0.value.probeSent) inf\($0.value.inflights.count)" }
+            return "\(id): \(r.role) t\(r.term) v\(r.vote) lead\(r.leader) c\(r.commitIndex) last\(r.lastIndex) persisted\(r.log.persistedIndex) applied\(nodes[id]!.applied.count) \(r.role == .leader ? p.joined(separator: ",") : "")"
+        }
+        check(false, "did not converge: \(state.joined(separator: " | "))")
+    }
+}
+
+@Suite struct RaftSimulationTests {
+    static func seeds() -> [UInt64] {
+        let env = ProcessInfo.processInfo.environment
+        if let one = env["RAFT_SIM_SEED"].flatMap(UInt64.init) { return [one] }
+        let count = env["RAFT_SIM_SEEDS"].flatMap(Int.init) ?? 200
+        let base = env["RAFT_SIM_SEED_BASE"].flatMap(UInt64.init) ?? 1
+        return (0..<UInt64(count)).map { base + $0 }
+    }
+
+    @Test func seededSimulationsKeepRaftsSafetyProperties() {
+        var failures: [String] = []
+        for seed in Self.seeds() {
+            let sim = Simulation(seed: seed, size: 3 + Int(seed % 5))
+            for _ in 0..<3_000 where sim.failure == nil { sim.randomStep() }
+            if sim.failure == nil { sim.converge() }
+            if let failure = sim.failure { failures.append(failure) }
+            if failures.count >= 5 { break }
+        }
+        #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
+    }
+
+    @Test func aSingleNodeElectsItselfAndCommits() throws {
+        let storage = MemoryStorage(members: [1])
+        let node = RaftNode(config: RaftConfig(id: 1), storage: storage, random: SeededRandom(seed: 1))
+        node.campaign()
+        func drain() {
+            while node.hasReady {
+                let ready = node.ready()
+                storage.append(ready.entries)
+                if let hard = ready.hardState { storage.setHardState(hard) }
+                node.advance(ready)
+            }
+        }
+        drain()
+        #expect(node.role == .leader && node.term == 1)
+        try node.propose(Array("x".utf8))
+        drain()
+        #expect(node.commitIndex == 2 && node.appliedIndex == 2)
+    }
+}
