@@ -5,7 +5,8 @@ extension RaftNode {
             if m.kind == .vote || m.kind == .preVote {
                 // A leader we heard from within the election timeout is alive: ignore the
                 // disruption (§4.2.3). Not for a pre-vote we just started ourselves.
-                if config.checkQuorum && leader != .none && electionElapsed < config.electionTicks { return }
+                if config.checkQuorum && leader != .none && electionElapsed < config.electionTicks
+                    && m.context != Message.transferContext { return }
             }
             switch m.kind {
             case .preVote:
@@ -51,7 +52,7 @@ extension RaftNode {
         if config.preVote { campaign(pre: true) } else { campaign(pre: false) }
     }
 
-    func campaign(pre: Bool) {
+    func campaign(pre: Bool, transfer: Bool = false) {
         let campaignTerm: Term
         if pre {
             becomePreCandidate()
@@ -66,7 +67,7 @@ extension RaftNode {
         if role == .leader { return }
         for voter in quorum.voters.sorted() where voter != id {
             send(Message(kind: pre ? .preVote : .vote, to: voter, term: campaignTerm,
-                         logTerm: log.lastTerm, index: log.lastIndex))
+                         logTerm: log.lastTerm, index: log.lastIndex, context: transfer ? Message.transferContext : []))
         }
     }
 
@@ -132,6 +133,16 @@ extension RaftNode {
             electionElapsed = 0
             leader = m.from
             handleHeartbeat(m)
+        case .readIndex, .transferLeader:
+            guard leader != .none else { return }
+            var forwarded = m
+            forwarded.to = leader
+            send(forwarded)
+        case .readIndexResponse:
+            readStates.append(ReadState(index: m.index, context: m.context))
+        case .timeoutNow:
+            // The leader hands over: campaign at once, without pre-vote, past the leader lease.
+            if isPromotable { campaign(pre: false, transfer: true) }
         default:
             break
         }
@@ -154,7 +165,7 @@ extension RaftNode {
     func handleHeartbeat(_ m: Message) {
         // A heartbeat carries min(leader's commit, our match): safe to commit up to.
         log.commit(to: min(m.commit, log.lastIndex))
-        send(Message(kind: .heartbeatResponse, to: m.from, term: term))
+        send(Message(kind: .heartbeatResponse, to: m.from, term: term, context: m.context))
     }
 
     // MARK: - Leading
@@ -168,8 +179,13 @@ extension RaftNode {
             for voter in quorum.voters where voter != id { progress[voter]?.recentActive = false }
             if active.count < quorum.size { becomeFollower(term: term, leader: .none) }
         case .propose:
+            guard leadTransferee == .none else { return }  // handing over: refuse
             appendEntries(m.entries)
             broadcastAppend()
+        case .readIndex:
+            handleReadIndex(m)
+        case .transferLeader:
+            handleTransfer(to: NodeID(m.index.value))
         case .appendResponse:
             guard var p = progress[m.from] else { return }
             p.recentActive = true
@@ -189,6 +205,9 @@ extension RaftNode {
             if updated {
                 if maybeCommit() { broadcastAppend(sendIfEmpty: true) } else { sendAppend(to: m.from) }
             }
+            if m.from == leadTransferee, progress[m.from]?.match == log.lastIndex {
+                send(Message(kind: .timeoutNow, to: m.from))
+            }
             if let q = progress[m.from], q.match == log.lastIndex, q.sentCommit < log.committed {
                 sendAppend(to: m.from, sendIfEmpty: true)  // it has everything but the news of a commit
             }
@@ -207,6 +226,10 @@ extension RaftNode {
                 progress[m.from]!.inflights.removeFirst()
             }
             if progress[m.from]!.match < log.lastIndex { sendAppend(to: m.from) }
+            if !m.context.isEmpty, let acks = readOnly.acknowledge(m.context, from: m.from),
+               acks.intersection(quorum.voters).count >= quorum.size {
+                for released in readOnly.release(through: m.context) { answerRead(released.request, at: released.index) }
+            }
         default:
             break
         }
@@ -229,7 +252,50 @@ extension RaftNode {
     @discardableResult
     func maybeCommit() -> Bool {
         let index = quorum.committedIndex { self.progress[$0]?.match ?? .zero }
-        return log.maybeCommit(index, term: term)
+        guard log.maybeCommit(index, term: term) else { return false }
+        // The first commit of our term: reads that waited for it may go ahead.
+        let waiting = pendingReads
+        pendingReads = []
+        for read in waiting { handleReadIndex(read) }
+        return true
+    }
+
+    var committedInCurrentTerm: Bool { log.term(at: log.committed) == term }
+
+    /// ReadIndex (§6.4): answered at the current commit index once a quorum confirms we still
+    /// lead, and never before an entry of our own term has committed.
+    func handleReadIndex(_ m: Message) {
+        guard committedInCurrentTerm else {
+            pendingReads.append(m)
+            return
+        }
+        if quorum.voters == [id] {
+            answerRead(m, at: log.committed)
+            return
+        }
+        if readOnly.add(index: log.committed, request: m, selfID: id) {
+            broadcastHeartbeat(context: m.context)
+        }
+    }
+
+    func answerRead(_ request: Message, at index: LogIndex) {
+        if request.from == id {
+            readStates.append(ReadState(index: index, context: request.context))
+        } else {
+            send(Message(kind: .readIndexResponse, to: request.from, index: index, context: request.context))
+        }
+    }
+
+    /// Leadership transfer: catch the target up, then tell it to campaign now.
+    func handleTransfer(to target: NodeID) {
+        guard quorum.voters.contains(target), target != id, leadTransferee != target else { return }
+        leadTransferee = target
+        electionElapsed = 0
+        if progress[target]?.match == log.lastIndex {
+            send(Message(kind: .timeoutNow, to: target))
+        } else {
+            sendAppend(to: target)
+        }
     }
 
     /// `sendIfEmpty`: also tell followers that are up to date (a new commit index).
@@ -237,14 +303,15 @@ extension RaftNode {
         for voter in quorum.voters.sorted() where voter != id { sendAppend(to: voter, sendIfEmpty: sendIfEmpty) }
     }
 
-    func broadcastHeartbeat() {
+    func broadcastHeartbeat(context: [UInt8] = []) {
+        let context = context.isEmpty ? (readOnly.lastContext ?? []) : context
         for voter in quorum.voters.sorted() where voter != id {
             let commit = min(progress[voter]?.match ?? .zero, log.committed)
             if var p = progress[voter] {
                 p.sentCommit = max(p.sentCommit, commit)
                 progress[voter] = p
             }
-            send(Message(kind: .heartbeat, to: voter, term: term, commit: commit))
+            send(Message(kind: .heartbeat, to: voter, term: term, commit: commit, context: context))
         }
     }
 

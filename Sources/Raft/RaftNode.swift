@@ -28,6 +28,8 @@ public struct Ready: Sendable {
     public var committedEntries: [Entry]
     public var messages: [Message]
     public var messagesAfterPersist: [Message]
+    /// Linearizable reads that may be served once `index` is applied.
+    public var readStates: [ReadState]
 }
 
 /// One Raft peer: a deterministic state machine. No I/O, clocks or system randomness: inputs are
@@ -54,6 +56,12 @@ public final class RaftNode<Random: RaftRandom> {
 
     var messages: [Message] = []
     var messagesAfterPersist: [Message] = []
+    var readOnly = ReadOnly()
+    /// Reads that arrived before this leader committed an entry of its own term.
+    var pendingReads: [Message] = []
+    var readStates: [ReadState] = []
+    /// The peer leadership is being handed to; proposals are refused meanwhile.
+    public internal(set) var leadTransferee: NodeID = .none
     private var lastSoftState: SoftState
     private var lastHardState: HardState
 
@@ -86,6 +94,8 @@ public final class RaftNode<Random: RaftRandom> {
             if electionElapsed >= config.electionTicks {
                 electionElapsed = 0
                 if config.checkQuorum { step(Message(kind: .checkQuorum, from: id)) }
+                // A transfer that did not finish within an election timeout is abandoned.
+                if role == .leader { leadTransferee = .none }
             }
             if role == .leader && heartbeatElapsed >= config.heartbeatTicks {
                 heartbeatElapsed = 0
@@ -103,15 +113,37 @@ public final class RaftNode<Random: RaftRandom> {
     public func campaign() { step(Message(kind: .hup, from: id)) }
 
     public func propose(_ data: [UInt8]) throws {
-        guard role == .leader || (role == .follower && leader != .none) else { throw RaftError.proposalDropped }
+        guard (role == .leader && leadTransferee == .none) || (role == .follower && leader != .none) else {
+            throw RaftError.proposalDropped
+        }
         step(Message(kind: .propose, from: id, entries: [Entry(term: .zero, index: .zero, data: data)]))
+    }
+
+    /// Asks for a linearizable read; the answer comes as a `ReadState` with the same context (use a
+    /// fresh context per request).
+    public func readIndex(context: [UInt8]) {
+        step(Message(kind: .readIndex, from: id, context: context))
+    }
+
+    /// Hands leadership to `target` (forwarded to the leader from a follower).
+    public func transferLeadership(to target: NodeID) {
+        step(Message(kind: .transferLeader, from: id, index: LogIndex(target.value)))
+    }
+
+    /// The transport could not deliver to `peer` (its stream broke): appends sent optimistically
+    /// may be lost, so go back to probing its match point.
+    public func reportUnreachable(_ peer: NodeID) {
+        guard role == .leader, peer != id, var p = progress[peer] else { return }
+        if p.state == .replicate { p.becomeProbe() }
+        p.probeSent = false
+        progress[peer] = p
     }
 
     // MARK: - Ready
 
     public var hasReady: Bool {
         softState != lastSoftState || hardState != lastHardState || !log.unstable.isEmpty
-            || !messages.isEmpty || !messagesAfterPersist.isEmpty || !log.entriesToApply().isEmpty
+            || !messages.isEmpty || !messagesAfterPersist.isEmpty || !log.entriesToApply().isEmpty || !readStates.isEmpty
     }
 
     public func ready() -> Ready {
@@ -123,9 +155,11 @@ public final class RaftNode<Random: RaftRandom> {
             entries: log.unstable,
             committedEntries: log.entriesToApply(),
             messages: messages,
-            messagesAfterPersist: messagesAfterPersist)
+            messagesAfterPersist: messagesAfterPersist,
+            readStates: readStates)
         messages = []
         messagesAfterPersist = []
+        readStates = []
         if let soft = ready.softState { lastSoftState = soft }
         return ready
     }
@@ -162,6 +196,9 @@ public final class RaftNode<Random: RaftRandom> {
         resetRandomizedElectionTimeout()
         votes = [:]
         selfVotePending = false
+        readOnly = ReadOnly()
+        pendingReads = []
+        leadTransferee = .none
         progress = [:]
         for voter in quorum.voters {
             var p = Progress(next: log.lastIndex.next)

@@ -79,8 +79,11 @@ public struct Message: Hashable, Sendable {
         case vote, voteResponse, preVote, preVoteResponse
         case heartbeat, heartbeatResponse
         case propose
+        case readIndex, readIndexResponse
+        /// From a leader handing over: campaign now, skipping pre-vote and the leader lease.
+        case timeoutNow
         // Local inputs that travel through `step` like messages.
-        case hup, beat, checkQuorum
+        case hup, beat, checkQuorum, transferLeader
     }
     public var kind: Kind
     public var from: NodeID
@@ -96,10 +99,13 @@ public struct Message: Hashable, Sendable {
     public var reject: Bool
     /// On a rejected append: the follower's last index, a hint where to probe next.
     public var rejectHint: LogIndex
+    /// readIndex: the request's context, echoed by heartbeats and their responses. vote: set on a
+    /// campaign a leader asked for (transfer), which the leader lease must not block.
+    public var context: [UInt8]
 
     public init(kind: Kind, from: NodeID = .none, to: NodeID = .none, term: Term = .zero, logTerm: Term = .zero,
                 index: LogIndex = .zero, entries: [Entry] = [], commit: LogIndex = .zero, reject: Bool = false,
-                rejectHint: LogIndex = .zero) {
+                rejectHint: LogIndex = .zero, context: [UInt8] = []) {
         self.kind = kind
         self.from = from
         self.to = to
@@ -110,7 +116,16 @@ public struct Message: Hashable, Sendable {
         self.commit = commit
         self.reject = reject
         self.rejectHint = rejectHint
+        self.context = context
     }
+
+    static let transferContext = Array("CampaignTransfer".utf8)
+}
+
+/// A linearizable read may be served at `index` once the application has applied it.
+public struct ReadState: Hashable, Sendable {
+    public var index: LogIndex
+    public var context: [UInt8]
 }
 
 public enum RaftError: Error, Equatable, Sendable {

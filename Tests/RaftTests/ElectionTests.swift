@@ -5,7 +5,9 @@ import Testing
 final class TestCluster {
     var nodes: [NodeID: (raft: RaftNode<SeededRandom>, storage: MemoryStorage)] = [:]
     var cut: Set<NodeID> = []
+    var dropKinds: Set<Message.Kind> = []
     var ids: [NodeID]
+    var reads: [NodeID: [ReadState]] = [:]
 
     init(_ size: Int, preVote: Bool = true, checkQuorum: Bool = true) {
         ids = (1...UInt64(size)).map { NodeID($0) }
@@ -32,8 +34,9 @@ final class TestCluster {
                 let ready = raft.ready()
                 storage.append(ready.entries)
                 if let hard = ready.hardState { storage.setHardState(hard) }
+                reads[id, default: []] += ready.readStates
                 for m in ready.messages + ready.messagesAfterPersist {
-                    if cut.contains(m.from) != cut.contains(m.to) { continue }
+                    if cut.contains(m.from) != cut.contains(m.to) || dropKinds.contains(m.kind) { continue }
                     nodes[m.to]?.raft.step(m)
                 }
                 raft.advance(ready)
