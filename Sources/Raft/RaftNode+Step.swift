@@ -46,10 +46,16 @@ extension RaftNode {
     // MARK: - Elections
 
     func campaignIfAllowed() {
-        guard role != .leader, isPromotable else { return }
-        // Committed entries this node has not applied may hold a configuration change it must see
-        // before it leads; configuration changes arrive with a later step of this library.
+        guard role != .leader, isPromotable, !hasUnappliedConfChange else { return }
         if config.preVote { campaign(pre: true) } else { campaign(pre: false) }
+    }
+
+    /// A committed change not yet applied may remove us or change the quorum: no campaign before
+    /// it is applied.
+    var hasUnappliedConfChange: Bool {
+        guard log.committed > log.applied,
+              let pending = try? log.slice(log.applied.next, log.committed.next, maxBytes: Int.max) else { return false }
+        return pending.contains { $0.kind == .configChange }
     }
 
     func campaign(pre: Bool, transfer: Bool = false) {
@@ -142,7 +148,7 @@ extension RaftNode {
             readStates.append(ReadState(index: m.index, context: m.context))
         case .timeoutNow:
             // The leader hands over: campaign at once, without pre-vote, past the leader lease.
-            if isPromotable { campaign(pre: false, transfer: true) }
+            if isPromotable && !hasUnappliedConfChange { campaign(pre: false, transfer: true) }
         default:
             break
         }
@@ -211,6 +217,8 @@ extension RaftNode {
             if let q = progress[m.from], q.match == log.lastIndex, q.sentCommit < log.committed {
                 sendAppend(to: m.from, sendIfEmpty: true)  // it has everything but the news of a commit
             }
+            stepDownIfRemoved()
+            guard role == .leader else { return }
             // Keep a follower that is behind fed while there is room.
             while let q = progress[m.from], q.match < log.lastIndex, !q.isPaused(maxInflight: config.maxInflightMessages),
                   q.next <= log.lastIndex {
@@ -300,12 +308,12 @@ extension RaftNode {
 
     /// `sendIfEmpty`: also tell followers that are up to date (a new commit index).
     func broadcastAppend(sendIfEmpty: Bool = false) {
-        for voter in quorum.voters.sorted() where voter != id { sendAppend(to: voter, sendIfEmpty: sendIfEmpty) }
+        for member in progress.keys.sorted() where member != id { sendAppend(to: member, sendIfEmpty: sendIfEmpty) }
     }
 
     func broadcastHeartbeat(context: [UInt8] = []) {
         let context = context.isEmpty ? (readOnly.lastContext ?? []) : context
-        for voter in quorum.voters.sorted() where voter != id {
+        for voter in progress.keys.sorted() where voter != id {
             let commit = min(progress[voter]?.match ?? .zero, log.committed)
             if var p = progress[voter] {
                 p.sentCommit = max(p.sentCommit, commit)

@@ -46,6 +46,11 @@ public final class RaftNode<Random: RaftRandom> {
     var log: RaftLog
     var progress: [NodeID: Progress] = [:]
     var quorum: Quorum
+    var learners: Set<NodeID> = []
+    /// The index of the last configuration change proposed; the next waits until it is applied.
+    var pendingConfIndex: LogIndex = .zero
+    /// Set on a leader that applied its own removal (at this index).
+    var removedAt: LogIndex?
     var votes: [NodeID: Bool] = [:]
     /// The candidate's vote for itself counts once the hard state holding it is durable.
     var selfVotePending = false
@@ -69,9 +74,10 @@ public final class RaftNode<Random: RaftRandom> {
         id = config.id
         self.config = config
         self.random = random
-        let (hard, members) = storage.initialState()
+        let (hard, conf) = storage.initialState()
         log = RaftLog(storage: storage, committed: hard.commit, applied: config.applied, maxApplyBytes: config.maxApplyBytes)
-        quorum = Quorum(voters: Set(members))
+        quorum = Quorum(voters: conf.voters)
+        learners = conf.learners
         lastSoftState = SoftState(leader: .none, role: .follower)
         lastHardState = hard
         becomeFollower(term: hard.term, leader: .none)
@@ -113,7 +119,7 @@ public final class RaftNode<Random: RaftRandom> {
     public func campaign() { step(Message(kind: .hup, from: id)) }
 
     public func propose(_ data: [UInt8]) throws {
-        guard (role == .leader && leadTransferee == .none) || (role == .follower && leader != .none) else {
+        guard (role == .leader && leadTransferee == .none && removedAt == nil) || (role == .follower && leader != .none) else {
             throw RaftError.proposalDropped
         }
         step(Message(kind: .propose, from: id, entries: [Entry(term: .zero, index: .zero, data: data)]))
@@ -128,6 +134,66 @@ public final class RaftNode<Random: RaftRandom> {
     /// Hands leadership to `target` (forwarded to the leader from a follower).
     public func transferLeadership(to target: NodeID) {
         step(Message(kind: .transferLeader, from: id, index: LogIndex(target.value)))
+    }
+
+    public var confState: ConfState { ConfState(voters: quorum.voters, learners: learners) }
+
+    /// Proposes a membership change. Refused while another is pending (not yet applied) and until
+    /// this leader has committed an entry of its own term.
+    public func proposeConfChange(_ change: ConfChange) throws {
+        guard role == .leader, leadTransferee == .none, removedAt == nil, committedInCurrentTerm, pendingConfIndex <= log.applied,
+              !(change.kind == .remove && quorum.voters == [change.node]) else {
+            throw RaftError.proposalDropped
+        }
+        appendEntries([Entry(term: term, index: .zero, kind: .configChange, data: change.encoded)])
+        pendingConfIndex = log.lastIndex
+        broadcastAppend()
+    }
+
+    /// Applies a committed change (the application calls this when it applies the entry) and
+    /// returns the configuration to persist with the applied state.
+    @discardableResult
+    public func applyConfChange(_ change: ConfChange) -> ConfState {
+        var voters = quorum.voters
+        switch change.kind {
+        case .addVoter:
+            voters.insert(change.node)
+            learners.remove(change.node)
+        case .addLearner:
+            guard !voters.contains(change.node) else { break }  // demotion needs a joint change
+            learners.insert(change.node)
+        case .remove:
+            voters.remove(change.node)
+            learners.remove(change.node)
+        }
+        quorum = Quorum(voters: voters)
+        if role == .leader {
+            let members = voters.union(learners)
+            for gone in progress.keys where !members.contains(gone) { progress[gone] = nil }
+            for new in members where progress[new] == nil { progress[new] = Progress(next: log.lastIndex.next) }
+            if !voters.contains(id) {
+                // Removed: keep leading until the remaining voters know the change committed (they
+                // may need our appends to learn it), then step down (see `stepDownIfRemoved`).
+                removedAt = log.applied.next
+                broadcastAppend(sendIfEmpty: true)
+                stepDownIfRemoved()
+            } else if maybeCommit() {
+                broadcastAppend(sendIfEmpty: true)
+            } else {
+                broadcastAppend()
+            }
+        }
+        return confState
+    }
+
+    /// A removed leader steps down once every remaining voter has been told the removal committed.
+    func stepDownIfRemoved() {
+        guard role == .leader, let index = removedAt else { return }
+        let told = quorum.voters.allSatisfy { voter in
+            guard let p = progress[voter] else { return true }
+            return p.match >= index && p.sentCommit >= index
+        }
+        if told { becomeFollower(term: term, leader: .none) }
     }
 
     /// The transport could not deliver to `peer` (its stream broke): appends sent optimistically
@@ -199,11 +265,12 @@ public final class RaftNode<Random: RaftRandom> {
         readOnly = ReadOnly()
         pendingReads = []
         leadTransferee = .none
+        removedAt = nil
         progress = [:]
-        for voter in quorum.voters {
+        for member in quorum.voters.union(learners) {
             var p = Progress(next: log.lastIndex.next)
-            if voter == id { p.match = log.persistedIndex }
-            progress[voter] = p
+            if member == id { p.match = log.persistedIndex }
+            progress[member] = p
         }
     }
 
@@ -231,7 +298,9 @@ public final class RaftNode<Random: RaftRandom> {
         reset(term: term)
         leader = id
         role = .leader
-        for voter in quorum.voters where voter != id { progress[voter]!.recentActive = true }
+        for member in progress.keys where member != id { progress[member]!.recentActive = true }
+        // Changes in the log we have not applied may be pending: wait for them before another.
+        pendingConfIndex = log.lastIndex
         // An entry of the new term: committing it commits everything before (§5.4.2).
         appendEntries([Entry(term: term, index: .zero)])
         broadcastAppend()

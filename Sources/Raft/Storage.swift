@@ -1,8 +1,8 @@
 /// The durable log as the core reads it. The application writes to it (after each Ready) and the
 /// core only reads; the member's durable implementation arrives with the cluster issue.
 public protocol LogStorage: AnyObject {
-    /// The hard state and members saved last.
-    func initialState() -> (HardState, members: [NodeID])
+    /// The hard state and the configuration saved last (as of the applied index).
+    func initialState() -> (HardState, ConfState)
     /// Entries in [low, high), at most `maxBytes` of them (always at least one).
     func entries(from low: LogIndex, to high: LogIndex, maxBytes: Int) throws -> [Entry]
     /// The term of the entry at `index` (the snapshot's index gives the snapshot's term).
@@ -15,15 +15,19 @@ public protocol LogStorage: AnyObject {
 /// An in-memory log for tests and simulations.
 public final class MemoryStorage: LogStorage {
     public private(set) var hardState = HardState()
-    public var members: [NodeID]
+    public var confState: ConfState
     /// entries[0] is a dummy holding the index and term of the compaction point.
     private var log: [Entry] = [Entry(term: .zero, index: .zero)]
 
     public init(members: [NodeID]) {
-        self.members = members
+        confState = ConfState(voters: Set(members))
     }
 
-    public func initialState() -> (HardState, members: [NodeID]) { (hardState, members) }
+    public init(confState: ConfState) {
+        self.confState = confState
+    }
+
+    public func initialState() -> (HardState, ConfState) { (hardState, confState) }
 
     public var firstIndex: LogIndex { log[0].index.next }
     public var lastIndex: LogIndex { log[0].index + UInt64(log.count - 1) }
@@ -76,7 +80,7 @@ public final class MemoryStorage: LogStorage {
 
     /// A copy of what is durable (a node restarting from disk).
     public func copy() -> MemoryStorage {
-        let copy = MemoryStorage(members: members)
+        let copy = MemoryStorage(confState: confState)
         copy.hardState = hardState
         copy.log = log
         return copy

@@ -159,3 +159,44 @@ public struct SeededRandom: RaftRandom, Sendable {
         return Int(nextUInt64() % UInt64(bound))
     }
 }
+
+/// Who votes and who only learns.
+public struct ConfState: Hashable, Sendable {
+    public var voters: Set<NodeID>
+    public var learners: Set<NodeID>
+    public init(voters: Set<NodeID> = [], learners: Set<NodeID> = []) {
+        self.voters = voters
+        self.learners = learners
+    }
+}
+
+/// A single-server membership change, carried by a `.configChange` entry.
+public struct ConfChange: Hashable, Sendable {
+    public enum Kind: UInt8, Sendable {
+        /// Adds a voter, or promotes a learner.
+        case addVoter = 1
+        case addLearner = 2
+        case remove = 3
+    }
+    public var kind: Kind
+    public var node: NodeID
+
+    public init(_ kind: Kind, _ node: NodeID) {
+        self.kind = kind
+        self.node = node
+    }
+
+    public var encoded: [UInt8] {
+        [kind.rawValue] + (0..<8).map { UInt8(truncatingIfNeeded: node.value >> (56 - 8 * $0)) }
+    }
+
+    public init?(encoded bytes: [UInt8]) {
+        guard bytes.count == 9, let kind = Kind(rawValue: bytes[0]) else { return nil }
+        self.kind = kind
+        node = NodeID(bytes[1...].reduce(0) { $0 << 8 | UInt64($1) })
+    }
+}
+
+extension SeededRandom: RandomNumberGenerator {
+    public mutating func next() -> UInt64 { nextUInt64() }
+}

@@ -22,6 +22,13 @@ final class TestCluster {
 
     func raft(_ id: NodeID) -> RaftNode<SeededRandom> { nodes[id]!.raft }
 
+    /// A new, empty node that learns the membership from the log.
+    func addNode(_ id: NodeID) {
+        let storage = MemoryStorage(confState: ConfState())
+        nodes[id] = (RaftNode(config: RaftConfig(id: id), storage: storage, random: SeededRandom(seed: id.value)), storage)
+        ids.append(id)
+    }
+
     /// Processes Readies and delivers messages (except across the cut) until nothing moves.
     func stabilize() {
         var moved = true
@@ -35,6 +42,9 @@ final class TestCluster {
                 storage.append(ready.entries)
                 if let hard = ready.hardState { storage.setHardState(hard) }
                 reads[id, default: []] += ready.readStates
+                for entry in ready.committedEntries where entry.kind == .configChange {
+                    storage.confState = raft.applyConfChange(ConfChange(encoded: entry.data)!)
+                }
                 for m in ready.messages + ready.messagesAfterPersist {
                     if cut.contains(m.from) != cut.contains(m.to) || dropKinds.contains(m.kind) { continue }
                     nodes[m.to]?.raft.step(m)

@@ -34,6 +34,7 @@ final class Simulation {
     /// For each read: the highest index applied anywhere when it was asked (its answer may not be lower).
     var readFloor: [[UInt8]: LogIndex] = [:]
     var readsAnswered = 0
+    var changesApplied = 0
     var dropRate = 5, duplicateRate = 2
     var steps = 0
     var failure: String?
@@ -41,9 +42,11 @@ final class Simulation {
     init(seed: UInt64, size: Int) {
         self.seed = seed
         random = SeededRandom(seed: seed)
-        ids = (1...UInt64(size)).map { NodeID($0) }
+        let voters = (1...UInt64(size)).map { NodeID($0) }
+        // Two spare nodes start empty and join only through membership changes.
+        ids = voters + [NodeID(UInt64(size) + 1), NodeID(UInt64(size) + 2)]
         for id in ids {
-            let storage = MemoryStorage(members: ids)
+            let storage = voters.contains(id) ? MemoryStorage(members: voters) : MemoryStorage(confState: ConfState())
             nodes[id] = Node(id: id, storage: storage, raft: makeRaft(id, storage, applied: .zero))
         }
     }
@@ -80,7 +83,10 @@ final class Simulation {
             } else {
                 appliedAt[entry.index] = entry
             }
-            if !entry.data.isEmpty {
+            if entry.kind == .configChange {
+                node.storage.confState = node.raft.applyConfChange(ConfChange(encoded: entry.data)!)
+                changesApplied += 1
+            } else if !entry.data.isEmpty {
                 check(!node.applied.contains { $0.data == entry.data }, "proposal \(entry.data) applied twice on \(node.id)")
             }
             node.applied.append(entry)
@@ -150,7 +156,20 @@ final class Simulation {
             readFloor[context] = appliedAt.keys.max() ?? .zero
             node.raft.readIndex(context: context)
         case 93:
-            node.raft.transferLeadership(to: ids[random.next(below: ids.count)])
+            if random.next(below: 2) == 0 {
+                node.raft.transferLeadership(to: ids[random.next(below: ids.count)])
+            } else if node.alive, node.raft.role == .leader {
+                // Membership churn: add a learner, promote one, or remove someone.
+                let conf = node.raft.confState
+                let outside = ids.filter { !conf.voters.contains($0) && !conf.learners.contains($0) }
+                var change: ConfChange?
+                switch random.next(below: 3) {
+                case 0: if let n = outside.randomElement(using: &random) { change = ConfChange(.addLearner, n) }
+                case 1: if let n = conf.learners.sorted().randomElement(using: &random) { change = ConfChange(.addVoter, n) }
+                default: if conf.voters.count > 1 { change = ConfChange(.remove, conf.voters.sorted().randomElement(using: &random)!) }
+                }
+                if let change { try? node.raft.proposeConfChange(change) }
+            }
         case 94..<97:
             // A partition: isolate one node (both ways, or only its outbound), or heal.
             blocked.removeAll()
@@ -186,10 +205,12 @@ final class Simulation {
                     markers.append(Array("final-\(round)".utf8))
                     try? leader.raft.propose(markers.last!)
                 }
-                if markers.contains(where: { marker in nodes.values.allSatisfy { $0.applied.contains { $0.data == marker } } }) {
+                let conf = leader.raft.confState
+                let members = nodes.values.filter { conf.voters.contains($0.id) || conf.learners.contains($0.id) }
+                if markers.contains(where: { marker in members.allSatisfy { $0.applied.contains { $0.data == marker } } }) {
                     // Everyone applied the marker; up to the shortest, the applied logs are one.
-                    let shortest = nodes.values.map(\.applied.count).min() ?? 0
-                    let prefixes = Set(nodes.values.map { Array($0.applied.prefix(shortest)) })
+                    let shortest = members.map(\.applied.count).min() ?? 0
+                    let prefixes = Set(members.map { Array($0.applied.prefix(shortest)) })
                     check(prefixes.count == 1, "applied logs differ after convergence")
                     checkInvariants()
                     return
@@ -201,7 +222,7 @@ final class Simulation {
         let state = ids.map { id -> String in
             let r = nodes[id]!.raft
             let p = r.progress.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value.state) m\($0.value.match) n\($0.value.next) ps\($0.value.probeSent) inf\($0.value.inflights.count)" }
-            return "\(id): \(r.role) t\(r.term) v\(r.vote) lead\(r.leader) c\(r.commitIndex) last\(r.lastIndex) persisted\(r.log.persistedIndex) applied\(nodes[id]!.applied.count) \(r.role == .leader ? p.joined(separator: ",") : "")"
+            return "\(id): \(r.role) conf\(r.confState.voters.sorted())/\(r.confState.learners.sorted()) el\(r.electionElapsed)/\(r.randomizedElectionTimeout) t\(r.term) v\(r.vote) lead\(r.leader) c\(r.commitIndex) last\(r.lastIndex) persisted\(r.log.persistedIndex) applied\(nodes[id]!.applied.count) \(r.role == .leader ? p.joined(separator: ",") : "")"
         }
         check(false, "did not converge: \(state.joined(separator: " | "))")
     }
@@ -219,6 +240,7 @@ final class Simulation {
     @Test func seededSimulationsKeepRaftsSafetyProperties() {
         var failures: [String] = []
         var reads = 0
+        var changes = 0
         var applied = 0
         for seed in Self.seeds() {
             let sim = Simulation(seed: seed, size: 3 + Int(seed % 5))
@@ -226,12 +248,13 @@ final class Simulation {
             if sim.failure == nil { sim.converge() }
             if let failure = sim.failure { failures.append(failure) }
             reads += sim.readsAnswered
+            changes += sim.changesApplied
             applied += sim.appliedAt.count
             if failures.count >= 5 { break }
         }
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
         // The runs did something: entries were applied and reads answered (and checked).
-        #expect(reads > 0 && applied > Self.seeds().count)
+        #expect(reads > 0 && changes > 0 && applied > Self.seeds().count)
     }
 
     @Test func aSingleNodeElectsItselfAndCommits() throws {
