@@ -5,7 +5,12 @@ struct Progress {
         case probe
         /// Appends pipelined optimistically, bounded by in-flight messages.
         case replicate
+        /// A snapshot is on its way; nothing else until it is reported or acknowledged.
+        case snapshot
     }
+
+    /// The index of the snapshot in flight (snapshot state).
+    var pendingSnapshot: LogIndex = .zero
 
     var match: LogIndex = .zero
     var next: LogIndex
@@ -25,12 +30,15 @@ struct Progress {
         switch state {
         case .probe: probeSent
         case .replicate: inflights.count >= maxInflight
+        case .snapshot: true
         }
     }
 
     mutating func becomeProbe() {
+        // After a snapshot, resume after it rather than from an older match.
+        next = state == .snapshot ? max(match, pendingSnapshot).next : match.next
         state = .probe
-        next = match.next
+        pendingSnapshot = .zero
         probeSent = false
         inflights.removeAll()
     }
@@ -51,7 +59,15 @@ struct Progress {
             }
         case .probe:
             probeSent = true
+        case .snapshot:
+            break
         }
+    }
+
+    mutating func becomeSnapshot(_ index: LogIndex) {
+        state = .snapshot
+        pendingSnapshot = index
+        inflights.removeAll()
     }
 
     /// The follower has everything through `index`; false when that is old news.

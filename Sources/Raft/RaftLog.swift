@@ -7,6 +7,8 @@ struct RaftLog {
     private(set) var unstableOffset: LogIndex
     private(set) var committed: LogIndex
     var applied: LogIndex
+    /// A snapshot from the leader, to be persisted and installed by the application.
+    private(set) var pendingSnapshot: Snapshot?
     let maxApplyBytes: Int
 
     init(storage: LogStorage, committed: LogIndex, applied: LogIndex, maxApplyBytes: Int) {
@@ -17,13 +19,16 @@ struct RaftLog {
         self.maxApplyBytes = maxApplyBytes
     }
 
-    var firstIndex: LogIndex { storage.firstIndex }
+    var firstIndex: LogIndex { pendingSnapshot.map { $0.index.next } ?? storage.firstIndex }
     var lastIndex: LogIndex { unstable.last?.index ?? unstableOffset.previous }
     /// The last index known durable here.
     var persistedIndex: LogIndex { unstableOffset.previous }
     var lastTerm: Term { term(at: lastIndex) ?? .zero }
 
     func term(at index: LogIndex) -> Term? {
+        if let snapshot = pendingSnapshot, index <= snapshot.index {
+            return index == snapshot.index ? snapshot.term : nil
+        }
         if index >= unstableOffset {
             let position = Int(index.value - unstableOffset.value)
             return position < unstable.count ? unstable[position].term : nil
@@ -47,6 +52,7 @@ struct RaftLog {
     func slice(_ low: LogIndex, _ high: LogIndex, maxBytes: Int) throws -> [Entry] {
         guard low < high else { return [] }
         if low < firstIndex { throw RaftError.compacted }
+        if let snapshot = pendingSnapshot, low <= snapshot.index { throw RaftError.compacted }
         var result: [Entry] = []
         var bytes = 0
         if low < unstableOffset {
@@ -122,6 +128,21 @@ struct RaftLog {
         let high = min(committed, persistedIndex)
         guard high > applied else { return [] }
         return (try? slice(applied.next, high.next, maxBytes: maxApplyBytes)) ?? []
+    }
+
+    /// Replaces the log with a snapshot from the leader (persisted and installed via Ready).
+    mutating func restore(_ snapshot: Snapshot) {
+        pendingSnapshot = snapshot
+        unstable = []
+        unstableOffset = snapshot.index.next
+        committed = max(committed, snapshot.index)
+    }
+
+    /// The application persisted and installed the pending snapshot.
+    mutating func snapshotInstalled(_ snapshot: Snapshot) {
+        guard pendingSnapshot == snapshot else { return }
+        pendingSnapshot = nil
+        applied = max(applied, snapshot.index)
     }
 
     /// The application persisted entries up to `index` (whose term is `term`).

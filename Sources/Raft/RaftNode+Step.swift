@@ -115,6 +115,9 @@ extension RaftNode {
         case .heartbeat:
             becomeFollower(term: m.term, leader: m.from)
             handleHeartbeat(m)
+        case .snapshot:
+            becomeFollower(term: m.term, leader: m.from)
+            handleSnapshot(m)
         case .voteResponse where role == .candidate, .preVoteResponse where role == .preCandidate:
             receiveVote(from: m.from, granted: !m.reject)
         default:
@@ -139,6 +142,10 @@ extension RaftNode {
             electionElapsed = 0
             leader = m.from
             handleHeartbeat(m)
+        case .snapshot:
+            electionElapsed = 0
+            leader = m.from
+            handleSnapshot(m)
         case .readIndex, .transferLeader:
             guard leader != .none else { return }
             var forwarded = m
@@ -166,6 +173,24 @@ extension RaftNode {
             send(Message(kind: .appendResponse, to: m.from, term: term, index: m.index, reject: true,
                          rejectHint: min(m.index, log.lastIndex)))
         }
+    }
+
+    /// Installs the leader's snapshot unless our log already holds what it covers.
+    func handleSnapshot(_ m: Message) {
+        guard let snapshot = m.snapshot else { return }
+        if snapshot.index <= log.committed {
+            send(Message(kind: .appendResponse, to: m.from, term: term, index: log.committed))
+            return
+        }
+        if log.matchTerm(snapshot.index, snapshot.term) {
+            // We have the entries: just learn that they are committed.
+            log.commit(to: snapshot.index)
+        } else {
+            log.restore(snapshot)
+            quorum = Quorum(voters: snapshot.confState.voters)
+            learners = snapshot.confState.learners
+        }
+        send(Message(kind: .appendResponse, to: m.from, term: term, index: snapshot.index))
     }
 
     func handleHeartbeat(_ m: Message) {
@@ -206,6 +231,7 @@ extension RaftNode {
                 return
             }
             let updated = p.maybeUpdate(m.index)
+            if p.state == .snapshot && p.match >= p.pendingSnapshot { p.becomeProbe() }
             if updated && p.state == .probe { p.becomeReplicate() }
             progress[m.from] = p
             if updated {
@@ -330,8 +356,12 @@ extension RaftNode {
         let prevIndex = p.next.previous
         guard let prevTerm = log.term(at: prevIndex),
               let entries = try? log.entries(from: p.next, maxBytes: config.maxMessageBytes) else {
-            // Compacted: a snapshot would be needed (snapshots arrive with a later step).
-            return false
+            // What the follower needs next was compacted away: send the latest snapshot.
+            guard let snapshot = log.storage.snapshot() else { return false }
+            p.becomeSnapshot(snapshot.index)
+            progress[peer] = p
+            send(Message(kind: .snapshot, to: peer, term: term, snapshot: snapshot))
+            return true
         }
         if p.state == .replicate && entries.isEmpty && !sendIfEmpty { return false }
         send(Message(kind: .append, to: peer, term: term, logTerm: prevTerm, index: prevIndex, entries: entries,

@@ -24,6 +24,9 @@ public struct RaftConfig: Sendable {
 public struct Ready: Sendable {
     public var softState: SoftState?
     public var hardState: HardState?
+    /// A snapshot from the leader: persist it, install it in the state machine (before the
+    /// entries that follow), then advance.
+    public var snapshot: Snapshot?
     public var entries: [Entry]
     public var committedEntries: [Entry]
     public var messages: [Message]
@@ -196,6 +199,17 @@ public final class RaftNode<Random: RaftRandom> {
         if told { becomeFollower(term: term, leader: .none) }
     }
 
+    /// How sending a snapshot to `peer` ended (the transport reports it).
+    public func reportSnapshot(_ peer: NodeID, success: Bool) {
+        guard role == .leader, var p = progress[peer], p.state == .snapshot else { return }
+        if !success { p.pendingSnapshot = .zero }
+        p.becomeProbe()
+        // After a failure wait for the next heartbeat; after success probe at once.
+        p.probeSent = !success
+        progress[peer] = p
+        if success { sendAppend(to: peer) }
+    }
+
     /// The transport could not deliver to `peer` (its stream broke): appends sent optimistically
     /// may be lost, so go back to probing its match point.
     public func reportUnreachable(_ peer: NodeID) {
@@ -210,6 +224,7 @@ public final class RaftNode<Random: RaftRandom> {
     public var hasReady: Bool {
         softState != lastSoftState || hardState != lastHardState || !log.unstable.isEmpty
             || !messages.isEmpty || !messagesAfterPersist.isEmpty || !log.entriesToApply().isEmpty || !readStates.isEmpty
+            || log.pendingSnapshot != nil
     }
 
     public func ready() -> Ready {
@@ -218,6 +233,7 @@ public final class RaftNode<Random: RaftRandom> {
         let ready = Ready(
             softState: soft != lastSoftState ? soft : nil,
             hardState: hard != lastHardState ? hard : nil,
+            snapshot: log.pendingSnapshot,
             entries: log.unstable,
             committedEntries: log.entriesToApply(),
             messages: messages,
@@ -233,6 +249,7 @@ public final class RaftNode<Random: RaftRandom> {
     /// The application persisted, sent and applied what `ready` asked for.
     public func advance(_ ready: Ready) {
         if let hard = ready.hardState { lastHardState = hard }
+        if let snapshot = ready.snapshot { log.snapshotInstalled(snapshot) }
         if let last = ready.entries.last { log.stable(to: last.index, term: last.term) }
         if let applied = ready.committedEntries.last?.index { log.applied = max(log.applied, applied) }
         if selfVotePending, ready.hardState?.term == term, ready.hardState?.vote == id {

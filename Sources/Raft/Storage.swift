@@ -10,6 +10,8 @@ public protocol LogStorage: AnyObject {
     /// The first index still in the log (after the last compaction).
     var firstIndex: LogIndex { get }
     var lastIndex: LogIndex { get }
+    /// The latest snapshot (nil before the first compaction).
+    func snapshot() -> Snapshot?
 }
 
 /// An in-memory log for tests and simulations.
@@ -18,6 +20,24 @@ public final class MemoryStorage: LogStorage {
     public var confState: ConfState
     /// entries[0] is a dummy holding the index and term of the compaction point.
     private var log: [Entry] = [Entry(term: .zero, index: .zero)]
+    private var latestSnapshot: Snapshot?
+
+    public func snapshot() -> Snapshot? { latestSnapshot }
+
+    /// Records a snapshot of the application's state at `index` and drops the log before it.
+    public func createSnapshot(at index: LogIndex, confState: ConfState, data: [UInt8]) throws {
+        let term = try term(at: index)
+        latestSnapshot = Snapshot(index: index, term: term, confState: confState, data: data)
+        try compact(through: index)
+    }
+
+    /// Installs a snapshot received from the leader: the log restarts after it.
+    public func applySnapshot(_ snapshot: Snapshot) {
+        latestSnapshot = snapshot
+        log = [Entry(term: snapshot.term, index: snapshot.index)]
+        confState = snapshot.confState
+        if hardState.commit < snapshot.index { hardState.commit = snapshot.index }
+    }
 
     public init(members: [NodeID]) {
         confState = ConfState(voters: Set(members))
@@ -83,6 +103,7 @@ public final class MemoryStorage: LogStorage {
         let copy = MemoryStorage(confState: confState)
         copy.hardState = hardState
         copy.log = log
+        copy.latestSnapshot = latestSnapshot
         return copy
     }
 }

@@ -79,6 +79,7 @@ public struct Message: Hashable, Sendable {
         case vote, voteResponse, preVote, preVoteResponse
         case heartbeat, heartbeatResponse
         case propose
+        case snapshot
         case readIndex, readIndexResponse
         /// From a leader handing over: campaign now, skipping pre-vote and the leader lease.
         case timeoutNow
@@ -102,10 +103,12 @@ public struct Message: Hashable, Sendable {
     /// readIndex: the request's context, echoed by heartbeats and their responses. vote: set on a
     /// campaign a leader asked for (transfer), which the leader lease must not block.
     public var context: [UInt8]
+    /// snapshot: the state to install.
+    public var snapshot: Snapshot?
 
     public init(kind: Kind, from: NodeID = .none, to: NodeID = .none, term: Term = .zero, logTerm: Term = .zero,
                 index: LogIndex = .zero, entries: [Entry] = [], commit: LogIndex = .zero, reject: Bool = false,
-                rejectHint: LogIndex = .zero, context: [UInt8] = []) {
+                rejectHint: LogIndex = .zero, context: [UInt8] = [], snapshot: Snapshot? = nil) {
         self.kind = kind
         self.from = from
         self.to = to
@@ -117,6 +120,7 @@ public struct Message: Hashable, Sendable {
         self.reject = reject
         self.rejectHint = rejectHint
         self.context = context
+        self.snapshot = snapshot
     }
 
     static let transferContext = Array("CampaignTransfer".utf8)
@@ -199,4 +203,19 @@ public struct ConfChange: Hashable, Sendable {
 
 extension SeededRandom: RandomNumberGenerator {
     public mutating func next() -> UInt64 { nextUInt64() }
+}
+
+/// The application's state as of `index`, with the configuration then: what replaces a compacted
+/// log prefix and what a far-behind follower installs.
+public struct Snapshot: Hashable, Sendable {
+    public var index: LogIndex
+    public var term: Term
+    public var confState: ConfState
+    public var data: [UInt8]
+    public init(index: LogIndex, term: Term, confState: ConfState, data: [UInt8]) {
+        self.index = index
+        self.term = term
+        self.confState = confState
+        self.data = data
+    }
 }

@@ -35,6 +35,9 @@ final class Simulation {
     var readFloor: [[UInt8]: LogIndex] = [:]
     var readsAnswered = 0
     var changesApplied = 0
+    var snapshotsInstalled = 0
+    /// A snapshot's data is its index; the applied entries it stands for are kept here.
+    var snapshotStates: [LogIndex: [Entry]] = [:]
     var dropRate = 5, duplicateRate = 2
     var steps = 0
     var failure: String?
@@ -67,6 +70,18 @@ final class Simulation {
     func processReady(_ node: Node) {
         guard node.alive, node.raft.hasReady else { return }
         let ready = node.raft.ready()
+        if let snapshot = ready.snapshot {
+            node.storage.applySnapshot(snapshot)
+            guard let state = snapshotStates[snapshot.index] else {
+                check(false, "unknown snapshot \(snapshot.index)")
+                return
+            }
+            check(state.count == Int(snapshot.index.value), "snapshot state has \(state.count) entries for index \(snapshot.index)")
+            check(state.count >= node.applied.count && Array(state.prefix(node.applied.count)) == node.applied,
+                  "snapshot \(snapshot.index) contradicts what \(node.id) applied")
+            node.applied = state
+            snapshotsInstalled += 1
+        }
         node.storage.append(ready.entries)
         if let hard = ready.hardState { node.storage.setHardState(hard) }
         inFlight += ready.messages + ready.messagesAfterPersist
@@ -103,9 +118,12 @@ final class Simulation {
                 } else {
                     leaders[raft.term] = node.id
                     // Leader completeness: every applied entry is in the new leader's log.
-                    for (index, entry) in appliedAt {
+                    // (Compacted entries are in its snapshot, which holds only applied ones.)
+                    for (index, entry) in appliedAt where index >= raft.log.firstIndex {
                         check(raft.log.term(at: index) == entry.term, "leader completeness: leader \(node.id) of \(raft.term) lacks \(index)")
                     }
+                    check(raft.log.firstIndex.previous <= raft.appliedIndex || raft.log.pendingSnapshot != nil,
+                          "leader \(node.id) compacted what it has not applied")
                 }
             }
             check(raft.commitIndex <= raft.lastIndex, "commit beyond the log on \(node.id)")
@@ -117,6 +135,11 @@ final class Simulation {
         let durable = node.storage.copy()
         node.storage = durable
         node.raft = makeRaft(node.id, durable, applied: node.applied.last?.index ?? .zero)
+        // Streams to it broke: senders hear of it, as from a real transport.
+        for m in inFlight where m.to == node.id {
+            nodes[m.from]?.raft.reportUnreachable(m.to)
+            if m.kind == .snapshot { nodes[m.from]?.raft.reportSnapshot(m.to, success: false) }
+        }
         inFlight.removeAll { $0.to == node.id }
     }
 
@@ -127,8 +150,10 @@ final class Simulation {
             // Peers talk over streams: a lost message is a broken stream, which the transport
             // reports to the sender.
             nodes[m.from]?.raft.reportUnreachable(m.to)
+            if m.kind == .snapshot { nodes[m.from]?.raft.reportSnapshot(m.to, success: false) }
             return
         }
+        defer { if m.kind == .snapshot { nodes[m.from]?.raft.reportSnapshot(m.to, success: true) } }
         // Peers talk over streams: a forwarded proposal is never delivered twice (the member
         // matches proposals by request ID); Raft's own messages may be.
         if m.kind != .propose && random.next(below: 100) < duplicateRate { inFlight.append(m) }
@@ -170,7 +195,13 @@ final class Simulation {
                 }
                 if let change { try? node.raft.proposeConfChange(change) }
             }
-        case 94..<97:
+        case 94:
+            // Compaction: snapshot the applied state and drop the log before it.
+            if node.alive, let last = node.applied.last, node.storage.firstIndex <= last.index {
+                snapshotStates[last.index] = node.applied
+                try? node.storage.createSnapshot(at: last.index, confState: node.storage.confState, data: [])
+            }
+        case 95..<97:
             // A partition: isolate one node (both ways, or only its outbound), or heal.
             blocked.removeAll()
             if random.next(below: 3) > 0 {
@@ -241,6 +272,7 @@ final class Simulation {
         var failures: [String] = []
         var reads = 0
         var changes = 0
+        var snapshots = 0
         var applied = 0
         for seed in Self.seeds() {
             let sim = Simulation(seed: seed, size: 3 + Int(seed % 5))
@@ -249,12 +281,13 @@ final class Simulation {
             if let failure = sim.failure { failures.append(failure) }
             reads += sim.readsAnswered
             changes += sim.changesApplied
+            snapshots += sim.snapshotsInstalled
             applied += sim.appliedAt.count
             if failures.count >= 5 { break }
         }
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
         // The runs did something: entries were applied and reads answered (and checked).
-        #expect(reads > 0 && changes > 0 && applied > Self.seeds().count)
+        #expect(reads > 0 && changes > 0 && snapshots > 0 && applied > Self.seeds().count)
     }
 
     @Test func aSingleNodeElectsItselfAndCommits() throws {
