@@ -86,6 +86,8 @@ let package = Package(
             path: "Sources/etcdlite"
         ),
         .testTarget(name: "RaftTests", dependencies: ["Raft"]),
+        // Throughput of the Raft core alone (Benchmarks/RaftBench; run with -c release).
+        .executableTarget(name: "RaftBench", dependencies: ["Raft"], path: "Benchmarks/RaftBench"),
         .testTarget(
             name: "EtcdLiteTests",
             dependencies: [

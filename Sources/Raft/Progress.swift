@@ -18,7 +18,7 @@ struct Progress {
     /// Probe: an append is out and unanswered (paused until a response or a heartbeat).
     var probeSent = false
     /// Replicate: the last index of each unacknowledged append, oldest first.
-    var inflights: [LogIndex] = []
+    var inflights = Inflights()
     /// Heard from since the last check-quorum round.
     var recentActive = false
     /// The highest commit index sent to the follower (it may need telling about a newer one).
@@ -79,7 +79,7 @@ struct Progress {
             probeSent = false
         }
         next = max(next, index.next)
-        inflights.removeAll { $0 <= index }
+        inflights.free(through: index)
         return updated
     }
 
@@ -96,6 +96,43 @@ struct Progress {
         next = max(min(rejected, hint.next), LogIndex(1))
         probeSent = false
         return true
+    }
+}
+
+/// The last index of each unacknowledged append, oldest first: a queue whose acknowledged prefix
+/// is dropped by moving a start offset (no shifting per acknowledgement).
+struct Inflights {
+    private var buffer: [LogIndex] = []
+    private var start = 0
+
+    var count: Int { buffer.count - start }
+
+    mutating func append(_ index: LogIndex) { buffer.append(index) }
+
+    mutating func removeAll() {
+        buffer.removeAll(keepingCapacity: true)
+        start = 0
+    }
+
+    mutating func removeFirst() {
+        guard start < buffer.count else { return }
+        start += 1
+        compactIfNeeded()
+    }
+
+    /// Frees every append up to `index` (appends are in index order).
+    mutating func free(through index: LogIndex) {
+        while start < buffer.count && buffer[start] <= index { start += 1 }
+        compactIfNeeded()
+    }
+
+    private mutating func compactIfNeeded() {
+        if start == buffer.count {
+            removeAll()
+        } else if start > 256 && start * 2 > buffer.count {
+            buffer.removeFirst(start)
+            start = 0
+        }
     }
 }
 

@@ -123,6 +123,8 @@ struct RaftLog {
         return true
     }
 
+    var hasEntriesToApply: Bool { pendingSnapshot == nil && min(committed, persistedIndex) > applied }
+
     /// Entries to apply: committed, not yet applied, and durable here.
     func entriesToApply() -> [Entry] {
         let high = min(committed, persistedIndex)

@@ -218,22 +218,21 @@ extension RaftNode {
         case .transferLeader:
             handleTransfer(to: NodeID(m.index.value))
         case .appendResponse:
-            guard var p = progress[m.from] else { return }
-            p.recentActive = true
+            // Progress is mutated in place: a copy would copy its in-flight queue too.
+            guard progress[m.from] != nil else { return }
+            progress[m.from]!.recentActive = true
             if m.reject {
-                if p.maybeDecrease(rejected: m.index, hint: m.rejectHint) {
-                    if p.state == .replicate { p.becomeProbe() }
-                    progress[m.from] = p
+                if progress[m.from]!.maybeDecrease(rejected: m.index, hint: m.rejectHint) {
+                    if progress[m.from]!.state == .replicate { progress[m.from]!.becomeProbe() }
                     sendAppend(to: m.from)
-                } else {
-                    progress[m.from] = p
                 }
                 return
             }
-            let updated = p.maybeUpdate(m.index)
-            if p.state == .snapshot && p.match >= p.pendingSnapshot { p.becomeProbe() }
-            if updated && p.state == .probe { p.becomeReplicate() }
-            progress[m.from] = p
+            let updated = progress[m.from]!.maybeUpdate(m.index)
+            if progress[m.from]!.state == .snapshot && progress[m.from]!.match >= progress[m.from]!.pendingSnapshot {
+                progress[m.from]!.becomeProbe()
+            }
+            if updated && progress[m.from]!.state == .probe { progress[m.from]!.becomeReplicate() }
             if updated {
                 if maybeCommit() { broadcastAppend(sendIfEmpty: true) } else { sendAppend(to: m.from) }
             }
@@ -352,23 +351,22 @@ extension RaftNode {
     /// Sends the follower what it lacks from `next` on; false when paused or nothing to send.
     @discardableResult
     func sendAppend(to peer: NodeID, sendIfEmpty: Bool = false) -> Bool {
-        guard var p = progress[peer], !p.isPaused(maxInflight: config.maxInflightMessages) else { return false }
-        let prevIndex = p.next.previous
+        guard let state = progress[peer], !state.isPaused(maxInflight: config.maxInflightMessages) else { return false }
+        let prevIndex = state.next.previous
         guard let prevTerm = log.term(at: prevIndex),
-              let entries = try? log.entries(from: p.next, maxBytes: config.maxMessageBytes) else {
+              let entries = try? log.entries(from: state.next, maxBytes: config.maxMessageBytes) else {
             // What the follower needs next was compacted away: send the latest snapshot.
             guard let snapshot = log.storage.snapshot() else { return false }
-            p.becomeSnapshot(snapshot.index)
-            progress[peer] = p
+            progress[peer]!.becomeSnapshot(snapshot.index)
             send(Message(kind: .snapshot, to: peer, term: term, snapshot: snapshot))
             return true
         }
-        if p.state == .replicate && entries.isEmpty && !sendIfEmpty { return false }
+        if state.state == .replicate && entries.isEmpty && !sendIfEmpty { return false }
+        let last = entries.last?.index ?? prevIndex
         send(Message(kind: .append, to: peer, term: term, logTerm: prevTerm, index: prevIndex, entries: entries,
                      commit: log.committed))
-        p.sent(through: entries.last?.index ?? prevIndex, entries: entries.count)
-        p.sentCommit = max(p.sentCommit, min(log.committed, entries.last?.index ?? prevIndex))
-        progress[peer] = p
+        progress[peer]!.sent(through: last, entries: entries.count)
+        progress[peer]!.sentCommit = max(progress[peer]!.sentCommit, min(log.committed, last))
         return true
     }
 

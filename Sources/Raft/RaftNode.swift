@@ -223,7 +223,7 @@ public final class RaftNode<Random: RaftRandom> {
 
     public var hasReady: Bool {
         softState != lastSoftState || hardState != lastHardState || !log.unstable.isEmpty
-            || !messages.isEmpty || !messagesAfterPersist.isEmpty || !log.entriesToApply().isEmpty || !readStates.isEmpty
+            || !messages.isEmpty || !messagesAfterPersist.isEmpty || log.hasEntriesToApply || !readStates.isEmpty
             || log.pendingSnapshot != nil
     }
 
