@@ -6,6 +6,8 @@ final class TestCluster {
     var nodes: [NodeID: (raft: RaftNode<SeededRandom>, storage: MemoryStorage)] = [:]
     var cut: Set<NodeID> = []
     var dropKinds: Set<Message.Kind> = []
+    /// Single links cut one way: [from, to].
+    var blockedLinks: Set<[UInt64]> = []
     var ids: [NodeID]
     var reads: [NodeID: [ReadState]] = [:]
 
@@ -29,16 +31,18 @@ final class TestCluster {
         ids.append(id)
     }
 
-    /// Processes Readies and delivers messages (except across the cut) until nothing moves.
-    func stabilize() {
+    /// Processes Readies and delivers messages (except across the cut) until nothing moves;
+    /// the Readies of `holding` are left unprocessed (a node about to crash).
+    func stabilize(holding: Set<NodeID> = []) {
         var moved = true
         while moved {
             moved = false
-            for id in ids {
+            for id in ids where !holding.contains(id) {
                 let (raft, storage) = nodes[id]!
                 guard raft.hasReady else { continue }
                 moved = true
                 let ready = raft.ready()
+                if let snapshot = ready.snapshot { storage.applySnapshot(snapshot) }
                 storage.append(ready.entries)
                 if let hard = ready.hardState { storage.setHardState(hard) }
                 reads[id, default: []] += ready.readStates
@@ -46,7 +50,8 @@ final class TestCluster {
                     storage.confState = raft.applyConfChange(ConfChange(encoded: entry.data)!)
                 }
                 for m in ready.messages + ready.messagesAfterPersist {
-                    if cut.contains(m.from) != cut.contains(m.to) || dropKinds.contains(m.kind) { continue }
+                    if cut.contains(m.from) != cut.contains(m.to) || dropKinds.contains(m.kind)
+                        || blockedLinks.contains([m.from.value, m.to.value]) { continue }
                     nodes[m.to]?.raft.step(m)
                 }
                 raft.advance(ready)
