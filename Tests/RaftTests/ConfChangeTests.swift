@@ -2,15 +2,8 @@ import Testing
 @testable import Raft
 
 @Suite struct ConfChangeTests {
-    func elected(_ size: Int = 3) -> TestCluster {
-        let cluster = TestCluster(size)
-        cluster.raft(1).campaign()
-        cluster.stabilize()
-        return cluster
-    }
-
     @Test func aLearnerCatchesUpWithoutVotingThenIsPromoted() throws {
-        let cluster = elected()
+        let cluster = TestCluster.elected()
         for n in 0..<3 { try cluster.raft(1).propose([UInt8(n)]) }
         cluster.stabilize()
         cluster.addNode(4)
@@ -53,7 +46,7 @@ import Testing
     }
 
     @Test func removingTheLeaderHandsOverAfterTheChangeCommits() throws {
-        let cluster = elected()
+        let cluster = TestCluster.elected()
         try cluster.raft(1).proposeConfChange(ConfChange(.remove, 1))
         cluster.stabilize()
         #expect(cluster.raft(1).role == .follower, "stepped down once the others knew")
@@ -68,7 +61,7 @@ import Testing
     }
 
     @Test func removingAMemberFromATwoNodeCluster() throws {
-        let cluster = elected(2)
+        let cluster = TestCluster.elected(2)
         try cluster.raft(1).proposeConfChange(ConfChange(.remove, 2))
         cluster.stabilize()
         #expect(cluster.raft(1).role == .leader && cluster.raft(1).confState.voters == [1])

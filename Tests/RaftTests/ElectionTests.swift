@@ -24,6 +24,14 @@ final class TestCluster {
 
     func raft(_ id: NodeID) -> RaftNode<SeededRandom> { nodes[id]!.raft }
 
+    /// A cluster whose node 1 has been elected.
+    static func elected(_ size: Int = 3) -> TestCluster {
+        let cluster = TestCluster(size)
+        cluster.raft(1).campaign()
+        cluster.stabilize()
+        return cluster
+    }
+
     /// A new, empty node that learns the membership from the log.
     func addNode(_ id: NodeID) {
         let storage = MemoryStorage(confState: ConfState())

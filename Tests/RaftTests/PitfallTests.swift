@@ -3,13 +3,6 @@ import Testing
 
 /// One named scenario per known Raft pitfall (those not covered in the other suites).
 @Suite struct PitfallTests {
-    func elected(_ size: Int = 3) -> TestCluster {
-        let cluster = TestCluster(size)
-        cluster.raft(1).campaign()
-        cluster.stabilize()
-        return cluster
-    }
-
     /// A partitioned node comes back: with pre-vote it never raised its term, so it disturbs no
     /// one; even a node that did raise its term (no pre-vote) is refused while the leader is alive.
     @Test func aPartitionedNodeRejoiningWithAHigherTermDoesNotDepose() {
@@ -34,7 +27,7 @@ import Testing
     /// node 2 cannot disrupt the leader (its pre-votes fail against 3's live leader), and the
     /// leader keeps committing with 3.
     @Test func preVoteAndCheckQuorumStayLiveUnderAPartialPartition() throws {
-        let cluster = elected()
+        let cluster = TestCluster.elected()
         cluster.blockedLinks = [[1, 2], [2, 1]]
         cluster.tick(60)
         #expect(cluster.leaders == [1] && cluster.raft(1).term == 1)
@@ -81,7 +74,7 @@ import Testing
     /// A follower that crashes while installing a snapshot (before persisting it) comes back as it
     /// was, and the leader sends the snapshot again.
     @Test func aFollowerCrashingDuringSnapshotInstallGetsItAgain() throws {
-        let cluster = elected()
+        let cluster = TestCluster.elected()
         cluster.cut = [3]
         for n in 0..<10 { try cluster.raft(1).propose([UInt8(n)]) }
         cluster.stabilize()

@@ -2,15 +2,8 @@ import Testing
 @testable import Raft
 
 @Suite struct ReadIndexTests {
-    func elected() -> TestCluster {
-        let cluster = TestCluster(3)
-        cluster.raft(1).campaign()
-        cluster.stabilize()
-        return cluster
-    }
-
     @Test func theLeaderAnswersAtItsCommitIndexAfterAQuorumHeartbeat() throws {
-        let cluster = elected()
+        let cluster = TestCluster.elected()
         try cluster.raft(1).propose([7])
         cluster.stabilize()
         cluster.raft(1).readIndex(context: [1])
@@ -19,7 +12,7 @@ import Testing
     }
 
     @Test func aFollowerForwardsAndGetsTheLeadersIndex() throws {
-        let cluster = elected()
+        let cluster = TestCluster.elected()
         try cluster.raft(1).propose([7])
         cluster.stabilize()
         cluster.raft(3).readIndex(context: [2])
@@ -29,7 +22,7 @@ import Testing
     }
 
     @Test func aDeposedLeaderNeverServesAStaleRead() throws {
-        let cluster = elected()
+        let cluster = TestCluster.elected()
         cluster.cut = [1]
         cluster.tick(40)  // the others elect a new leader
         let newLeader = cluster.leaders.first { $0 != 1 }!
@@ -56,7 +49,7 @@ import Testing
     }
 
     @Test func aContextFromAnOldTermIsNotConfirmedByTheNewOne() {
-        let cluster = elected()
+        let cluster = TestCluster.elected()
         cluster.dropKinds = [.heartbeatResponse]
         cluster.raft(1).readIndex(context: [5])
         cluster.stabilize()
