@@ -53,7 +53,12 @@ let package = Package(
             ]
         ),
         // The consensus core: pure and deterministic (no I/O, clocks or system randomness).
-        .target(name: "Raft"),
+        .target(
+            name: "Raft",
+            // The core is single-threaded by contract; dynamic exclusivity checks on its class
+            // properties cost ~12 % of its time (perf) in release builds.
+            swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+        ),
         // A lean gRPC client on HTTP/2 frames, for load generation (no task per call).
         .target(
             name: "EtcdLiteClient",

@@ -1,5 +1,6 @@
-/// The leader's view of one follower's log (§5.3, etcd-io/raft's progress states).
-struct Progress {
+/// The leader's view of one follower's log (§5.3, etcd-io/raft's progress states). A class: the
+/// leader updates it in place on every acknowledgement, without copying its in-flight queue.
+final class Progress {
     enum State: Hashable {
         /// One append at a time until the follower's match point is found.
         case probe
@@ -34,7 +35,7 @@ struct Progress {
         }
     }
 
-    mutating func becomeProbe() {
+    func becomeProbe() {
         // After a snapshot, resume after it rather than from an older match.
         next = state == .snapshot ? max(match, pendingSnapshot).next : match.next
         state = .probe
@@ -43,14 +44,14 @@ struct Progress {
         inflights.removeAll()
     }
 
-    mutating func becomeReplicate() {
+    func becomeReplicate() {
         state = .replicate
         next = match.next
         inflights.removeAll()
     }
 
     /// An append with entries up to `last` went out.
-    mutating func sent(through last: LogIndex, entries: Int) {
+    func sent(through last: LogIndex, entries: Int) {
         switch state {
         case .replicate:
             if entries > 0 {
@@ -64,14 +65,14 @@ struct Progress {
         }
     }
 
-    mutating func becomeSnapshot(_ index: LogIndex) {
+    func becomeSnapshot(_ index: LogIndex) {
         state = .snapshot
         pendingSnapshot = index
         inflights.removeAll()
     }
 
     /// The follower has everything through `index`; false when that is old news.
-    mutating func maybeUpdate(_ index: LogIndex) -> Bool {
+    func maybeUpdate(_ index: LogIndex) -> Bool {
         var updated = false
         if match < index {
             match = index
@@ -85,7 +86,7 @@ struct Progress {
 
     /// The follower rejected an append at `rejected`; its last index is `hint`. False when the
     /// rejection is stale.
-    mutating func maybeDecrease(rejected: LogIndex, hint: LogIndex) -> Bool {
+    func maybeDecrease(rejected: LogIndex, hint: LogIndex) -> Bool {
         if state == .replicate {
             // Stale unless it rejects exactly what follows our match.
             guard rejected > match else { return false }
@@ -134,6 +135,34 @@ struct Inflights {
             start = 0
         }
     }
+}
+
+/// Progress by member: a handful of members, so a linear search beats hashing NodeIDs.
+struct ProgressMap: Sequence {
+    private var ids: [NodeID] = []
+    private var values: [Progress] = []
+
+    subscript(id: NodeID) -> Progress? {
+        get {
+            guard let i = ids.firstIndex(of: id) else { return nil }
+            return values[i]
+        }
+        set {
+            if let i = ids.firstIndex(of: id) {
+                if let newValue { values[i] = newValue } else {
+                    ids.remove(at: i)
+                    values.remove(at: i)
+                }
+            } else if let newValue {
+                ids.append(id)
+                values.append(newValue)
+            }
+        }
+    }
+
+    var keys: [NodeID] { ids }
+
+    func makeIterator() -> Zip2Sequence<[NodeID], [Progress]>.Iterator { zip(ids, values).makeIterator() }
 }
 
 /// Majority quorums over a set of voters.

@@ -340,10 +340,7 @@ extension RaftNode {
         let context = context.isEmpty ? (readOnly.lastContext ?? []) : context
         for voter in progress.keys.sorted() where voter != id {
             let commit = min(progress[voter]?.match ?? .zero, log.committed)
-            if var p = progress[voter] {
-                p.sentCommit = max(p.sentCommit, commit)
-                progress[voter] = p
-            }
+            if let p = progress[voter] { p.sentCommit = max(p.sentCommit, commit) }
             send(Message(kind: .heartbeat, to: voter, term: term, commit: commit, context: context))
         }
     }

@@ -47,7 +47,7 @@ public final class RaftNode<Random: RaftRandom> {
     public internal(set) var role = Role.follower
     public internal(set) var leader: NodeID = .none
     var log: RaftLog
-    var progress: [NodeID: Progress] = [:]
+    var progress = ProgressMap()
     var quorum: Quorum
     var learners: Set<NodeID> = []
     /// The index of the last configuration change proposed; the next waits until it is applied.
@@ -201,22 +201,20 @@ public final class RaftNode<Random: RaftRandom> {
 
     /// How sending a snapshot to `peer` ended (the transport reports it).
     public func reportSnapshot(_ peer: NodeID, success: Bool) {
-        guard role == .leader, var p = progress[peer], p.state == .snapshot else { return }
+        guard role == .leader, let p = progress[peer], p.state == .snapshot else { return }
         if !success { p.pendingSnapshot = .zero }
         p.becomeProbe()
         // After a failure wait for the next heartbeat; after success probe at once.
         p.probeSent = !success
-        progress[peer] = p
         if success { sendAppend(to: peer) }
     }
 
     /// The transport could not deliver to `peer` (its stream broke): appends sent optimistically
     /// may be lost, so go back to probing its match point.
     public func reportUnreachable(_ peer: NodeID) {
-        guard role == .leader, peer != id, var p = progress[peer] else { return }
+        guard role == .leader, peer != id, let p = progress[peer] else { return }
         if p.state == .replicate { p.becomeProbe() }
         p.probeSent = false
-        progress[peer] = p
     }
 
     // MARK: - Ready
@@ -283,9 +281,9 @@ public final class RaftNode<Random: RaftRandom> {
         pendingReads = []
         leadTransferee = .none
         removedAt = nil
-        progress = [:]
-        for member in quorum.voters.union(learners) {
-            var p = Progress(next: log.lastIndex.next)
+        progress = ProgressMap()
+        for member in quorum.voters.union(learners).sorted() {
+            let p = Progress(next: log.lastIndex.next)
             if member == id { p.match = log.persistedIndex }
             progress[member] = p
         }

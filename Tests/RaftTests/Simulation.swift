@@ -252,7 +252,7 @@ final class Simulation {
         }
         let state = ids.map { id -> String in
             let r = nodes[id]!.raft
-            let p = r.progress.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value.state) m\($0.value.match) n\($0.value.next) ps\($0.value.probeSent) inf\($0.value.inflights.count)" }
+            let p = r.progress.sorted { $0.0 < $1.0 }.map { "\($0.0):\($0.1.state) m\($0.1.match) n\($0.1.next) ps\($0.1.probeSent) inf\($0.1.inflights.count)" }
             return "\(id): \(r.role) conf\(r.confState.voters.sorted())/\(r.confState.learners.sorted()) el\(r.electionElapsed)/\(r.randomizedElectionTimeout) t\(r.term) v\(r.vote) lead\(r.leader) c\(r.commitIndex) last\(r.lastIndex) persisted\(r.log.persistedIndex) applied\(nodes[id]!.applied.count) \(r.role == .leader ? p.joined(separator: ",") : "")"
         }
         check(false, "did not converge: \(state.joined(separator: " | "))")
