@@ -112,7 +112,7 @@ struct KubeStoragePatternTests {
                 log.append(try await store.delete("/registry/pods/default/p0", expecting: 99))         // conflict
                 // Events share one lease; the lease expires and takes them with it.
                 var grant = Etcdserverpb_LeaseGrantRequest()
-                grant.ttl = 3
+                grant.ttl = 6
                 grant.id = 4242
                 let granted = try await store.lease.leaseGrant(grant)
                 log.append("lease grant: ttl=\(granted.ttl)")
@@ -123,7 +123,7 @@ struct KubeStoragePatternTests {
                 w.requestProgress()
                 await w.wait { $0.contains { $0.watchID == -1 } }
                 // Expiry: five DELETE events with their previous values.
-                await w.wait(timeout: .seconds(15)) { $0.flatMap(\.events).filter { $0.type == .delete }.count >= 6 }
+                await w.wait(timeout: .seconds(25)) { $0.flatMap(\.events).filter { $0.type == .delete }.count >= 6 }
                 log.append(try await store.count("/registry/events/"))
                 // The compactor, then a watch that starts below the compaction: the watch cache relists.
                 let current = try await store.kv.range(range("/registry/pods/default/p5")).header.revision
