@@ -187,8 +187,11 @@ extension RaftNode {
             log.commit(to: snapshot.index)
         } else {
             log.restore(snapshot)
-            quorum = Quorum(voters: snapshot.confState.voters)
-            learners = snapshot.confState.learners
+            let conf = snapshot.confState
+            quorum = Quorum(incoming: conf.voters, outgoing: conf.outgoingVoters)
+            learners = conf.learners
+            learnersNext = conf.learnersNext
+            autoLeave = conf.autoLeave
         }
         send(Message(kind: .appendResponse, to: m.from, term: term, index: snapshot.index))
     }
@@ -208,7 +211,7 @@ extension RaftNode {
         case .checkQuorum:
             let active = quorum.voters.filter { $0 == id || progress[$0]?.recentActive == true }
             for voter in quorum.voters where voter != id { progress[voter]?.recentActive = false }
-            if active.count < quorum.size { becomeFollower(term: term, leader: .none) }
+            if !quorum.hasQuorum(Set(active)) { becomeFollower(term: term, leader: .none) }
         case .propose:
             guard leadTransferee == .none else { return }  // handing over: refuse
             appendEntries(m.entries)
@@ -260,7 +263,7 @@ extension RaftNode {
             }
             if progress[m.from]!.match < log.lastIndex { sendAppend(to: m.from) }
             if !m.context.isEmpty, let acks = readOnly.acknowledge(m.context, from: m.from),
-               acks.intersection(quorum.voters).count >= quorum.size {
+               quorum.hasQuorum(acks) {
                 for released in readOnly.release(through: m.context) { answerRead(released.request, at: released.index) }
             }
         default:

@@ -50,6 +50,9 @@ public final class RaftNode<Random: RaftRandom> {
     var progress = ProgressMap()
     var quorum: Quorum
     var learners: Set<NodeID> = []
+    /// Voters of the outgoing configuration that become learners when it is left.
+    var learnersNext: Set<NodeID> = []
+    var autoLeave = false
     /// The index of the last configuration change proposed; the next waits until it is applied.
     var pendingConfIndex: LogIndex = .zero
     /// Set on a leader that applied its own removal (at this index).
@@ -79,8 +82,10 @@ public final class RaftNode<Random: RaftRandom> {
         self.random = random
         let (hard, conf) = storage.initialState()
         log = RaftLog(storage: storage, committed: hard.commit, applied: config.applied, maxApplyBytes: config.maxApplyBytes)
-        quorum = Quorum(voters: conf.voters)
+        quorum = Quorum(incoming: conf.voters, outgoing: conf.outgoingVoters)
         learners = conf.learners
+        learnersNext = conf.learnersNext
+        autoLeave = conf.autoLeave
         lastSoftState = SoftState(leader: .none, role: .follower)
         lastHardState = hard
         becomeFollower(term: hard.term, leader: .none)
@@ -139,54 +144,114 @@ public final class RaftNode<Random: RaftRandom> {
         step(Message(kind: .transferLeader, from: id, index: LogIndex(target.value)))
     }
 
-    public var confState: ConfState { ConfState(voters: quorum.voters, learners: learners) }
+    public var confState: ConfState {
+        ConfState(voters: quorum.incoming, learners: learners, outgoingVoters: quorum.outgoing,
+                  learnersNext: learnersNext, autoLeave: autoLeave)
+    }
 
-    /// Proposes a membership change. Refused while another is pending (not yet applied) and until
-    /// this leader has committed an entry of its own term.
+    /// Proposes a single membership change (see `proposeConfChange(_: ConfChangeSet)`).
     public func proposeConfChange(_ change: ConfChange) throws {
-        guard role == .leader, leadTransferee == .none, removedAt == nil, committedInCurrentTerm, pendingConfIndex <= log.applied,
-              !(change.kind == .remove && quorum.voters == [change.node]) else {
+        try proposeConfChange(ConfChangeSet([change]))
+    }
+
+    /// Proposes membership changes: one simple change, or several through a joint configuration
+    /// (an empty set leaves it). Refused while another change is pending (not yet applied), until
+    /// this leader has committed an entry of its own term, when entering a joint configuration
+    /// twice or leaving one that was not entered, and when no voter would remain.
+    public func proposeConfChange(_ set: ConfChangeSet) throws {
+        guard role == .leader, leadTransferee == .none, removedAt == nil, committedInCurrentTerm,
+              pendingConfIndex <= log.applied, set.isLeave == quorum.isJoint,
+              set.isLeave || !Self.apply(set.changes, to: quorum.incoming, learners: learners).voters.isEmpty else {
             throw RaftError.proposalDropped
         }
-        appendEntries([Entry(term: term, index: .zero, kind: .configChange, data: change.encoded)])
+        appendEntries([Entry(term: term, index: .zero, kind: .configChange, data: set.encoded)])
         pendingConfIndex = log.lastIndex
         broadcastAppend()
     }
 
-    /// Applies a committed change (the application calls this when it applies the entry) and
-    /// returns the configuration to persist with the applied state.
+    /// Applies a committed single change (the application calls this when it applies the entry).
     @discardableResult
     public func applyConfChange(_ change: ConfChange) -> ConfState {
-        var voters = quorum.voters
-        switch change.kind {
-        case .addVoter:
-            voters.insert(change.node)
-            learners.remove(change.node)
-        case .addLearner:
-            guard !voters.contains(change.node) else { break }  // demotion needs a joint change
-            learners.insert(change.node)
-        case .remove:
-            voters.remove(change.node)
-            learners.remove(change.node)
+        applyConfChange(ConfChangeSet([change]))
+    }
+
+    /// Applies a committed change entry's set and returns the configuration to persist with the
+    /// applied state.
+    @discardableResult
+    public func applyConfChange(_ set: ConfChangeSet) -> ConfState {
+        if set.isLeave {
+            guard quorum.isJoint else { return confState }
+            quorum = Quorum(voters: quorum.incoming)
+            learners.formUnion(learnersNext)
+            learnersNext = []
+            autoLeave = false
+        } else if set.isSimple && !quorum.isJoint {
+            let next = Self.apply(set.changes, to: quorum.incoming, learners: learners)
+            quorum = Quorum(voters: next.voters)
+            learners = next.learners
+        } else if !quorum.isJoint {
+            // Enter the joint configuration: the old voters must agree too until it is left.
+            let outgoing = quorum.incoming
+            var next = Self.apply(set.changes, to: quorum.incoming, learners: learners, demote: true)
+            // Voters demoted to learners stay voters of the outgoing half until the leave.
+            learnersNext = next.learners.intersection(outgoing)
+            next.learners.subtract(learnersNext)
+            quorum = Quorum(incoming: next.voters, outgoing: outgoing)
+            learners = next.learners
+            autoLeave = !set.explicitLeave
         }
-        quorum = Quorum(voters: voters)
-        if role == .leader {
-            let members = voters.union(learners)
-            for gone in progress.keys where !members.contains(gone) { progress[gone] = nil }
-            for new in members where progress[new] == nil { progress[new] = Progress(next: log.lastIndex.next) }
-            if !voters.contains(id) {
-                // Removed: keep leading until the remaining voters know the change committed (they
-                // may need our appends to learn it), then step down (see `stepDownIfRemoved`).
-                removedAt = log.applied.next
-                broadcastAppend(sendIfEmpty: true)
-                stepDownIfRemoved()
-            } else if maybeCommit() {
-                broadcastAppend(sendIfEmpty: true)
-            } else {
-                broadcastAppend()
+        if role == .leader { leaderAppliedConfChange() }
+        return confState
+    }
+
+    /// The voters and learners after `changes`.
+    static func apply(_ changes: [ConfChange], to voters: Set<NodeID>, learners: Set<NodeID>, demote: Bool = false)
+        -> (voters: Set<NodeID>, learners: Set<NodeID>) {
+        var voters = voters
+        var learners = learners
+        for change in changes {
+            switch change.kind {
+            case .addVoter:
+                voters.insert(change.node)
+                learners.remove(change.node)
+            case .addLearner:
+                // Demoting a voter takes a joint change.
+                guard demote || !voters.contains(change.node) else { continue }
+                voters.remove(change.node)
+                learners.insert(change.node)
+            case .remove:
+                voters.remove(change.node)
+                learners.remove(change.node)
             }
         }
-        return confState
+        return (voters, learners)
+    }
+
+    private func leaderAppliedConfChange() {
+        let members = quorum.voters.union(learners).union(learnersNext)
+        for gone in progress.keys where !members.contains(gone) { progress[gone] = nil }
+        for new in members.sorted() where progress[new] == nil { progress[new] = Progress(next: log.lastIndex.next) }
+        if !quorum.voters.contains(id) {
+            // Removed: keep leading until the remaining voters know the change committed (they
+            // may need our appends to learn it), then step down (see `stepDownIfRemoved`).
+            removedAt = log.applied.next
+            broadcastAppend(sendIfEmpty: true)
+            stepDownIfRemoved()
+        } else if maybeCommit() {
+            broadcastAppend(sendIfEmpty: true)
+        } else {
+            broadcastAppend()
+        }
+    }
+
+    /// A leader in a joint configuration that should be left by itself proposes the leave once the
+    /// entering change is applied.
+    func maybeAutoLeave() {
+        guard role == .leader, quorum.isJoint, autoLeave, pendingConfIndex <= log.applied, committedInCurrentTerm,
+              leadTransferee == .none, removedAt == nil else { return }
+        appendEntries([Entry(term: term, index: .zero, kind: .configChange, data: ConfChangeSet.leaveJoint.encoded)])
+        pendingConfIndex = log.lastIndex
+        broadcastAppend()
     }
 
     /// A removed leader steps down once every remaining voter has been told the removal committed.
@@ -254,6 +319,7 @@ public final class RaftNode<Random: RaftRandom> {
             selfVotePending = false
             if role == .candidate { receiveVote(from: id, granted: true) }
         }
+        maybeAutoLeave()
         if role == .leader {
             // The leader counts itself only for what it has persisted.
             if progress[id]?.maybeUpdate(log.persistedIndex) == true, maybeCommit() { broadcastAppend(sendIfEmpty: true) }
@@ -282,7 +348,7 @@ public final class RaftNode<Random: RaftRandom> {
         leadTransferee = .none
         removedAt = nil
         progress = ProgressMap()
-        for member in quorum.voters.union(learners).sorted() {
+        for member in quorum.voters.union(learners).union(learnersNext).sorted() {
             let p = Progress(next: log.lastIndex.next)
             if member == id { p.match = log.persistedIndex }
             progress[member] = p

@@ -77,3 +77,61 @@ import Testing
         #expect(ConfChange(encoded: [9]) == nil)
     }
 }
+
+@Suite struct JointConsensusTests {
+    /// Replacing a voter in one step: both the old and the new majority must agree while joint.
+    @Test func replacingAVoterThroughAJointConfigurationLeavesByItself() throws {
+        let cluster = TestCluster.elected()
+        cluster.addNode(4)
+        try cluster.raft(1).proposeConfChange(ConfChangeSet([ConfChange(.addVoter, 4), ConfChange(.remove, 3)]))
+        cluster.stabilize()
+        #expect(cluster.raft(1).confState == ConfState(voters: [1, 2, 4]), "entered and left by itself")
+        #expect(cluster.raft(4).confState.voters == [1, 2, 4] && cluster.raft(2).confState.voters == [1, 2, 4], "\(cluster.raft(4).confState) \(cluster.raft(4).commitIndex) \(cluster.raft(1).commitIndex)")
+        cluster.cut = [3]
+        try cluster.raft(1).propose([1])
+        cluster.stabilize()
+        #expect(cluster.raft(4).commitIndex == cluster.raft(1).lastIndex)
+    }
+
+    @Test func anExplicitLeaveWaitsAndBothMajoritiesCount() throws {
+        let cluster = TestCluster.elected()
+        cluster.addNode(4)
+        cluster.addNode(5)
+        try cluster.raft(1).proposeConfChange(ConfChangeSet([ConfChange(.addVoter, 4), ConfChange(.addVoter, 5),
+                                                             ConfChange(.remove, 2), ConfChange(.remove, 3)], explicitLeave: true))
+        cluster.stabilize()
+        #expect(cluster.raft(1).confState == ConfState(voters: [1, 4, 5], outgoingVoters: [1, 2, 3]))
+        // While joint, the new majority alone (1, 4, 5) cannot commit: the old one must agree too.
+        cluster.cut = [2, 3]
+        try cluster.raft(1).propose([7])
+        cluster.stabilize()
+        #expect(cluster.raft(1).commitIndex < cluster.raft(1).lastIndex)
+        #expect(throws: RaftError.proposalDropped) { try cluster.raft(1).proposeConfChange(ConfChange(.addLearner, 6)) }
+        cluster.cut = []
+        cluster.raft(1).reportUnreachable(2)
+        cluster.raft(1).reportUnreachable(3)
+        cluster.tick(2)
+        #expect(cluster.raft(1).commitIndex == cluster.raft(1).lastIndex)
+        try cluster.raft(1).proposeConfChange(ConfChangeSet.leaveJoint)
+        cluster.stabilize()
+        #expect(cluster.raft(1).confState == ConfState(voters: [1, 4, 5]))
+    }
+
+    @Test func aDemotedVoterBecomesALearnerWhenTheJointConfigurationIsLeft() throws {
+        let cluster = TestCluster.elected()
+        try cluster.raft(1).proposeConfChange(ConfChangeSet([ConfChange(.addLearner, 3)], explicitLeave: true))
+        cluster.stabilize()
+        #expect(cluster.raft(1).confState == ConfState(voters: [1, 2], outgoingVoters: [1, 2, 3], learnersNext: [3]))
+        try cluster.raft(1).proposeConfChange(ConfChangeSet.leaveJoint)
+        cluster.stabilize()
+        #expect(cluster.raft(1).confState == ConfState(voters: [1, 2], learners: [3]))
+        #expect(cluster.raft(3).confState == ConfState(voters: [1, 2], learners: [3]))
+    }
+
+    @Test func setsTravelInEntries() {
+        let set = ConfChangeSet([ConfChange(.addVoter, 4), ConfChange(.remove, 1)], explicitLeave: true)
+        #expect(ConfChangeSet(encoded: set.encoded) == set)
+        #expect(ConfChangeSet(encoded: ConfChangeSet.leaveJoint.encoded) == ConfChangeSet.leaveJoint)
+        #expect(ConfChangeSet(encoded: ConfChange(.addLearner, 2).encoded) == ConfChangeSet([ConfChange(.addLearner, 2)]))
+    }
+}

@@ -9,10 +9,12 @@ final class TestCluster {
     /// Single links cut one way: [from, to].
     var blockedLinks: Set<[UInt64]> = []
     var ids: [NodeID]
+    var initialIDs: [NodeID] = []
     var reads: [NodeID: [ReadState]] = [:]
 
     init(_ size: Int, preVote: Bool = true, checkQuorum: Bool = true) {
         ids = (1...UInt64(size)).map { NodeID($0) }
+        initialIDs = ids
         for id in ids {
             let storage = MemoryStorage(members: ids)
             var config = RaftConfig(id: id)
@@ -32,9 +34,10 @@ final class TestCluster {
         return cluster
     }
 
-    /// A new, empty node that learns the membership from the log.
+    /// A new node with an empty log and the bootstrap configuration; it learns every later change
+    /// from the log.
     func addNode(_ id: NodeID) {
-        let storage = MemoryStorage(confState: ConfState())
+        let storage = MemoryStorage(confState: ConfState(voters: Set(initialIDs)))
         nodes[id] = (RaftNode(config: RaftConfig(id: id), storage: storage, random: SeededRandom(seed: id.value)), storage)
         ids.append(id)
     }
@@ -55,7 +58,7 @@ final class TestCluster {
                 if let hard = ready.hardState { storage.setHardState(hard) }
                 reads[id, default: []] += ready.readStates
                 for entry in ready.committedEntries where entry.kind == .configChange {
-                    storage.confState = raft.applyConfChange(ConfChange(encoded: entry.data)!)
+                    storage.confState = raft.applyConfChange(ConfChangeSet(encoded: entry.data)!)
                 }
                 for m in ready.messages + ready.messagesAfterPersist {
                     if cut.contains(m.from) != cut.contains(m.to) || dropKinds.contains(m.kind)

@@ -46,10 +46,12 @@ final class Simulation {
         self.seed = seed
         random = SeededRandom(seed: seed)
         let voters = (1...UInt64(size)).map { NodeID($0) }
-        // Two spare nodes start empty and join only through membership changes.
+        // Two spare nodes start with an empty log and the bootstrap configuration (as a member
+        // joining with the cluster's initial membership): not members, they learn every change
+        // after it from the log (or a snapshot) and join only through membership changes.
         ids = voters + [NodeID(UInt64(size) + 1), NodeID(UInt64(size) + 2)]
         for id in ids {
-            let storage = voters.contains(id) ? MemoryStorage(members: voters) : MemoryStorage(confState: ConfState())
+            let storage = MemoryStorage(members: voters)
             nodes[id] = Node(id: id, storage: storage, raft: makeRaft(id, storage, applied: .zero))
         }
     }
@@ -99,7 +101,7 @@ final class Simulation {
                 appliedAt[entry.index] = entry
             }
             if entry.kind == .configChange {
-                node.storage.confState = node.raft.applyConfChange(ConfChange(encoded: entry.data)!)
+                node.storage.confState = node.raft.applyConfChange(ConfChangeSet(encoded: entry.data)!)
                 changesApplied += 1
             } else if !entry.data.isEmpty {
                 check(!node.applied.contains { $0.data == entry.data }, "proposal \(entry.data) applied twice on \(node.id)")
@@ -188,10 +190,23 @@ final class Simulation {
                 let conf = node.raft.confState
                 let outside = ids.filter { !conf.voters.contains($0) && !conf.learners.contains($0) }
                 var change: ConfChange?
-                switch random.next(below: 3) {
+                if !conf.outgoingVoters.isEmpty {
+                    // Joint with an explicit leave: leave it.
+                    try? node.raft.proposeConfChange(ConfChangeSet.leaveJoint)
+                    break
+                }
+                switch random.next(below: 4) {
                 case 0: if let n = outside.randomElement(using: &random) { change = ConfChange(.addLearner, n) }
                 case 1: if let n = conf.learners.sorted().randomElement(using: &random) { change = ConfChange(.addVoter, n) }
-                default: if conf.voters.count > 1 { change = ConfChange(.remove, conf.voters.sorted().randomElement(using: &random)!) }
+                case 2: if conf.voters.count > 1 { change = ConfChange(.remove, conf.voters.sorted().randomElement(using: &random)!) }
+                default:
+                    // Replace a voter through a joint configuration (left automatically or explicitly).
+                    if let newcomer = (outside + conf.learners.sorted()).randomElement(using: &random),
+                       let leaving = conf.voters.sorted().randomElement(using: &random) {
+                        let set = ConfChangeSet([ConfChange(.addVoter, newcomer), ConfChange(.remove, leaving)],
+                                                explicitLeave: random.next(below: 2) == 0)
+                        try? node.raft.proposeConfChange(set)
+                    }
                 }
                 if let change { try? node.raft.proposeConfChange(change) }
             }
@@ -235,9 +250,12 @@ final class Simulation {
                 if round % 200 == 0 {
                     markers.append(Array("final-\(round)".utf8))
                     try? leader.raft.propose(markers.last!)
+                    if !leader.raft.confState.outgoingVoters.isEmpty { try? leader.raft.proposeConfChange(ConfChangeSet.leaveJoint) }
                 }
                 let conf = leader.raft.confState
-                let members = nodes.values.filter { conf.voters.contains($0.id) || conf.learners.contains($0.id) }
+                let members = nodes.values.filter {
+                    conf.voters.contains($0.id) || conf.learners.contains($0.id) || conf.outgoingVoters.contains($0.id)
+                }
                 if markers.contains(where: { marker in members.allSatisfy { $0.applied.contains { $0.data == marker } } }) {
                     // Everyone applied the marker; up to the shortest, the applied logs are one.
                     let shortest = members.map(\.applied.count).min() ?? 0
