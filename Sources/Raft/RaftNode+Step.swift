@@ -214,6 +214,9 @@ extension RaftNode {
             if !quorum.hasQuorum(Set(active)) { becomeFollower(term: term, leader: .none) }
         case .propose:
             guard leadTransferee == .none else { return }  // handing over: refuse
+            let bytes = m.entries.reduce(0) { $0 + $1.data.count }
+            guard canTakeUncommitted(bytes) else { return }  // too much not yet committed
+            uncommittedBytes += bytes
             appendEntries(m.entries)
             broadcastAppend()
         case .readIndex:

@@ -11,6 +11,9 @@ public struct RaftConfig: Sendable {
     public var maxMessageBytes = 1 << 20
     public var maxInflightMessages = 256
     public var maxApplyBytes = 64 << 20
+    /// A leader refuses proposals while its uncommitted entries hold more than this many bytes of
+    /// data (0: no limit); an entry that alone exceeds it is still taken when nothing is pending.
+    public var maxUncommittedEntriesBytes = 0
     /// The last index the application had applied before this start.
     public var applied: LogIndex = .zero
 
@@ -57,6 +60,8 @@ public final class RaftNode<Random: RaftRandom> {
     var pendingConfIndex: LogIndex = .zero
     /// Set on a leader that applied its own removal (at this index).
     var removedAt: LogIndex?
+    /// Data bytes of the leader's entries not yet applied (for `maxUncommittedEntriesBytes`).
+    var uncommittedBytes = 0
     var votes: [NodeID: Bool] = [:]
     /// The candidate's vote for itself counts once the hard state holding it is durable.
     var selfVotePending = false
@@ -130,6 +135,7 @@ public final class RaftNode<Random: RaftRandom> {
         guard (role == .leader && leadTransferee == .none && removedAt == nil) || (role == .follower && leader != .none) else {
             throw RaftError.proposalDropped
         }
+        if role == .leader && !canTakeUncommitted(data.count) { throw RaftError.proposalDropped }
         step(Message(kind: .propose, from: id, entries: [Entry(term: .zero, index: .zero, data: data)]))
     }
 
@@ -254,6 +260,11 @@ public final class RaftNode<Random: RaftRandom> {
         broadcastAppend()
     }
 
+    func canTakeUncommitted(_ bytes: Int) -> Bool {
+        let limit = config.maxUncommittedEntriesBytes
+        return limit == 0 || uncommittedBytes == 0 || uncommittedBytes + bytes <= limit
+    }
+
     /// A removed leader steps down once every remaining voter has been told the removal committed.
     func stepDownIfRemoved() {
         guard role == .leader, let index = removedAt else { return }
@@ -315,6 +326,10 @@ public final class RaftNode<Random: RaftRandom> {
         if let snapshot = ready.snapshot { log.snapshotInstalled(snapshot) }
         if let last = ready.entries.last { log.stable(to: last.index, term: last.term) }
         if let applied = ready.committedEntries.last?.index { log.applied = max(log.applied, applied) }
+        if role == .leader {
+            let released = ready.committedEntries.reduce(0) { $0 + $1.data.count }
+            uncommittedBytes = max(0, uncommittedBytes - released)
+        }
         if selfVotePending, ready.hardState?.term == term, ready.hardState?.vote == id {
             selfVotePending = false
             if role == .candidate { receiveVote(from: id, granted: true) }
@@ -347,6 +362,7 @@ public final class RaftNode<Random: RaftRandom> {
         pendingReads = []
         leadTransferee = .none
         removedAt = nil
+        uncommittedBytes = 0
         progress = ProgressMap()
         for member in quorum.voters.union(learners).union(learnersNext).sorted() {
             let p = Progress(next: log.lastIndex.next)

@@ -148,3 +148,39 @@ final class TestCluster {
         #expect(cluster.ids.allSatisfy { cluster.raft($0).commitIndex == 2 })
     }
 }
+
+@Suite struct FlowControlTests {
+    /// A leader whose entries cannot commit stops taking proposals past the uncommitted limit, and
+    /// takes them again once they commit.
+    @Test func uncommittedDataIsBounded() throws {
+        let ids: [NodeID] = [1, 2, 3]
+        let storage = MemoryStorage(members: ids)
+        var config = RaftConfig(id: 1)
+        config.maxUncommittedEntriesBytes = 1_000
+        let leader = RaftNode(config: config, storage: storage, random: SeededRandom(seed: 1))
+        leader.campaign()
+        func persist() {
+            while leader.hasReady {
+                let ready = leader.ready()
+                storage.append(ready.entries)
+                if let hard = ready.hardState { storage.setHardState(hard) }
+                leader.advance(ready)
+            }
+        }
+        persist()
+        for voter: NodeID in [2, 3] { leader.step(Message(kind: .preVoteResponse, from: voter, to: 1, term: 1)) }
+        persist()
+        for voter: NodeID in [2, 3] { leader.step(Message(kind: .voteResponse, from: voter, to: 1, term: 1)) }
+        persist()
+        #expect(leader.role == .leader)
+        // Nobody acknowledges: nothing commits.
+        for _ in 0..<4 { try leader.propose([UInt8](repeating: 1, count: 250)) }
+        #expect(throws: RaftError.proposalDropped) { try leader.propose([UInt8](repeating: 1, count: 250)) }
+        persist()
+        // The followers acknowledge everything: it commits and applies, and there is room again.
+        for voter: NodeID in [2, 3] { leader.step(Message(kind: .appendResponse, from: voter, to: 1, term: 1, index: leader.lastIndex)) }
+        persist()
+        #expect(leader.appliedIndex == leader.lastIndex)
+        try leader.propose([UInt8](repeating: 1, count: 250))
+    }
+}

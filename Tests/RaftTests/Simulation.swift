@@ -61,6 +61,7 @@ final class Simulation {
         config.applied = applied
         config.maxInflightMessages = 4
         config.maxMessageBytes = 256
+        config.maxUncommittedEntriesBytes = 64
         return RaftNode(config: config, storage: storage, random: SeededRandom(seed: seed &* 31 &+ id.value))
     }
 
