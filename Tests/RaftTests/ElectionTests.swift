@@ -149,6 +149,16 @@ final class TestCluster {
     }
 }
 
+/// Persists and acknowledges a lone node's Readies until it has nothing more (messages dropped).
+func drain(_ node: RaftNode<SeededRandom>, _ storage: MemoryStorage) {
+    while node.hasReady {
+        let ready = node.ready()
+        storage.append(ready.entries)
+        if let hard = ready.hardState { storage.setHardState(hard) }
+        node.advance(ready)
+    }
+}
+
 @Suite struct FlowControlTests {
     /// A leader whose entries cannot commit stops taking proposals past the uncommitted limit, and
     /// takes them again once they commit.
@@ -159,14 +169,7 @@ final class TestCluster {
         config.maxUncommittedEntriesBytes = 1_000
         let leader = RaftNode(config: config, storage: storage, random: SeededRandom(seed: 1))
         leader.campaign()
-        func persist() {
-            while leader.hasReady {
-                let ready = leader.ready()
-                storage.append(ready.entries)
-                if let hard = ready.hardState { storage.setHardState(hard) }
-                leader.advance(ready)
-            }
-        }
+        func persist() { drain(leader, storage) }
         persist()
         for voter: NodeID in [2, 3] { leader.step(Message(kind: .preVoteResponse, from: voter, to: 1, term: 1)) }
         persist()

@@ -313,18 +313,10 @@ final class Simulation {
         let storage = MemoryStorage(members: [1])
         let node = RaftNode(config: RaftConfig(id: 1), storage: storage, random: SeededRandom(seed: 1))
         node.campaign()
-        func drain() {
-            while node.hasReady {
-                let ready = node.ready()
-                storage.append(ready.entries)
-                if let hard = ready.hardState { storage.setHardState(hard) }
-                node.advance(ready)
-            }
-        }
-        drain()
+        drain(node, storage)
         #expect(node.role == .leader && node.term == 1)
         try node.propose(Array("x".utf8))
-        drain()
+        drain(node, storage)
         #expect(node.commitIndex == 2 && node.appliedIndex == 2)
     }
 }
