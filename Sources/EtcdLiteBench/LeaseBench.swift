@@ -194,7 +194,9 @@ public struct LeaseExpiryBench: Sendable {
                 var put = Etcdserverpb_PutRequest()
                 put.key = Data("bench/expiry-writer/\(i % 1000)".utf8)
                 put.value = Data(repeating: 120, count: 64)
-                let observer = RecordingCall(intended: intended, timeline: timeline, errors: errors)
+                let observer = TimedCall(intended: intended, errors: errors) { intended, latency in
+                    timeline.samples.withLock { $0.append((intended, latency)) }
+                }
                 _ = writer.start("/etcdserverpb.KV/Put", messages: [try put.serializedBytes()], endRequest: true, observer: observer)
             }
         }
@@ -234,29 +236,6 @@ public struct LeaseExpiryBench: Sendable {
     /// Write latencies keyed by their intended start.
     final class Timeline: Sendable {
         let samples = Mutex<[(intended: UInt64, latency: UInt64)]>([])
-    }
-
-    final class RecordingCall: ClientCallObserver, @unchecked Sendable {
-        let intended: UInt64
-        let timeline: Timeline
-        let errors: ErrorCounter
-
-        init(intended: UInt64, timeline: Timeline, errors: ErrorCounter) {
-            self.intended = intended
-            self.timeline = timeline
-            self.errors = errors
-        }
-
-        func received(_ message: [UInt8]) {}
-
-        func closed(_ status: ClientStatus) {
-            if status.code == 0 {
-                let latency = monotonicNanos() &- intended
-                timeline.samples.withLock { $0.append((intended, latency)) }
-            } else {
-                errors.add(status.message)
-            }
-        }
     }
 }
 

@@ -77,23 +77,24 @@ public struct BenchError: Error, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// Counts answers of fire-and-forget calls and records their latency from an intended start.
+/// Counts answers of fire-and-forget calls and reports their latency from an intended start.
 final class TimedCall: ClientCallObserver, @unchecked Sendable {
     let intended: UInt64
-    let recorder: LatencyRecorder
     let errors: ErrorCounter
+    /// Receives (intended start, latency) in nanoseconds for each successful call.
+    let record: @Sendable (UInt64, UInt64) -> Void
 
-    init(intended: UInt64, recorder: LatencyRecorder, errors: ErrorCounter) {
+    init(intended: UInt64, errors: ErrorCounter, record: @escaping @Sendable (UInt64, UInt64) -> Void) {
         self.intended = intended
-        self.recorder = recorder
         self.errors = errors
+        self.record = record
     }
 
     func received(_ message: [UInt8]) {}
 
     func closed(_ status: ClientStatus) {
         if status.code == 0 {
-            recorder.record(monotonicNanos() &- intended)
+            record(intended, monotonicNanos() &- intended)
         } else {
             errors.add(status.message)
         }

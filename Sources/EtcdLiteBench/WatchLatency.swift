@@ -94,7 +94,7 @@ public struct WatchLatencyBench: Sendable {
             value.withUnsafeMutableBytes { $0.storeBytes(of: intended, as: UInt64.self) }
             put.value = value
             _ = writer.start("/etcdserverpb.KV/Put", messages: [try put.serializedBytes()], endRequest: true,
-                             observer: TimedCall(intended: intended, recorder: putRecorder, errors: errors))
+                             observer: TimedCall(intended: intended, errors: errors) { _, latency in putRecorder.record(latency) })
         }
         let expected = puts * watchers
         _ = await waitUntil(timeout: 20) { observers.reduce(0) { $0 + $1.events.load(ordering: .relaxed) } >= expected }

@@ -194,7 +194,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
                         calls[id]!.headersSent = true
                         writeHeaders(id)
                     }
-                    writeMessage(id, response, promise: nil)
+                    writeMessages(id, [response], promise: nil)
                 case .failure(let status):
                     fail(id, status)
                     return
@@ -261,7 +261,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         switch result {
         case .success(let message):
             writeHeaders(id)
-            writeMessage(id, message, promise: nil)
+            writeMessages(id, [message], promise: nil)
             writeTrailers(id, .ok, trailersOnly: false)
         case .failure(let status):
             writeTrailers(id, status, trailersOnly: true)
@@ -320,16 +320,6 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         headers.add(name: ":status", value: "200")
         headers.add(name: "content-type", value: "application/grpc")
         write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers, endStream: false))))
-    }
-
-    private func writeMessage(_ id: HTTP2StreamID, _ message: [UInt8], promise: EventLoopPromise<Void>?) {
-        guard let context else { return }
-        var buffer = context.channel.allocator.buffer(capacity: message.count + 5)
-        buffer.writeInteger(UInt8(0))
-        buffer.writeInteger(UInt32(message.count))
-        buffer.writeBytes(message)
-        pingStrikes = 0
-        write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer)))), promise: promise)
     }
 
     /// Several messages of one stream in a single DATA frame (split by the HTTP/2 layer when it

@@ -30,7 +30,12 @@ final class MemberMetrics: Sendable {
     private let maxFDs: CoreMetrics.Gauge
     private let startTime: CoreMetrics.Gauge
     private let cpuSeen = Mutex<Double>(0)
-    private let grpc = Mutex<[String: CoreMetrics.Counter]>([:])
+    private struct RPCKey: Hashable {
+        let handled: Bool
+        let path: String
+        let code: Int
+    }
+    private let grpc = Mutex<[RPCKey: CoreMetrics.Counter]>([:])
 
     /// etcd's buckets for disk latencies: 1 ms doubling to ~8 s.
     static let diskBuckets: [Duration] = (0..<14).map { .microseconds(1_000 << $0) }
@@ -80,7 +85,7 @@ final class MemberMetrics: Sendable {
                             "Unimplemented", "Internal", "Unavailable", "DataLoss", "Unauthenticated"]
 
     private func grpcCounter(_ name: String, _ path: String, code: Int?) -> CoreMetrics.Counter {
-        let key = "\(name)|\(path)|\(code ?? -1)"
+        let key = RPCKey(handled: code != nil, path: path, code: code ?? -1)
         if let counter = grpc.withLock({ $0[key] }) { return counter }
         let parts = path.dropFirst().split(separator: "/")
         // Labels in go-grpc-prometheus's (alphabetical) order.

@@ -209,7 +209,7 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     static func errorBody(_ status: GRPCStatus) -> String {
-        let message = jsonString(status.message)
+        let message = JSONText.quote(status.message)
         return "{\"error\":\(message),\"message\":\(message),\"code\":\(status.code)}"
     }
 
@@ -229,29 +229,6 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
         case 16: .unauthorized
         default: .internalServerError
         }
-    }
-
-    static func jsonString(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case "<": out += "\\u003c"
-            case ">": out += "\\u003e"
-            case "&": out += "\\u0026"
-            default:
-                if scalar.value < 0x20 {
-                    out += String(format: "\\u%04x", scalar.value)
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
-            }
-        }
-        return out + "\""
     }
 
     // MARK: - Writing
@@ -293,7 +270,7 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
     private func writeStreamError(_ status: GRPCStatus) {
         guard let context else { return }
         let http = Self.httpStatus(status.code)
-        let line = "{\"error\":{\"grpc_code\":\(status.code),\"http_code\":\(http.code),\"message\":\(Self.jsonString(status.message)),\"http_status\":\(Self.jsonString(http.reasonPhrase))}}\n"
+        let line = "{\"error\":{\"grpc_code\":\(status.code),\"http_code\":\(http.code),\"message\":\(JSONText.quote(status.message)),\"http_status\":\(JSONText.quote(http.reasonPhrase))}}\n"
         context.writeAndFlush(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: line)))), promise: nil)
     }
 
