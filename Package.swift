@@ -90,7 +90,8 @@ let package = Package(
             ],
             path: "Sources/etcdlite"
         ),
-        .testTarget(name: "RaftTests", dependencies: ["Raft"]),
+        // testdata/: scenario transcripts read (and rewritten) by the tests from the source tree.
+        .testTarget(name: "RaftTests", dependencies: ["Raft"], exclude: ["testdata"]),
         // Throughput of the Raft core alone (Benchmarks/RaftBench; run with -c release).
         .executableTarget(name: "RaftBench", dependencies: ["Raft"], path: "Benchmarks/RaftBench"),
         .testTarget(

@@ -27,10 +27,12 @@ final class Progress {
 
     init(next: LogIndex) { self.next = next }
 
-    func isPaused(maxInflight: Int) -> Bool {
+    /// Nothing more may be sent now. In replicate state the pipeline is bounded by the number of
+    /// appends in flight and by their entry bytes (`maxBytes` 0: no byte bound).
+    func isPaused(maxInflight: Int, maxBytes: Int) -> Bool {
         switch state {
         case .probe: probeSent
-        case .replicate: inflights.count >= maxInflight
+        case .replicate: inflights.count >= maxInflight || (maxBytes > 0 && inflights.bytes >= maxBytes)
         case .snapshot: true
         }
     }
@@ -50,13 +52,13 @@ final class Progress {
         inflights.removeAll()
     }
 
-    /// An append with entries up to `last` went out.
-    func sent(through last: LogIndex, entries: Int) {
+    /// An append with `entries` entries (`bytes` in all) up to `last` went out.
+    func sent(through last: LogIndex, entries: Int, bytes: Int) {
         switch state {
         case .replicate:
             if entries > 0 {
                 next = last.next
-                inflights.append(last)
+                inflights.append(last, bytes: bytes)
             }
         case .probe:
             probeSent = true
@@ -100,38 +102,53 @@ final class Progress {
     }
 }
 
-/// The last index of each unacknowledged append, oldest first: a queue whose acknowledged prefix
-/// is dropped by moving a start offset (no shifting per acknowledgement).
+/// The unacknowledged appends to one follower, oldest first (last index and bytes of each): a
+/// queue whose acknowledged prefix is dropped by moving a start offset (no shifting per
+/// acknowledgement).
 struct Inflights {
-    private var buffer: [LogIndex] = []
+    private var indexes: [LogIndex] = []
+    private var sizes: [Int] = []
     private var start = 0
+    /// Entry bytes of the appends in flight.
+    private(set) var bytes = 0
 
-    var count: Int { buffer.count - start }
+    var count: Int { indexes.count - start }
 
-    mutating func append(_ index: LogIndex) { buffer.append(index) }
+    mutating func append(_ index: LogIndex, bytes size: Int) {
+        indexes.append(index)
+        sizes.append(size)
+        bytes += size
+    }
 
     mutating func removeAll() {
-        buffer.removeAll(keepingCapacity: true)
+        indexes.removeAll(keepingCapacity: true)
+        sizes.removeAll(keepingCapacity: true)
         start = 0
+        bytes = 0
     }
 
     mutating func removeFirst() {
-        guard start < buffer.count else { return }
+        guard start < indexes.count else { return }
+        bytes -= sizes[start]
         start += 1
         compactIfNeeded()
     }
 
     /// Frees every append up to `index` (appends are in index order).
     mutating func free(through index: LogIndex) {
-        while start < buffer.count && buffer[start] <= index { start += 1 }
+        while start < indexes.count && indexes[start] <= index {
+            bytes -= sizes[start]
+            start += 1
+        }
         compactIfNeeded()
     }
 
     private mutating func compactIfNeeded() {
-        if start == buffer.count {
+        if start == indexes.count {
             removeAll()
-        } else if start > 256 && start * 2 > buffer.count {
-            buffer.removeFirst(start)
+        } else if start > 256 && start * 2 > indexes.count {
+            indexes.removeFirst(start)
+            sizes.removeFirst(start)
             start = 0
         }
     }
@@ -163,66 +180,4 @@ struct ProgressMap: Sequence {
     var keys: [NodeID] { ids }
 
     func makeIterator() -> Zip2Sequence<[NodeID], [Progress]>.Iterator { zip(ids, values).makeIterator() }
-}
-
-/// Who must agree: a majority of `incoming`, and — while in a joint configuration — also a
-/// majority of `outgoing` (§6 of the Raft dissertation).
-struct Quorum {
-    let incoming: Set<NodeID>
-    let outgoing: Set<NodeID>
-
-    init(voters: Set<NodeID>) {
-        incoming = voters
-        outgoing = []
-    }
-
-    init(incoming: Set<NodeID>, outgoing: Set<NodeID>) {
-        self.incoming = incoming
-        self.outgoing = outgoing
-    }
-
-    var voters: Set<NodeID> { incoming.union(outgoing) }
-    var isJoint: Bool { !outgoing.isEmpty }
-
-    /// The highest index both majorities have.
-    func committedIndex(_ match: (NodeID) -> LogIndex) -> LogIndex {
-        min(Self.majorityIndex(incoming, match), Self.majorityIndex(outgoing, match))
-    }
-
-    private static func majorityIndex(_ voters: Set<NodeID>, _ match: (NodeID) -> LogIndex) -> LogIndex {
-        guard !voters.isEmpty else { return LogIndex(UInt64.max) }
-        let sorted = voters.map(match).sorted(by: >)
-        return sorted[voters.count / 2]
-    }
-
-    enum VoteResult { case pending, won, lost }
-
-    func result(_ votes: [NodeID: Bool]) -> VoteResult {
-        let results = [Self.majorityResult(incoming, votes), Self.majorityResult(outgoing, votes)]
-        if results.contains(.lost) { return .lost }
-        if results.allSatisfy({ $0 == .won }) { return .won }
-        return .pending
-    }
-
-    private static func majorityResult(_ voters: Set<NodeID>, _ votes: [NodeID: Bool]) -> VoteResult {
-        guard !voters.isEmpty else { return .won }
-        let size = voters.count / 2 + 1
-        var granted = 0
-        var rejected = 0
-        for voter in voters {
-            switch votes[voter] {
-            case true?: granted += 1
-            case false?: rejected += 1
-            case nil: break
-            }
-        }
-        if granted >= size { return .won }
-        if voters.count - rejected < size { return .lost }
-        return .pending
-    }
-
-    /// Whether `members` hold a majority of each half.
-    func hasQuorum(_ members: Set<NodeID>) -> Bool {
-        result(Dictionary(uniqueKeysWithValues: members.map { ($0, true) })) == .won
-    }
 }

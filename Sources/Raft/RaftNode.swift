@@ -9,7 +9,9 @@ public struct RaftConfig: Sendable {
     /// is known to be alive (§4.2.3, disruptive servers).
     public var checkQuorum = true
     public var maxMessageBytes = 1 << 20
+    /// Appends in flight to one follower (replicate state), and their entry bytes (0: no bound).
     public var maxInflightMessages = 256
+    public var maxInflightBytes = 0
     public var maxApplyBytes = 64 << 20
     /// A leader refuses proposals while its uncommitted entries hold more than this many bytes of
     /// data (0: no limit); an entry that alone exceeds it is still taken when nothing is pending.
@@ -20,21 +22,31 @@ public struct RaftConfig: Sendable {
     public init(id: NodeID) { self.id = id }
 }
 
-/// What the application does next, in this order: persist `hardState` and `entries`; send
-/// `messages` at any time (the leader's appends and heartbeats: the leader persists in parallel);
-/// send `messagesAfterPersist` only once the persist is durable; apply `committedEntries`; then call
-/// `advance(_:)` with this Ready.
+/// What the core asks of the application. Handle a Ready in this order, then call `advance(_:)`
+/// with it; the next Ready is taken only after that.
 public struct Ready: Sendable {
+    /// Who leads and our role, when they changed. Display only: nothing to persist.
     public var softState: SoftState?
+    /// Term, vote and commit index to persist, when they changed. Durable (with `entries` and
+    /// `snapshot`, in one write) before any of `messagesAfterPersist` leaves.
     public var hardState: HardState?
-    /// A snapshot from the leader: persist it, install it in the state machine (before the
-    /// entries that follow), then advance.
+    /// A snapshot from the leader: persist it and install it in the state machine before applying
+    /// `committedEntries` (which follow it). Durable before `messagesAfterPersist` leave.
     public var snapshot: Snapshot?
+    /// Entries to append to the durable log, replacing any entries from the first one's index on.
+    /// Durable before `messagesAfterPersist` leave.
     public var entries: [Entry]
+    /// Entries to apply to the state machine, in order. They are committed and durable here
+    /// already (never from this Ready's `entries`), so they may be applied while the persist runs.
     public var committedEntries: [Entry]
+    /// May leave at once, before or while this Ready's persist runs: appends and heartbeats (the
+    /// leader persists in parallel and counts itself only after `advance`), vote requests (the
+    /// candidate's own vote counts only after `advance`), snapshots, forwarded requests.
     public var messages: [Message]
+    /// May leave only after `hardState`, `entries` and `snapshot` of this Ready are durable: append
+    /// acknowledgements and vote answers, which promise what is on disk.
     public var messagesAfterPersist: [Message]
-    /// Linearizable reads that may be served once `index` is applied.
+    /// Linearizable reads: each may be served once the state machine has applied its `index`.
     public var readStates: [ReadState]
 }
 
@@ -150,149 +162,6 @@ public final class RaftNode<Random: RaftRandom> {
         step(Message(kind: .transferLeader, from: id, index: LogIndex(target.value)))
     }
 
-    public var confState: ConfState {
-        ConfState(voters: quorum.incoming, learners: learners, outgoingVoters: quorum.outgoing,
-                  learnersNext: learnersNext, autoLeave: autoLeave)
-    }
-
-    /// Proposes a single membership change (see `proposeConfChange(_: ConfChangeSet)`).
-    public func proposeConfChange(_ change: ConfChange) throws {
-        try proposeConfChange(ConfChangeSet([change]))
-    }
-
-    /// Proposes membership changes: one simple change, or several through a joint configuration
-    /// (an empty set leaves it). Refused while another change is pending (not yet applied), until
-    /// this leader has committed an entry of its own term, when entering a joint configuration
-    /// twice or leaving one that was not entered, and when no voter would remain.
-    public func proposeConfChange(_ set: ConfChangeSet) throws {
-        guard role == .leader, leadTransferee == .none, removedAt == nil, committedInCurrentTerm,
-              pendingConfIndex <= log.applied, set.isLeave == quorum.isJoint,
-              set.isLeave || !Self.apply(set.changes, to: quorum.incoming, learners: learners).voters.isEmpty else {
-            throw RaftError.proposalDropped
-        }
-        appendEntries([Entry(term: term, index: .zero, kind: .configChange, data: set.encoded)])
-        pendingConfIndex = log.lastIndex
-        broadcastAppend()
-    }
-
-    /// Applies a committed single change (the application calls this when it applies the entry).
-    @discardableResult
-    public func applyConfChange(_ change: ConfChange) -> ConfState {
-        applyConfChange(ConfChangeSet([change]))
-    }
-
-    /// Applies a committed change entry's set and returns the configuration to persist with the
-    /// applied state.
-    @discardableResult
-    public func applyConfChange(_ set: ConfChangeSet) -> ConfState {
-        if set.isLeave {
-            guard quorum.isJoint else { return confState }
-            quorum = Quorum(voters: quorum.incoming)
-            learners.formUnion(learnersNext)
-            learnersNext = []
-            autoLeave = false
-        } else if set.isSimple && !quorum.isJoint {
-            let next = Self.apply(set.changes, to: quorum.incoming, learners: learners)
-            quorum = Quorum(voters: next.voters)
-            learners = next.learners
-        } else if !quorum.isJoint {
-            // Enter the joint configuration: the old voters must agree too until it is left.
-            let outgoing = quorum.incoming
-            var next = Self.apply(set.changes, to: quorum.incoming, learners: learners, demote: true)
-            // Voters demoted to learners stay voters of the outgoing half until the leave.
-            learnersNext = next.learners.intersection(outgoing)
-            next.learners.subtract(learnersNext)
-            quorum = Quorum(incoming: next.voters, outgoing: outgoing)
-            learners = next.learners
-            autoLeave = !set.explicitLeave
-        }
-        if role == .leader { leaderAppliedConfChange() }
-        return confState
-    }
-
-    /// The voters and learners after `changes`.
-    static func apply(_ changes: [ConfChange], to voters: Set<NodeID>, learners: Set<NodeID>, demote: Bool = false)
-        -> (voters: Set<NodeID>, learners: Set<NodeID>) {
-        var voters = voters
-        var learners = learners
-        for change in changes {
-            switch change.kind {
-            case .addVoter:
-                voters.insert(change.node)
-                learners.remove(change.node)
-            case .addLearner:
-                // Demoting a voter takes a joint change.
-                guard demote || !voters.contains(change.node) else { continue }
-                voters.remove(change.node)
-                learners.insert(change.node)
-            case .remove:
-                voters.remove(change.node)
-                learners.remove(change.node)
-            }
-        }
-        return (voters, learners)
-    }
-
-    private func leaderAppliedConfChange() {
-        let members = quorum.voters.union(learners).union(learnersNext)
-        for gone in progress.keys where !members.contains(gone) { progress[gone] = nil }
-        for new in members.sorted() where progress[new] == nil { progress[new] = Progress(next: log.lastIndex.next) }
-        if !quorum.voters.contains(id) {
-            // Removed: keep leading until the remaining voters know the change committed (they
-            // may need our appends to learn it), then step down (see `stepDownIfRemoved`).
-            removedAt = log.applied.next
-            broadcastAppend(sendIfEmpty: true)
-            stepDownIfRemoved()
-        } else if maybeCommit() {
-            broadcastAppend(sendIfEmpty: true)
-        } else {
-            broadcastAppend()
-        }
-    }
-
-    /// A leader in a joint configuration that should be left by itself proposes the leave once the
-    /// entering change is applied.
-    func maybeAutoLeave() {
-        guard role == .leader, quorum.isJoint, autoLeave, pendingConfIndex <= log.applied, committedInCurrentTerm,
-              leadTransferee == .none, removedAt == nil else { return }
-        appendEntries([Entry(term: term, index: .zero, kind: .configChange, data: ConfChangeSet.leaveJoint.encoded)])
-        pendingConfIndex = log.lastIndex
-        broadcastAppend()
-    }
-
-    func canTakeUncommitted(_ bytes: Int) -> Bool {
-        let limit = config.maxUncommittedEntriesBytes
-        return limit == 0 || uncommittedBytes == 0 || uncommittedBytes + bytes <= limit
-    }
-
-    /// A removed leader steps down once every remaining voter has been told the removal committed.
-    func stepDownIfRemoved() {
-        guard role == .leader, let index = removedAt else { return }
-        let told = quorum.voters.allSatisfy { voter in
-            guard let p = progress[voter] else { return true }
-            return p.match >= index && p.sentCommit >= index
-        }
-        if told { becomeFollower(term: term, leader: .none) }
-    }
-
-    /// How sending a snapshot to `peer` ended (the transport reports it).
-    public func reportSnapshot(_ peer: NodeID, success: Bool) {
-        guard role == .leader, let p = progress[peer], p.state == .snapshot else { return }
-        if !success { p.pendingSnapshot = .zero }
-        p.becomeProbe()
-        // After a failure wait for the next heartbeat; after success probe at once.
-        p.probeSent = !success
-        if success { sendAppend(to: peer) }
-    }
-
-    /// The transport could not deliver to `peer` (its stream broke): appends sent optimistically
-    /// may be lost, so go back to probing its match point.
-    public func reportUnreachable(_ peer: NodeID) {
-        guard role == .leader, peer != id, let p = progress[peer] else { return }
-        if p.state == .replicate { p.becomeProbe() }
-        p.probeSent = false
-    }
-
     // MARK: - Ready
 
     public var hasReady: Bool {
@@ -341,65 +210,4 @@ public final class RaftNode<Random: RaftRandom> {
         }
     }
 
-    // MARK: - Roles
-
-    func resetRandomizedElectionTimeout() {
-        randomizedElectionTimeout = config.electionTicks + random.next(below: config.electionTicks)
-    }
-
-    func reset(term newTerm: Term) {
-        if term != newTerm {
-            term = newTerm
-            vote = .none
-        }
-        leader = .none
-        electionElapsed = 0
-        heartbeatElapsed = 0
-        resetRandomizedElectionTimeout()
-        votes = [:]
-        selfVotePending = false
-        readOnly = ReadOnly()
-        pendingReads = []
-        leadTransferee = .none
-        removedAt = nil
-        uncommittedBytes = 0
-        progress = ProgressMap()
-        for member in quorum.voters.union(learners).union(learnersNext).sorted() {
-            let p = Progress(next: log.lastIndex.next)
-            if member == id { p.match = log.persistedIndex }
-            progress[member] = p
-        }
-    }
-
-    func becomeFollower(term newTerm: Term, leader newLeader: NodeID) {
-        reset(term: newTerm)
-        leader = newLeader
-        role = .follower
-    }
-
-    func becomePreCandidate() {
-        // A pre-vote changes neither term nor vote.
-        votes = [:]
-        selfVotePending = false
-        leader = .none
-        role = .preCandidate
-    }
-
-    func becomeCandidate() {
-        reset(term: term.next)
-        vote = id
-        role = .candidate
-    }
-
-    func becomeLeader() {
-        reset(term: term)
-        leader = id
-        role = .leader
-        for member in progress.keys where member != id { progress[member]!.recentActive = true }
-        // Changes in the log we have not applied may be pending: wait for them before another.
-        pendingConfIndex = log.lastIndex
-        // An entry of the new term: committing it commits everything before (§5.4.2).
-        appendEntries([Entry(term: term, index: .zero)])
-        broadcastAppend()
-    }
 }

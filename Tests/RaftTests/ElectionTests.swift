@@ -78,6 +78,16 @@ final class TestCluster {
     }
 
     var leaders: [NodeID] { ids.filter { raft($0).role == .leader } }
+
+    /// Crashes `id` (whatever it had not persisted is lost) and starts it again from its durable
+    /// hard state, log and snapshot, having applied through `applied`.
+    func restart(_ id: NodeID, applied: LogIndex = .zero, preVote: Bool = true) {
+        let durable = nodes[id]!.storage.copy()
+        var config = RaftConfig(id: id)
+        config.applied = applied
+        config.preVote = preVote
+        nodes[id] = (RaftNode(config: config, storage: durable, random: SeededRandom(seed: id.value &+ 100)), durable)
+    }
 }
 
 @Suite struct ElectionTests {
@@ -150,31 +160,41 @@ final class TestCluster {
 }
 
 /// Persists and acknowledges a lone node's Readies until it has nothing more (messages dropped).
-func drain(_ node: RaftNode<SeededRandom>, _ storage: MemoryStorage) {
+/// Persists and advances a lone node's Readies until it is quiet; returns the messages it sent.
+@discardableResult
+func drain(_ node: RaftNode<SeededRandom>, _ storage: MemoryStorage) -> [Message] {
+    var sent: [Message] = []
     while node.hasReady {
         let ready = node.ready()
         storage.append(ready.entries)
         if let hard = ready.hardState { storage.setHardState(hard) }
+        sent += ready.messages + ready.messagesAfterPersist
         node.advance(ready)
     }
+    return sent
+}
+
+/// Node 1 of [1, 2, 3], elected by votes handed to it (no peers run).
+func loneLeader(_ config: RaftConfig) -> (RaftNode<SeededRandom>, MemoryStorage) {
+    let storage = MemoryStorage(members: [1, 2, 3])
+    let leader = RaftNode(config: config, storage: storage, random: SeededRandom(seed: 1))
+    leader.campaign()
+    drain(leader, storage)
+    for voter: NodeID in [2, 3] { leader.step(Message(kind: .preVoteResponse, from: voter, to: 1, term: 1)) }
+    drain(leader, storage)
+    for voter: NodeID in [2, 3] { leader.step(Message(kind: .voteResponse, from: voter, to: 1, term: 1)) }
+    drain(leader, storage)
+    return (leader, storage)
 }
 
 @Suite struct FlowControlTests {
     /// A leader whose entries cannot commit stops taking proposals past the uncommitted limit, and
     /// takes them again once they commit.
     @Test func uncommittedDataIsBounded() throws {
-        let ids: [NodeID] = [1, 2, 3]
-        let storage = MemoryStorage(members: ids)
         var config = RaftConfig(id: 1)
         config.maxUncommittedEntriesBytes = 1_000
-        let leader = RaftNode(config: config, storage: storage, random: SeededRandom(seed: 1))
-        leader.campaign()
+        let (leader, storage) = loneLeader(config)
         func persist() { drain(leader, storage) }
-        persist()
-        for voter: NodeID in [2, 3] { leader.step(Message(kind: .preVoteResponse, from: voter, to: 1, term: 1)) }
-        persist()
-        for voter: NodeID in [2, 3] { leader.step(Message(kind: .voteResponse, from: voter, to: 1, term: 1)) }
-        persist()
         #expect(leader.role == .leader)
         // Nobody acknowledges: nothing commits.
         for _ in 0..<4 { try leader.propose([UInt8](repeating: 1, count: 250)) }
@@ -185,5 +205,27 @@ func drain(_ node: RaftNode<SeededRandom>, _ storage: MemoryStorage) {
         persist()
         #expect(leader.appliedIndex == leader.lastIndex)
         try leader.propose([UInt8](repeating: 1, count: 250))
+    }
+
+    /// Appends pipelined to a follower in replicate state stop at the in-flight byte bound, and
+    /// resume as it acknowledges.
+    @Test func appendsInFlightAreBoundedInBytes() throws {
+        var config = RaftConfig(id: 1)
+        config.maxInflightBytes = 1_000
+        let (leader, storage) = loneLeader(config)
+        // Node 2 acknowledges the leader's empty entry: it moves to replicate state.
+        leader.step(Message(kind: .appendResponse, from: 2, to: 1, term: 1, index: leader.lastIndex))
+        drain(leader, storage)
+        var appendsTo2 = 0
+        for _ in 0..<10 {
+            try leader.propose([UInt8](repeating: 1, count: 300))  // 324 bytes counted per entry
+            appendsTo2 += drain(leader, storage).filter { $0.kind == .append && $0.to == 2 && !$0.entries.isEmpty }.count
+        }
+        // 3 × 324 < 1,000 ≤ 4 × 324: the fourth append fills the window.
+        #expect(appendsTo2 == 4)
+        leader.step(Message(kind: .appendResponse, from: 2, to: 1, term: 1, index: leader.lastIndex - 8))
+        let resumed = drain(leader, storage).filter { $0.kind == .append && $0.to == 2 }
+        // Two appends acknowledged free 648 bytes: room for the rest (at most 1 MiB per message).
+        #expect(resumed.count == 1 && resumed[0].entries.count == 6)
     }
 }

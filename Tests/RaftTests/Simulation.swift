@@ -60,6 +60,7 @@ final class Simulation {
         var config = RaftConfig(id: id)
         config.applied = applied
         config.maxInflightMessages = 4
+        config.maxInflightBytes = 600
         config.maxMessageBytes = 256
         config.maxUncommittedEntriesBytes = 64
         return RaftNode(config: config, storage: storage, random: SeededRandom(seed: seed &* 31 &+ id.value))
