@@ -12,6 +12,9 @@ final class Simulation {
         var raft: RaftNode<SeededRandom>
         var applied: [Entry] = []
         var alive = true
+        /// Term and commit index last seen (in memory, until a crash) and last persisted.
+        var seenTerm: Term = .zero
+        var seenCommit: LogIndex = .zero
 
         init(id: NodeID, storage: MemoryStorage, raft: RaftNode<SeededRandom>) {
             self.id = id
@@ -30,6 +33,11 @@ final class Simulation {
     var leaders: [Term: NodeID] = [:]
     /// What was applied at each index by anyone: every node must apply the same.
     var appliedAt: [LogIndex: Entry] = [:]
+    /// The term of every index known committed (by the leader that committed it).
+    var committedAt: [LogIndex: Term] = [:]
+    var highestCommitted: LogIndex = .zero
+    /// Each (index, term) names one entry, whoever holds it (log matching, first half).
+    var entryAt: [[UInt64]: Entry] = [:]
     var proposed = 0
     /// For each read: the highest index applied anywhere when it was asked (its answer may not be lower).
     var readFloor: [[UInt8]: LogIndex] = [:]
@@ -86,8 +94,20 @@ final class Simulation {
             node.applied = state
             snapshotsInstalled += 1
         }
+        for entry in ready.entries {
+            if let other = entryAt[[entry.index.value, entry.term.value]] {
+                check(other == entry, "log matching: \(entry.index)@\(entry.term) is \(other) and \(entry)")
+            } else {
+                entryAt[[entry.index.value, entry.term.value]] = entry
+            }
+        }
         node.storage.append(ready.entries)
-        if let hard = ready.hardState { node.storage.setHardState(hard) }
+        if let hard = ready.hardState {
+            let durable = node.storage.hardState
+            check(hard.term >= durable.term && hard.commit >= durable.commit,
+                  "persisted term or commit went back on \(node.id): \(durable) -> \(hard)")
+            node.storage.setHardState(hard)
+        }
         inFlight += ready.messages + ready.messagesAfterPersist
         for read in ready.readStates {
             readsAnswered += 1
@@ -116,6 +136,21 @@ final class Simulation {
     func checkInvariants() {
         for node in nodes.values where node.alive {
             let raft = node.raft
+            check(raft.term >= node.seenTerm && raft.commitIndex >= node.seenCommit,
+                  "term or commit went back on \(node.id): \(node.seenTerm)/\(node.seenCommit) -> \(raft.term)/\(raft.commitIndex)")
+            node.seenTerm = raft.term
+            node.seenCommit = raft.commitIndex
+            if raft.role == .leader, raft.commitIndex > highestCommitted {
+                // Record what this leader committed: no later leader may lack it.
+                for index in highestCommitted.value + 1...raft.commitIndex.value {
+                    if let term = raft.log.term(at: LogIndex(index)) { committedAt[LogIndex(index)] = term }
+                }
+                highestCommitted = raft.commitIndex
+            }
+            // What a node holds at a committed index is the committed entry.
+            if raft.commitIndex > .zero, let term = committedAt[raft.commitIndex], let mine = raft.log.term(at: raft.commitIndex) {
+                check(mine == term, "node \(node.id) commits \(raft.commitIndex)@\(mine) but \(term) was committed there")
+            }
             if raft.role == .leader {
                 if let other = leaders[raft.term] {
                     check(other == node.id, "election safety: \(other) and \(node.id) both lead term \(raft.term)")
@@ -126,11 +161,36 @@ final class Simulation {
                     for (index, entry) in appliedAt where index >= raft.log.firstIndex {
                         check(raft.log.term(at: index) == entry.term, "leader completeness: leader \(node.id) of \(raft.term) lacks \(index)")
                     }
+                    // Committed entries are never lost: every one is in the new leader's log.
+                    for (index, term) in committedAt where index >= raft.log.firstIndex {
+                        check(raft.log.term(at: index) == term, "committed \(index)@\(term) lost: leader \(node.id) of \(raft.term) lacks it")
+                    }
                     check(raft.log.firstIndex.previous <= raft.appliedIndex || raft.log.pendingSnapshot != nil,
                           "leader \(node.id) compacted what it has not applied")
                 }
             }
             check(raft.commitIndex <= raft.lastIndex, "commit beyond the log on \(node.id)")
+        }
+        if steps % 50 == 0 { checkLogMatching() }
+    }
+
+    /// Log matching (second half): two logs that hold the same entry at an index hold the same
+    /// entries before it.
+    func checkLogMatching() {
+        let alive = ids.compactMap { nodes[$0] }.filter(\.alive)
+        for (i, a) in alive.enumerated() {
+            for b in alive[(i + 1)...] {
+                let low = max(a.raft.log.firstIndex, b.raft.log.firstIndex)
+                var index = min(a.raft.lastIndex, b.raft.lastIndex)
+                // The highest index where both hold the same entry...
+                while index >= low, a.raft.log.term(at: index) != b.raft.log.term(at: index) { index = index.previous }
+                // ...and everything before it (as far as both still hold) must match.
+                while index > low {
+                    index = index.previous
+                    check(a.raft.log.term(at: index) == b.raft.log.term(at: index),
+                          "log matching: \(a.id) and \(b.id) differ at \(index) below a common entry")
+                }
+            }
         }
     }
 
@@ -139,6 +199,9 @@ final class Simulation {
         let durable = node.storage.copy()
         node.storage = durable
         node.raft = makeRaft(node.id, durable, applied: node.applied.last?.index ?? .zero)
+        // What was not persisted is gone; what was persisted is the floor from now on.
+        node.seenTerm = durable.hardState.term
+        node.seenCommit = durable.hardState.commit
         // Streams to it broke: senders hear of it, as from a real transport.
         for m in inFlight where m.to == node.id {
             nodes[m.from]?.raft.reportUnreachable(m.to)
