@@ -21,6 +21,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto.git", "3.12.3"..<"5.0.0"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        // Benchmarks/RaftCore (the runtime interposer trait needs a package this mirror lacks).
+        .package(url: "https://github.com/ordo-one/benchmark.git", from: "1.38.1", traits: ["MallocInterposer"]),
     ],
     targets: [
         .systemLibrary(name: "CSQLite", path: "Sources/CSQLite", pkgConfig: "sqlite3",
@@ -38,6 +40,7 @@ let package = Package(
             name: "EtcdLite",
             dependencies: [
                 "CSQLite",
+                "Raft",
                 "EtcdLiteProto",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -92,12 +95,18 @@ let package = Package(
         ),
         // testdata/: scenario transcripts read (and rewritten) by the tests from the source tree.
         .testTarget(name: "RaftTests", dependencies: ["Raft"], exclude: ["testdata"]),
-        // Throughput of the Raft core alone (Benchmarks/RaftBench; run with -c release).
-        .executableTarget(name: "RaftBench", dependencies: ["Raft"], path: "Benchmarks/RaftBench"),
+        // Throughput and allocations of the Raft core alone: swift package benchmark --target RaftCore
+        .executableTarget(
+            name: "RaftCore",
+            dependencies: ["Raft", .product(name: "Benchmark", package: "benchmark")],
+            path: "Benchmarks/RaftCore",
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        ),
         .testTarget(
             name: "EtcdLiteTests",
             dependencies: [
                 "EtcdLite",
+                "Raft",
                 "EtcdLiteBench",
                 "EtcdLiteClient",
                 "EtcdLiteProto",

@@ -21,6 +21,7 @@ extension RaftNode {
         leadTransferee = .none
         removedAt = nil
         uncommittedBytes = 0
+        appendsPending = false
         progress = ProgressMap()
         for member in quorum.voters.union(learners).union(learnersNext).sorted() {
             let p = Progress(next: log.lastIndex.next)

@@ -113,7 +113,8 @@ extension RaftNode {
             guard canTakeUncommitted(bytes) else { return }  // too much not yet committed
             uncommittedBytes += bytes
             appendEntries(m.entries)
-            broadcastAppend()
+            // Sent with the next Ready: proposals made before it go out in one append per follower.
+            appendsPending = true
         case .readIndex:
             handleReadIndex(m)
         case .transferLeader:

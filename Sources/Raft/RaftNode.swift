@@ -72,6 +72,8 @@ public final class RaftNode<Random: RaftRandom> {
     var pendingConfIndex: LogIndex = .zero
     /// Set on a leader that applied its own removal (at this index).
     var removedAt: LogIndex?
+    /// Proposals appended since the last Ready: their appends are sent when it is taken.
+    var appendsPending = false
     /// Data bytes of the leader's entries not yet applied (for `maxUncommittedEntriesBytes`).
     var uncommittedBytes = 0
     var votes: [NodeID: Bool] = [:]
@@ -171,6 +173,10 @@ public final class RaftNode<Random: RaftRandom> {
     }
 
     public func ready() -> Ready {
+        if appendsPending {
+            appendsPending = false
+            if role == .leader { broadcastAppend() }
+        }
         let soft = softState
         let hard = hardState
         let ready = Ready(

@@ -39,6 +39,10 @@ final class Simulation {
     /// Each (index, term) names one entry, whoever holds it (log matching, first half).
     var entryAt: [[UInt64]: Entry] = [:]
     var proposed = 0
+    /// The client oracle: who took each proposal, and the proposals answered to their client (applied
+    /// by the member that took them). Every answered one must end up applied exactly once everywhere.
+    var proposer: [[UInt8]: NodeID] = [:]
+    var acknowledged: Set<[UInt8]> = []
     /// For each read: the highest index applied anywhere when it was asked (its answer may not be lower).
     var readFloor: [[UInt8]: LogIndex] = [:]
     var readsAnswered = 0
@@ -127,6 +131,7 @@ final class Simulation {
                 changesApplied += 1
             } else if !entry.data.isEmpty {
                 check(!node.applied.contains { $0.data == entry.data }, "proposal \(entry.data) applied twice on \(node.id)")
+                if proposer[entry.data] == node.id { acknowledged.insert(entry.data) }
             }
             node.applied.append(entry)
         }
@@ -241,7 +246,9 @@ final class Simulation {
         case 85..<90:
             if node.alive, node.raft.role == .leader || node.raft.leader != .none {
                 proposed += 1
-                try? node.raft.propose(Array("p\(proposed)".utf8))
+                let data = Array("p\(proposed)".utf8)
+                proposer[data] = node.id
+                try? node.raft.propose(data)
             }
         case 90..<93:
             let context = Array("r\(steps)".utf8)
@@ -326,6 +333,12 @@ final class Simulation {
                     let shortest = members.map(\.applied.count).min() ?? 0
                     let prefixes = Set(members.map { Array($0.applied.prefix(shortest)) })
                     check(prefixes.count == 1, "applied logs differ after convergence")
+                    for member in members {
+                        var counts: [[UInt8]: Int] = [:]
+                        for entry in member.applied where acknowledged.contains(entry.data) { counts[entry.data, default: 0] += 1 }
+                        check(counts.count == acknowledged.count && counts.values.allSatisfy { $0 == 1 },
+                              "member \(member.id) applied \(counts.count) of \(acknowledged.count) acknowledged proposals (each once?)")
+                    }
                     checkInvariants()
                     return
                 }
@@ -357,6 +370,7 @@ final class Simulation {
         var changes = 0
         var snapshots = 0
         var applied = 0
+        var acknowledged = 0
         for seed in Self.seeds() {
             let sim = Simulation(seed: seed, size: 3 + Int(seed % 5))
             for _ in 0..<3_000 where sim.failure == nil { sim.randomStep() }
@@ -366,11 +380,12 @@ final class Simulation {
             changes += sim.changesApplied
             snapshots += sim.snapshotsInstalled
             applied += sim.appliedAt.count
+            acknowledged += sim.acknowledged.count
             if failures.count >= 5 { break }
         }
         #expect(failures.isEmpty, "\(failures.joined(separator: "\n"))")
         // The runs did something: entries were applied and reads answered (and checked).
-        #expect(reads > 0 && changes > 0 && snapshots > 0 && applied > Self.seeds().count)
+        #expect(reads > 0 && changes > 0 && snapshots > 0 && applied > Self.seeds().count && acknowledged > 0)
     }
 
     @Test func aSingleNodeElectsItselfAndCommits() throws {
