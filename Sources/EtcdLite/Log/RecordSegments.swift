@@ -60,6 +60,22 @@ enum RecordSegments {
         buffer += payload
     }
 
+    /// Writes all of `bytes` at the file's position and makes them durable with one fdatasync.
+    static func writeAndSync(_ bytes: [UInt8], to fd: Int32) throws {
+        try bytes.withUnsafeBytes { raw in
+            var written = 0
+            while written < raw.count {
+                let n = Foundation.write(fd, raw.baseAddress! + written, raw.count - written)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO)
+                }
+                written += n
+            }
+        }
+        if fdatasync(fd) != 0 { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+    }
+
     static func segmentName(_ sequence: UInt64) -> String {
         let hex = String(sequence, radix: 16)
         return String(repeating: "0", count: max(0, 16 - hex.count)) + hex + ".log"

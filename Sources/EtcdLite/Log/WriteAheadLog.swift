@@ -151,20 +151,9 @@ final class WriteAheadLog {
     /// Writes the buffered entries and makes them durable with one fdatasync.
     func sync() throws {
         guard !pending.isEmpty else { return }
-        try pending.withUnsafeBytes { raw in
-            var written = 0
-            while written < raw.count {
-                let n = Foundation.write(segment.fileDescriptor, raw.baseAddress! + written, raw.count - written)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO)
-                }
-                written += n
-            }
-        }
+        try RecordSegments.writeAndSync(pending, to: segment.fileDescriptor)
         segmentSize += pending.count
         pending.removeAll(keepingCapacity: true)
-        if fdatasync(segment.fileDescriptor) != 0 { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
     }
 
     var needsRotation: Bool { segmentSize >= segmentLimit }
