@@ -18,6 +18,7 @@ final class SlowReader: Sendable {
     }
 
     func release() { held.withLock { $0 = false } }
+    func hold() { held.withLock { $0 = true } }
 
     var responses: [Etcdserverpb_WatchResponse] { received.withLock { $0 } }
 
@@ -60,10 +61,16 @@ func createRequest(_ key: String, _ end: String, prevKV: Bool = false) -> [UInt8
         defer { stream.cancel() }
         input.yield(createRequest("s", "t", prevKV: true))
         _ = await reader.wait { $0.contains(where: \.created) }
-        // 3,000 writes of 200 bytes each: far more than the stream may queue.
+        // 3,000 writes of 200 bytes each: far more than the stream may queue. The client stops
+        // reading during the first thousand (so its queue overflows whatever the machine's speed),
+        // then reads slowly.
         let writes = 3_000
+        reader.hold()
         let started = ContinuousClock.now
-        for i in 0..<writes { _ = try await server.put(put("s\(i % 10)", "\(i)" + String(repeating: ".", count: 200))) }
+        for i in 0..<writes {
+            if i == 1_000 { reader.release() }
+            _ = try await server.put(put("s\(i % 10)", "\(i)" + String(repeating: ".", count: 200)))
+        }
         let writing = ContinuousClock.now - started
         let seen = await reader.wait { $0.flatMap(\.events).count >= writes }
         let events = seen.flatMap(\.events)

@@ -58,10 +58,10 @@ public final class RaftLogStore: LogStorage {
             _ = FileManager.default.createFile(atPath: path, contents: nil)
             segment = try FileHandle(forUpdating: URL(fileURLWithPath: path))
             segments = [(1, path, .zero)]
-            try WriteAheadLog.preallocate(segment.fileDescriptor, size: segmentLimit)
+            try RecordSegments.preallocate(segment.fileDescriptor, size: segmentLimit)
             writeHeader()
             try sync()
-            try WriteAheadLog.syncDirectory(directory.path)
+            try RecordSegments.syncDirectory(directory.path)
             return
         }
         // Read everything first: the base is the highest snapshot point anywhere.
@@ -88,7 +88,7 @@ public final class RaftLogStore: LogStorage {
         }
         // Zero what followed the valid data (a torn write) so the next recovery ends here too.
         try segment.truncate(atOffset: UInt64(end))
-        try WriteAheadLog.preallocate(segment.fileDescriptor, size: segmentLimit)
+        try RecordSegments.preallocate(segment.fileDescriptor, size: segmentLimit)
         try segment.synchronize()
         try segment.seek(toOffset: UInt64(end))
         segmentSize = end
@@ -225,7 +225,7 @@ public final class RaftLogStore: LogStorage {
             segments.removeFirst()
             removed = true
         }
-        if removed { try WriteAheadLog.syncDirectory(directory.path) }
+        if removed { try RecordSegments.syncDirectory(directory.path) }
     }
 
     private func sync() throws {
@@ -243,10 +243,10 @@ public final class RaftLogStore: LogStorage {
         segment = try FileHandle(forUpdating: URL(fileURLWithPath: path))
         segmentSize = 0
         segments.append((sequence, path, .zero))
-        try WriteAheadLog.preallocate(segment.fileDescriptor, size: segmentLimit)
+        try RecordSegments.preallocate(segment.fileDescriptor, size: segmentLimit)
         writeHeader()
         try sync()
-        try WriteAheadLog.syncDirectory(directory.path)
+        try RecordSegments.syncDirectory(directory.path)
     }
 
     public func close() {

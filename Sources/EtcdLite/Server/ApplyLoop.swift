@@ -1,12 +1,17 @@
 import Foundation
 import Logging
+import Raft
 import Synchronization
 import EtcdLiteProto
 
-/// The write path: proposals are appended to the log, made durable together with one fdatasync
-/// (group commit), applied in log order to SQLite in one transaction per batch (which also records
-/// the applied index), and only then answered. Runs on a thread of its own because SQLite and
-/// fdatasync block. The Raft issue replaces what orders the log; this shape stays.
+/// The write path, driving the Raft core: proposals go to Raft; each Ready is handled in order —
+/// its entries and hard state made durable with one fdatasync (group commit, `RaftLogStore`), its
+/// committed entries applied in log order to SQLite in one transaction (which also records the
+/// applied index), and only then are their proposers answered. Runs on a thread of its own because
+/// SQLite and fdatasync block; the Raft core is used from this thread only.
+///
+/// An entry's data is `proposer member ID u64 | request ID u64 | encoded InternalRequest`: the member
+/// that proposed it answers its client when it applies the entry.
 final class ApplyLoop: @unchecked Sendable {
     typealias Completion = @Sendable (Result<InternalResponse, EtcdError>) -> Void
 
@@ -23,34 +28,67 @@ final class ApplyLoop: @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
 
     private let machine: StateMachine
-    private let log: WriteAheadLog
+    private let store: RaftLogStore
+    private let raft: RaftNode<SystemRaftRandom>
+    private let memberID: UInt64
+    /// Proposals of this member waiting for their entry to be applied, by request ID.
+    private var waiters: [UInt64: Completion?] = [:]
+    private var nextRequestID: UInt64 = 1
+    private let tickInterval: TimeInterval
+    private var nextTick = Date()
+    /// Applied entries since the Raft log was last compacted.
+    private var appliedSinceCompaction = 0
+    private let compactionInterval: Int
     private let logger: Logger
     private let onBatch: @Sendable (StoreStatus) -> Void
     /// Receives each committed batch's events and the revision the batch ended at.
     private let onEvents: @Sendable ([Mvccpb_Event], Int64) -> Void
     private let metrics: MemberMetrics
 
-    init(machine: StateMachine, log: WriteAheadLog, logger: Logger, metrics: MemberMetrics,
-         onBatch: @escaping @Sendable (StoreStatus) -> Void, onEvents: @escaping @Sendable ([Mvccpb_Event], Int64) -> Void) {
+    init(machine: StateMachine, store: RaftLogStore, memberID: UInt64, config: MemberConfig, logger: Logger, metrics: MemberMetrics,
+         onBatch: @escaping @Sendable (StoreStatus) -> Void, onEvents: @escaping @Sendable ([Mvccpb_Event], Int64) -> Void) throws {
+        if store.lastIndex == .zero && store.hardState == HardState() {
+            // A new log starts as etcd's does: the initial members added by committed entries of
+            // term 1, so the first election is term 2.
+            let add = Entry(term: 1, index: 1, kind: .configChange, data: ConfChange(.addVoter, NodeID(memberID)).encoded)
+            try store.save(hardState: HardState(term: 1, vote: .none, commit: 1), entries: [add])
+        }
         self.metrics = metrics
         self.machine = machine
-        self.log = log
+        self.store = store
+        self.memberID = memberID
         self.logger = logger
         self.onBatch = onBatch
         self.onEvents = onEvents
+        tickInterval = Double(config.heartbeatIntervalMilliseconds) / 1000
+        compactionInterval = Int(min(config.snapshotCount, 10_000))
+        var raftConfig = RaftConfig(id: NodeID(memberID))
+        raftConfig.heartbeatTicks = 1
+        raftConfig.electionTicks = max(2, config.electionTimeoutMilliseconds / config.heartbeatIntervalMilliseconds)
+        raftConfig.applied = LogIndex(machine.state.appliedIndex)
+        raftConfig.maxUncommittedEntriesBytes = 1 << 30
+        raft = RaftNode(config: raftConfig, storage: store, random: SystemRaftRandom())
     }
 
-    /// Re-applies entries that were durable in the log but not yet in the store.
-    func replay(_ entries: [LogEntry]) throws {
-        guard !entries.isEmpty else { return }
-        try machine.begin()
-        for entry in entries {
-            _ = try machine.apply(try InternalRequest(encoded: entry.data), index: entry.index)
-        }
-        try machine.commit()
+    /// Elects this member (the only voter) and applies what the log holds beyond the store: entries
+    /// that were durable in the log but not yet applied when the member stopped.
+    func bootstrap() throws {
+        let before = machine.state.appliedIndex
+        var rounds = 0
+        repeat {
+            // No campaign while a committed membership change is unapplied: apply it, then campaign.
+            if raft.role == .follower { raft.campaign() }
+            try handleReadies()
+            rounds += 1
+            guard rounds < 100 else { throw BootstrapError(reason: "this member could not elect itself") }
+        } while raft.role != .leader || raft.appliedIndex < raft.commitIndex
         _ = machine.takeEvents()  // nobody watches yet
-        logger.info("replayed log entries", metadata: ["count": "\(entries.count)", "applied-index": "\(machine.state.appliedIndex)"])
+        logger.info("raft log replayed", metadata: ["term": "\(raft.term)", "applied-index": "\(machine.state.appliedIndex)",
+                                                    "replayed": "\(machine.state.appliedIndex - before)"])
     }
+
+    /// The Raft term this member leads in.
+    var term: UInt64 { raft.term.value }
 
     func start() {
         onBatch(status())
@@ -112,13 +150,15 @@ final class ApplyLoop: @unchecked Sendable {
         condition.signal()
         condition.unlock()
         if wasRunning { done.wait() }
-        log.close()
+        store.close()
     }
 
     private func run() {
         while true {
             condition.lock()
-            while queue.isEmpty && !stopping { condition.wait() }
+            while queue.isEmpty && !stopping {
+                if !condition.wait(until: nextTick) { break }
+            }
             if queue.isEmpty && stopping {
                 condition.unlock()
                 break
@@ -132,65 +172,104 @@ final class ApplyLoop: @unchecked Sendable {
     }
 
     private func process(_ batch: [Work]) {
-        var applied: [(Completion?, Result<InternalResponse, EtcdError>)] = []
-        var proposals: [(UInt64, InternalRequest, Completion?)] = []
         var locals: [() -> Void] = []
+        var proposed = 0
         for work in batch {
             switch work {
-            case .proposal(let data, let request, let completion):
-                proposals.append((log.append(data), request, completion))
+            case .proposal(let data, _, let completion):
+                let requestID = nextRequestID
+                nextRequestID += 1
+                var entry = ByteWriter()
+                entry.u64(memberID)
+                entry.u64(requestID)
+                entry.bytes += data
+                do {
+                    try raft.propose(entry.bytes)
+                    waiters[requestID] = completion
+                    proposed += 1
+                } catch {
+                    completion?(.failure(.noLeader))
+                }
             case .local(let body):
                 locals.append(body)
             }
         }
-        if !proposals.isEmpty {
-            metrics.proposalsPending.record(Double(proposals.count))
-            do {
-                let syncStart = DispatchTime.now().uptimeNanoseconds
-                try log.sync()
-                let applyStart = DispatchTime.now().uptimeNanoseconds
-                metrics.walFsync.recordNanoseconds(Int64(applyStart - syncStart))
-                metrics.proposalsCommitted.increment(by: Int64(proposals.count))
-                try machine.begin()
-                for (index, request, completion) in proposals {
-                    applied.append((completion, try machine.apply(request, index: index)))
-                }
-                let commitStart = DispatchTime.now().uptimeNanoseconds
-                try machine.commit()
-                metrics.backendCommit.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - commitStart))
-                metrics.proposalsApplied.increment(by: Int64(proposals.count))
-                metrics.proposalsPending.record(0)
-            } catch {
-                // The log or the database failed under us: nothing more can be made durable.
-                logger.critical("write path failed; stopping", metadata: ["error": "\(error)"])
-                fatalError("etcdlite: write path failed: \(error)")
-            }
-            let status = status()
-            onBatch(status)
-            let events = machine.takeEvents()
-            if !events.isEmpty { onEvents(events, machine.state.currentRevision) }
-            for (completion, result) in applied { completion?(result) }
-            maintainLog()
+        if proposed > 0 { metrics.proposalsPending.record(Double(proposed)) }
+        let now = Date()
+        if now >= nextTick {
+            raft.tick()
+            nextTick = now.addingTimeInterval(tickInterval)
+        }
+        do {
+            try handleReadies()
+        } catch {
+            // The log or the database failed under us: nothing more can be made durable.
+            logger.critical("write path failed; stopping", metadata: ["error": "\(error)"])
+            fatalError("etcdlite: write path failed: \(error)")
         }
         for body in locals { body() }
     }
 
-    /// Rotates a full segment and drops segments whose entries the store holds durably.
-    private func maintainLog() {
-        guard log.needsRotation else { return }
-        do {
-            try log.rotate()
-            try machine.backend.syncCommitted()
-            try log.release(through: machine.state.appliedIndex)
-        } catch {
-            logger.critical("log maintenance failed", metadata: ["error": "\(error)"])
-            fatalError("etcdlite: log maintenance failed: \(error)")
+    /// Handles Readies until the core is quiet: persist (one fdatasync), apply, answer, advance.
+    private func handleReadies() throws {
+        while raft.hasReady {
+            let ready = raft.ready()
+            // A single voter has nobody to send to; peers arrive with the cluster transport.
+            let syncStart = DispatchTime.now().uptimeNanoseconds
+            try store.save(hardState: ready.hardState, entries: ready.entries, installed: ready.snapshot)
+            if !ready.entries.isEmpty {
+                metrics.walFsync.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - syncStart))
+            }
+            try apply(ready.committedEntries)
+            raft.advance(ready)
         }
+    }
+
+    private func apply(_ entries: [Entry]) throws {
+        guard !entries.isEmpty else { return }
+        var answered: [(Completion?, Result<InternalResponse, EtcdError>)] = []
+        var requests = 0
+        try machine.begin()
+        for entry in entries {
+            if entry.kind == .configChange {
+                if let set = ConfChangeSet(encoded: entry.data) { raft.applyConfChange(set) }
+                machine.state.appliedIndex = entry.index.value
+                continue
+            }
+            var reader = ByteReader(entry.data)
+            guard entry.data.count >= 16, let proposer = try? reader.u64(), let requestID = try? reader.u64() else {
+                machine.state.appliedIndex = entry.index.value  // a leader's empty entry
+                continue
+            }
+            let request = try InternalRequest(encoded: reader.rest())
+            let result = try machine.apply(request, index: entry.index.value)
+            requests += 1
+            if proposer == memberID, let waiter = waiters.removeValue(forKey: requestID) { answered.append((waiter, result)) }
+        }
+        let commitStart = DispatchTime.now().uptimeNanoseconds
+        try machine.commit()
+        metrics.backendCommit.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - commitStart))
+        metrics.proposalsCommitted.increment(by: Int64(requests))
+        metrics.proposalsApplied.increment(by: Int64(requests))
+        metrics.proposalsPending.record(0)
+        onBatch(status())
+        let events = machine.takeEvents()
+        if !events.isEmpty { onEvents(events, machine.state.currentRevision) }
+        for (completion, result) in answered { completion?(result) }
+        appliedSinceCompaction += entries.count
+        if appliedSinceCompaction >= compactionInterval { try compactLog() }
+    }
+
+    /// Once the store holds the applied entries durably, the Raft log before them can go.
+    private func compactLog() throws {
+        appliedSinceCompaction = 0
+        try machine.backend.syncCommitted()
+        try store.compact(through: LogIndex(machine.state.appliedIndex), confState: raft.confState)
     }
 
     func status() -> StoreStatus {
         let sizes = (try? machine.backend.sizes()) ?? (size: 0, inUse: 0)
-        return StoreStatus(state: machine.state, logIndex: log.lastIndex, dbSize: sizes.size, dbSizeInUse: sizes.inUse,
+        return StoreStatus(state: machine.state, logIndex: raft.lastIndex.value, dbSize: sizes.size, dbSizeInUse: sizes.inUse,
                            alarms: machine.alarms)
     }
 }
@@ -202,4 +281,15 @@ struct StoreStatus: Sendable {
     var dbSize: Int64
     var dbSizeInUse: Int64
     var alarms: [Etcdserverpb_AlarmMember]
+}
+
+/// The core's randomness in a member: election timeouts from the system's generator.
+struct SystemRaftRandom: RaftRandom {
+    var generator = SystemRandomNumberGenerator()
+    mutating func next(below bound: Int) -> Int { Int.random(in: 0..<bound, using: &generator) }
+}
+
+struct BootstrapError: Error, CustomStringConvertible {
+    let reason: String
+    var description: String { reason }
 }

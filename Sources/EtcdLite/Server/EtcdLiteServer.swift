@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import Raft
 import Synchronization
 import EtcdLiteProto
 
@@ -46,32 +47,32 @@ public final class EtcdLiteServer: Sendable {
             meta.memberID = ids[members.firstIndex { $0.name == config.name }!]
             meta.clusterID = ClusterIdentity.clusterID(memberIDs: ids)
         }
-        // Each start is a new term, as a single-member Raft elects itself again.
-        meta.term = (meta.term ?? 1) + 1
         try meta.save(backend.writer)
         memberID = meta.memberID!
         clusterID = meta.clusterID!
-        term = meta.term!
 
         leaseIDs = LeaseIDGenerator(memberID: memberID)
         let machine = try StateMachine(backend: backend, lessor: lessor)
-        let log = try WriteAheadLog(directory: memberDir.appendingPathComponent("wal"), appliedIndex: machine.state.appliedIndex)
-        let pending = try log.recover(after: machine.state.appliedIndex)
-        let published = PublishedStatus(StoreStatus(state: machine.state, logIndex: log.lastIndex, dbSize: 0, dbSizeInUse: 0, alarms: []))
+        // The Raft log; its first start records the bootstrap configuration. Until the peer
+        // transport exists this member is the only voter, whatever --initial-cluster lists.
+        let store = try RaftLogStore(directory: memberDir.appendingPathComponent("raft"),
+                                     initial: ConfState(voters: [NodeID(memberID)]))
+        let published = PublishedStatus(StoreStatus(state: machine.state, logIndex: store.lastIndex.value, dbSize: 0, dbSizeInUse: 0, alarms: []))
         self.published = published
-        var template = Etcdserverpb_ResponseHeader()
-        template.clusterID = clusterID
-        template.memberID = memberID
-        template.raftTerm = term
-        let hub = WatchHub(revision: machine.state.currentRevision, header: template, queueLimit: config.watchStreamQueueBytes)
+        let hub = WatchHub(revision: machine.state.currentRevision, header: Etcdserverpb_ResponseHeader(), queueLimit: config.watchStreamQueueBytes)
         watchHub = hub
-        loop = ApplyLoop(machine: machine, log: log, logger: logger, metrics: metrics, onBatch: { status in
+        loop = try ApplyLoop(machine: machine, store: store, memberID: memberID, config: config, logger: logger, metrics: metrics, onBatch: { status in
             published.value.withLock { $0 = status }
         }, onEvents: { events, revision in
             hub.publish(events, revision: revision)
         })
-        try loop.replay(pending)
-        hub.reset(revision: machine.state.currentRevision)
+        try loop.bootstrap()
+        term = loop.term
+        var template = Etcdserverpb_ResponseHeader()
+        template.clusterID = clusterID
+        template.memberID = memberID
+        template.raftTerm = term
+        hub.reset(revision: machine.state.currentRevision, header: template)
         // This member leads from now on: every lease's clock starts afresh.
         lessor.renewAll()
         metrics.hasLeader.record(1)

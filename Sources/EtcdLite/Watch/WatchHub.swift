@@ -120,19 +120,19 @@ final class WatchHub: Sendable {
     }
 
     private let state: Mutex<State>
-    /// Header fields other than the revision.
-    private let headerTemplate: Etcdserverpb_ResponseHeader
+    /// Header fields other than the revision (the Raft term is known once the member has started).
+    private let headerTemplate: Mutex<Etcdserverpb_ResponseHeader>
     /// Bytes of events a stream may have queued before its watchers fall back to history.
     let queueLimit: Int
 
     init(revision: Int64, header: Etcdserverpb_ResponseHeader, queueLimit: Int = 4 << 20) {
         state = Mutex(State(revision: revision))
-        headerTemplate = header
+        headerTemplate = Mutex(header)
         self.queueLimit = queueLimit
     }
 
     private func header(_ revision: Int64) -> Etcdserverpb_ResponseHeader {
-        var header = headerTemplate
+        var header = headerTemplate.withLock { $0 }
         header.revision = revision
         return header
     }
@@ -141,9 +141,11 @@ final class WatchHub: Sendable {
 
     var stats: Stats { state.withLock { $0.stats } }
 
-    /// Sets the published revision before anything is published (after the log replay).
-    func reset(revision: Int64) {
+    /// Sets the published revision and the header before anything is published (after the log
+    /// replay).
+    func reset(revision: Int64, header: Etcdserverpb_ResponseHeader) {
         state.withLock { $0.revision = revision }
+        headerTemplate.withLock { $0 = header }
     }
 
     var watcherCount: Int { state.withLock { $0.streams.values.reduce(0) { $0 + $1.watchers.count } } }
