@@ -184,8 +184,12 @@ public final class RaftLogStore: LogStorage {
     }
 
     /// Persists what a Ready asks for — a snapshot installed from the leader, entries (replacing
-    /// any from the first one's index on), the hard state — with one fdatasync.
+    /// any from the first one's index on), the hard state — with one fdatasync. A Ready that only
+    /// moves the commit index is written without one (as etcd's WAL does): a lost commit index is
+    /// learned again, and the record goes to disk with the next synced write.
     public func save(hardState newHardState: HardState?, entries: [Entry], installed snapshot: Snapshot? = nil) throws {
+        let mustSync = snapshot != nil || !entries.isEmpty
+            || newHardState.map { $0.term != hardState.term || $0.vote != hardState.vote } == true
         if let snapshot {
             point = Point(index: snapshot.index, term: snapshot.term, confState: snapshot.confState)
             log.removeAll()
@@ -205,6 +209,7 @@ public final class RaftLogStore: LogStorage {
             hardState.commit = snapshot.index
             buffer(hardState: hardState)
         }
+        guard mustSync else { return }
         try sync()
         if segmentSize >= segmentLimit { try rotate() }
     }

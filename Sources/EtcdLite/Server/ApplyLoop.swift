@@ -31,14 +31,18 @@ final class ApplyLoop: @unchecked Sendable {
     private let store: RaftLogStore
     private let raft: RaftNode<SystemRaftRandom>
     private let memberID: UInt64
-    /// Proposals of this member waiting for their entry to be applied, by request ID.
-    private var waiters: [UInt64: Completion?] = [:]
+    /// Proposals of this member waiting for their entry to be applied, by request ID (with the
+    /// decoded request, so that applying it needs no decoding).
+    private var waiters: [UInt64: (request: InternalRequest, completion: Completion?)] = [:]
     private var nextRequestID: UInt64 = 1
     private let tickInterval: TimeInterval
     private var nextTick = Date()
-    /// Applied entries since the Raft log was last compacted.
+    /// Entries and their bytes applied since the Raft log was last compacted: the log is compacted
+    /// after `compactionInterval` entries or `compactionBytes` bytes (it is held in memory).
     private var appliedSinceCompaction = 0
+    private var appliedBytesSinceCompaction = 0
     private let compactionInterval: Int
+    private let compactionBytes = 4 << 20
     private let logger: Logger
     private let onBatch: @Sendable (StoreStatus) -> Void
     /// Receives each committed batch's events and the revision the batch ended at.
@@ -65,7 +69,10 @@ final class ApplyLoop: @unchecked Sendable {
         var raftConfig = RaftConfig(id: NodeID(memberID))
         raftConfig.heartbeatTicks = 1
         raftConfig.electionTicks = max(2, config.electionTimeoutMilliseconds / config.heartbeatIntervalMilliseconds)
-        raftConfig.applied = LogIndex(machine.state.appliedIndex)
+        // The core hands out every committed entry after the snapshot point again: membership
+        // changes rebuild its configuration, and `apply` skips what the store already holds (it
+        // may even be ahead of the commit index the log last synced).
+        raftConfig.applied = store.firstIndex.previous
         raftConfig.maxUncommittedEntriesBytes = 1 << 30
         raft = RaftNode(config: raftConfig, storage: store, random: SystemRaftRandom())
     }
@@ -176,7 +183,7 @@ final class ApplyLoop: @unchecked Sendable {
         var proposed = 0
         for work in batch {
             switch work {
-            case .proposal(let data, _, let completion):
+            case .proposal(let data, let request, let completion):
                 let requestID = nextRequestID
                 nextRequestID += 1
                 var entry = ByteWriter()
@@ -185,7 +192,7 @@ final class ApplyLoop: @unchecked Sendable {
                 entry.bytes += data
                 do {
                     try raft.propose(entry.bytes)
-                    waiters[requestID] = completion
+                    waiters[requestID] = (request, completion)
                     proposed += 1
                 } catch {
                     completion?(.failure(.noLeader))
@@ -233,18 +240,22 @@ final class ApplyLoop: @unchecked Sendable {
         for entry in entries {
             if entry.kind == .configChange {
                 if let set = ConfChangeSet(encoded: entry.data) { raft.applyConfChange(set) }
-                machine.state.appliedIndex = entry.index.value
+                machine.state.appliedIndex = max(machine.state.appliedIndex, entry.index.value)
                 continue
             }
+            if entry.index.value <= machine.state.appliedIndex { continue }  // applied before a restart
             var reader = ByteReader(entry.data)
             guard entry.data.count >= 16, let proposer = try? reader.u64(), let requestID = try? reader.u64() else {
                 machine.state.appliedIndex = entry.index.value  // a leader's empty entry
                 continue
             }
-            let request = try InternalRequest(encoded: reader.rest())
-            let result = try machine.apply(request, index: entry.index.value)
+            appliedBytesSinceCompaction += entry.data.count
+            if proposer == memberID, let waiter = waiters.removeValue(forKey: requestID) {
+                answered.append((waiter.completion, try machine.apply(waiter.request, index: entry.index.value)))
+            } else {
+                _ = try machine.apply(try InternalRequest(encoded: reader.rest()), index: entry.index.value)
+            }
             requests += 1
-            if proposer == memberID, let waiter = waiters.removeValue(forKey: requestID) { answered.append((waiter, result)) }
         }
         let commitStart = DispatchTime.now().uptimeNanoseconds
         try machine.commit()
@@ -257,14 +268,15 @@ final class ApplyLoop: @unchecked Sendable {
         if !events.isEmpty { onEvents(events, machine.state.currentRevision) }
         for (completion, result) in answered { completion?(result) }
         appliedSinceCompaction += entries.count
-        if appliedSinceCompaction >= compactionInterval { try compactLog() }
+        if appliedSinceCompaction >= compactionInterval || appliedBytesSinceCompaction >= compactionBytes { try compactLog() }
     }
 
     /// Once the store holds the applied entries durably, the Raft log before them can go.
     private func compactLog() throws {
         appliedSinceCompaction = 0
+        appliedBytesSinceCompaction = 0
         try machine.backend.syncCommitted()
-        try store.compact(through: LogIndex(machine.state.appliedIndex), confState: raft.confState)
+        try store.compact(through: min(LogIndex(machine.state.appliedIndex), raft.appliedIndex), confState: raft.confState)
     }
 
     func status() -> StoreStatus {
