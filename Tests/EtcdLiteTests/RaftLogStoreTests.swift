@@ -160,13 +160,32 @@ import Raft
         var config = RaftConfig(id: 1)
         config.applied = 11
         let restarted = RaftNode(config: config, storage: reopened, random: SeededRandom(seed: 2))
-        #expect(restarted.term == 1 && restarted.commitIndex == 11 && restarted.lastIndex == 11)
+        // Term, vote and entries were synced; a Ready that only moved the commit index was not
+        // (etcd's rule), so the commit index may come back lower: it is learned again.
+        #expect(restarted.term == 1 && restarted.vote == 1 && restarted.lastIndex == 11 && restarted.commitIndex <= 11)
         restarted.campaign()
         try run(reopened, restarted)
         #expect(restarted.role == .leader && restarted.term == 2)
         try restarted.propose([42])
         try run(reopened, restarted)
         #expect(restarted.commitIndex == 13)
+    }
+
+    /// A save that only moves the commit index is not synced; the next synced save carries it.
+    @Test func aCommitOnlyHardStateRidesWithTheNextSyncedWrite() throws {
+        let dir = TempDir()
+        defer { dir.cleanup() }
+        let store = try RaftLogStore(directory: dir.url, initial: Self.conf)
+        try store.save(hardState: HardState(term: 1, vote: 1, commit: 0), entries: Self.entries(1...2, term: 1))
+        try store.save(hardState: HardState(term: 1, vote: 1, commit: 2), entries: [])
+        // Reopened from what reached the file: the commit-only record is still in memory.
+        let early = try RaftLogStore(directory: dir.url, initial: Self.conf)
+        #expect(early.hardState.commit == 0 && early.lastIndex == 2)
+        early.close()
+        try store.save(hardState: nil, entries: Self.entries(3...3, term: 1))
+        store.close()
+        let later = try RaftLogStore(directory: dir.url, initial: Self.conf)
+        #expect(later.hardState.commit == 2 && later.lastIndex == 3)
     }
 
     // MARK: - Helpers
