@@ -132,12 +132,7 @@ public final class RaftLogStore: LogStorage {
             let index = LogIndex(try reader.u64())
             let term = Term(try reader.u64())
             let discarded = try reader.u8() == 1
-            let voters = try reader.ids(), learners = try reader.ids(), outgoing = try reader.ids(), next = try reader.ids()
-            let autoLeave = try reader.u8() == 1
-            let conf = ConfState(voters: Set(voters.map { NodeID($0) }), learners: Set(learners.map { NodeID($0) }),
-                                 outgoingVoters: Set(outgoing.map { NodeID($0) }), learnersNext: Set(next.map { NodeID($0) }),
-                                 autoLeave: autoLeave)
-            return (Point(index: index, term: term, confState: conf), discarded)
+            return (Point(index: index, term: term, confState: try reader.confState()), discarded)
         } catch {
             throw LogCorruptionError(file: path, offset: record.offset, reason: "snapshot record too short")
         }
@@ -171,9 +166,7 @@ public final class RaftLogStore: LogStorage {
         w.u64(point.index.value)
         w.u64(point.term.value)
         w.u8(discarded ? 1 : 0)
-        let conf = point.confState
-        for set in [conf.voters, conf.learners, conf.outgoingVoters, conf.learnersNext] { w.ids(Set(set.map(\.value))) }
-        w.u8(conf.autoLeave ? 1 : 0)
+        w.confState(point.confState)
         RecordSegments.append(w.bytes, to: &pending)
     }
 
