@@ -28,7 +28,8 @@ import Testing
                 if !unreachable.withLock({ $0.isEmpty }) { return true }
                 try? await Task.sleep(for: .milliseconds(5))
             }
-            return false
+            // A busy machine may have kept this task from running until after the deadline.
+            return !unreachable.withLock { $0.isEmpty }
         }
     }
 

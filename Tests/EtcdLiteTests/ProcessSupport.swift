@@ -110,8 +110,17 @@ final class ServerProcess: @unchecked Sendable {
         }
     }
 
-    private func launch(executable: String, name: String, extra: [String]) throws {
-        let peerPort = freePort()
+    /// A member of a cluster: its ports and `--initial-cluster` are chosen by the caller, and it is
+    /// not waited for (a member serves once a quorum is up).
+    init(executable: String, name: String, clientPort: Int, peerPort: Int, initialCluster: String, extra: [String] = []) throws {
+        dataDir = TempDir()
+        logPath = dataDir.url.appendingPathComponent("server.log").path
+        self.clientPort = clientPort
+        try launch(executable: executable, name: name, extra: ["--initial-cluster", initialCluster] + extra, peerPort: peerPort)
+    }
+
+    private func launch(executable: String, name: String, extra: [String], peerPort: Int? = nil) throws {
+        let peerPort = peerPort ?? freePort()
         let client = "http://127.0.0.1:\(clientPort)"
         let peer = "http://127.0.0.1:\(peerPort)"
         process = Process()
@@ -120,8 +129,7 @@ final class ServerProcess: @unchecked Sendable {
             "--name", name, "--data-dir", dataDir.url.appendingPathComponent("data").path,
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", "\(name)=\(peer)",
-        ] + extra
+        ] + (extra.contains("--initial-cluster") ? [] : ["--initial-cluster", "\(name)=\(peer)"]) + extra
         FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = FileHandle(forWritingAtPath: logPath)!
         process.standardOutput = log

@@ -37,4 +37,5 @@ public struct EtcdError: Error, Equatable, Sendable, CustomStringConvertible {
     public static let notLeader = EtcdError(.failedPrecondition, "etcdserver: not leader")
     public static let stopped = EtcdError(.unavailable, "etcdserver: server stopped")
     public static let noLeader = EtcdError(.unavailable, "etcdserver: no leader")
+    public static let requestTimedOut = EtcdError(.unavailable, "etcdserver: request timed out")
 }

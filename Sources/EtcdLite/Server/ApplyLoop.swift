@@ -15,10 +15,17 @@ import EtcdLiteProto
 final class ApplyLoop: @unchecked Sendable {
     typealias Completion = @Sendable (Result<InternalResponse, EtcdError>) -> Void
 
+    typealias ReadCompletion = @Sendable (Result<Void, EtcdError>) -> Void
+
     private enum Work {
         case proposal(data: [UInt8], request: InternalRequest, completion: Completion?)
         /// Runs on the loop's thread between batches (defragment, snapshots of the writer).
         case local(() -> Void)
+        /// A Raft message from a peer, or news that one could not be reached.
+        case message(Message)
+        case unreachable(NodeID)
+        /// A linearizable read waiting to be told it may read (ReadIndex, then the apply).
+        case read(ReadCompletion)
     }
 
     private let condition = NSCondition()
@@ -35,6 +42,16 @@ final class ApplyLoop: @unchecked Sendable {
     /// decoded request, so that applying it needs no decoding).
     private var waiters: [UInt64: (request: InternalRequest, completion: Completion?)] = [:]
     private var nextRequestID: UInt64 = 1
+    /// When each waiting proposal was made: unanswered after `requestTimeout`, it fails with
+    /// etcd's `request timed out` (its entry may have been lost with a leader).
+    private var proposedAt: [UInt64: Date] = [:]
+    private let requestTimeout: TimeInterval
+    /// Peers, when there are any (nil: this member is alone).
+    let transport: PeerTransport?
+    /// Reads waiting for their ReadIndex answer, by context; then for the apply to reach it.
+    private var readsByContext: [UInt64: (reads: [ReadCompletion], asked: Date)] = [:]
+    private var readsWaitingForApply: [(index: LogIndex, reads: [ReadCompletion])] = []
+    private var nextReadContext: UInt64 = 1
     private let tickInterval: TimeInterval
     private var nextTick = Date()
     /// Entries and their bytes applied since the Raft log was last compacted: the log is compacted
@@ -49,14 +66,20 @@ final class ApplyLoop: @unchecked Sendable {
     private let onEvents: @Sendable ([Mvccpb_Event], Int64) -> Void
     private let metrics: MemberMetrics
 
-    init(machine: StateMachine, store: RaftLogStore, memberID: UInt64, config: MemberConfig, logger: Logger, metrics: MemberMetrics,
+    /// `members`: the initial members' IDs (this one included); `transport` reaches the others.
+    init(machine: StateMachine, store: RaftLogStore, memberID: UInt64, members: [UInt64], transport: PeerTransport?,
+         config: MemberConfig, logger: Logger, metrics: MemberMetrics,
          onBatch: @escaping @Sendable (StoreStatus) -> Void, onEvents: @escaping @Sendable ([Mvccpb_Event], Int64) -> Void) throws {
         if store.lastIndex == .zero && store.hardState == HardState() {
             // A new log starts as etcd's does: the initial members added by committed entries of
-            // term 1, so the first election is term 2.
-            let add = Entry(term: 1, index: 1, kind: .configChange, data: ConfChange(.addVoter, NodeID(memberID)).encoded)
-            try store.save(hardState: HardState(term: 1, vote: .none, commit: 1), entries: [add])
+            // term 1 (the same entries on every member), so the first election is term 2.
+            let adds = members.sorted().enumerated().map { position, id in
+                Entry(term: 1, index: LogIndex(UInt64(position + 1)), kind: .configChange, data: ConfChange(.addVoter, NodeID(id)).encoded)
+            }
+            try store.save(hardState: HardState(term: 1, vote: .none, commit: LogIndex(UInt64(adds.count))), entries: adds)
         }
+        self.transport = transport
+        requestTimeout = 5 + 2 * Double(config.electionTimeoutMilliseconds) / 1000
         self.metrics = metrics
         self.machine = machine
         self.store = store
@@ -77,11 +100,22 @@ final class ApplyLoop: @unchecked Sendable {
         raft = RaftNode(config: raftConfig, storage: store, random: SystemRaftRandom())
     }
 
-    /// Elects this member (the only voter) and applies what the log holds beyond the store: entries
-    /// that were durable in the log but not yet applied when the member stopped.
+    /// Applies what the log holds beyond the store (entries that were durable in the log but not yet
+    /// applied when the member stopped) and, when this member is the only voter, elects it. With
+    /// peers, the election comes from ticks once the loop runs.
     func bootstrap() throws {
         let before = machine.state.appliedIndex
         var rounds = 0
+        if transport != nil {
+            while raft.appliedIndex < raft.commitIndex && rounds < 1_000 {
+                try handleReadies()
+                rounds += 1
+            }
+            _ = machine.takeEvents()
+            logger.info("raft log replayed", metadata: ["term": "\(raft.term)", "applied-index": "\(machine.state.appliedIndex)",
+                                                        "replayed": "\(machine.state.appliedIndex - before)"])
+            return
+        }
         repeat {
             // No campaign while a committed membership change is unapplied: apply it, then campaign.
             if raft.role == .follower { raft.campaign() }
@@ -142,6 +176,7 @@ final class ApplyLoop: @unchecked Sendable {
             condition.unlock()
             if case .proposal(_, _, let completion?) = work { completion(.failure(.stopped)) }
             if case .local(let body) = work { body() }
+            if case .read(let completion) = work { completion(.failure(.stopped)) }
             return
         }
         queue.append(work)
@@ -181,8 +216,15 @@ final class ApplyLoop: @unchecked Sendable {
     private func process(_ batch: [Work]) {
         var locals: [() -> Void] = []
         var proposed = 0
+        var reads: [ReadCompletion] = []
         for work in batch {
             switch work {
+            case .message(let m):
+                raft.step(m)
+            case .unreachable(let peer):
+                raft.reportUnreachable(peer)
+            case .read(let completion):
+                reads.append(completion)
             case .proposal(let data, let request, let completion):
                 let requestID = nextRequestID
                 nextRequestID += 1
@@ -193,6 +235,7 @@ final class ApplyLoop: @unchecked Sendable {
                 do {
                     try raft.propose(entry.bytes)
                     waiters[requestID] = (request, completion)
+                    if transport != nil { proposedAt[requestID] = Date() }
                     proposed += 1
                 } catch {
                     completion?(.failure(.noLeader))
@@ -202,10 +245,20 @@ final class ApplyLoop: @unchecked Sendable {
             }
         }
         if proposed > 0 { metrics.proposalsPending.record(Double(proposed)) }
+        if !reads.isEmpty {
+            // One ReadIndex round for every read of the batch.
+            let context = nextReadContext
+            nextReadContext += 1
+            var w = ByteWriter()
+            w.u64(context)
+            readsByContext[context] = (reads, Date())
+            raft.readIndex(context: w.bytes)
+        }
         let now = Date()
         if now >= nextTick {
             raft.tick()
             nextTick = now.addingTimeInterval(tickInterval)
+            expireWaiting(now: now)
         }
         do {
             try handleReadies()
@@ -221,13 +274,29 @@ final class ApplyLoop: @unchecked Sendable {
     private func handleReadies() throws {
         while raft.hasReady {
             let ready = raft.ready()
-            // A single voter has nobody to send to; peers arrive with the cluster transport.
+            // Appends and heartbeats leave while we persist; acknowledgements and votes after.
+            transport?.send(ready.messages)
             let syncStart = DispatchTime.now().uptimeNanoseconds
             try store.save(hardState: ready.hardState, entries: ready.entries, installed: ready.snapshot)
             if !ready.entries.isEmpty {
                 metrics.walFsync.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - syncStart))
             }
+            transport?.send(ready.messagesAfterPersist)
+            if let snapshot = ready.snapshot {
+                // Installing the leader's state machine image arrives with snapshot streaming; until
+                // then no member compacts its log while it has peers, so none is ever sent. Applying
+                // later entries on a state without the snapshot would diverge: stop instead.
+                logger.critical("a snapshot from the leader cannot be installed yet", metadata: ["index": "\(snapshot.index)"])
+                fatalError("etcdlite: snapshot install is not implemented")
+            }
+            for read in ready.readStates {
+                var reader = ByteReader(read.context)
+                guard let context = try? reader.u64(), let waiting = readsByContext.removeValue(forKey: context) else { continue }
+                readsWaitingForApply.append((read.index, waiting.reads))
+            }
             try apply(ready.committedEntries)
+            releaseReads()
+            if ready.softState != nil { onBatch(status()) }  // a new leader or role
             raft.advance(ready)
         }
     }
@@ -251,6 +320,7 @@ final class ApplyLoop: @unchecked Sendable {
             }
             appliedBytesSinceCompaction += entry.data.count
             if proposer == memberID, let waiter = waiters.removeValue(forKey: requestID) {
+                proposedAt[requestID] = nil
                 answered.append((waiter.completion, try machine.apply(waiter.request, index: entry.index.value)))
             } else {
                 _ = try machine.apply(try InternalRequest(encoded: reader.rest()), index: entry.index.value)
@@ -268,7 +338,11 @@ final class ApplyLoop: @unchecked Sendable {
         if !events.isEmpty { onEvents(events, machine.state.currentRevision) }
         for (completion, result) in answered { completion?(result) }
         appliedSinceCompaction += entries.count
-        if appliedSinceCompaction >= compactionInterval || appliedBytesSinceCompaction >= compactionBytes { try compactLog() }
+        // With peers the log is kept whole for now: a follower behind a compaction would need a
+        // snapshot of the store, which is not streamed yet.
+        if transport == nil && (appliedSinceCompaction >= compactionInterval || appliedBytesSinceCompaction >= compactionBytes) {
+            try compactLog()
+        }
     }
 
     /// Once the store holds the applied entries durably, the Raft log before them can go.
@@ -279,10 +353,45 @@ final class ApplyLoop: @unchecked Sendable {
         try store.compact(through: min(LogIndex(machine.state.appliedIndex), raft.appliedIndex), confState: raft.confState)
     }
 
+    /// Reads whose index the store has reached may go ahead.
+    private func releaseReads() {
+        guard !readsWaitingForApply.isEmpty else { return }
+        let applied = LogIndex(machine.state.appliedIndex)
+        readsWaitingForApply.removeAll { waiting in
+            guard waiting.index <= applied else { return false }
+            for read in waiting.reads { read(.success(())) }
+            return true
+        }
+    }
+
+    /// Fails proposals and reads that waited longer than etcd's request timeout.
+    private func expireWaiting(now: Date) {
+        let deadline = now.addingTimeInterval(-requestTimeout)
+        for (id, at) in proposedAt where at < deadline {
+            proposedAt[id] = nil
+            waiters.removeValue(forKey: id)?.completion?(.failure(.requestTimedOut))
+        }
+        for (context, waiting) in readsByContext where waiting.asked < deadline {
+            readsByContext[context] = nil
+            for read in waiting.reads { read(.failure(.requestTimedOut)) }
+        }
+    }
+
+    /// Waits until this member may serve a linearizable read: the leader confirmed the commit index
+    /// (ReadIndex) and the store has applied it.
+    func linearizableRead() async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, Error>) in
+            enqueue(.read { result in continuation.resume(with: result.mapError { $0 }) })
+        }
+    }
+
+    func receive(_ message: Message) { enqueue(.message(message)) }
+    func peerUnreachable(_ peer: NodeID) { enqueue(.unreachable(peer)) }
+
     func status() -> StoreStatus {
         let sizes = (try? machine.backend.sizes()) ?? (size: 0, inUse: 0)
         return StoreStatus(state: machine.state, logIndex: raft.lastIndex.value, dbSize: sizes.size, dbSizeInUse: sizes.inUse,
-                           alarms: machine.alarms)
+                           alarms: machine.alarms, raftTerm: raft.term.value, leader: raft.leader.value)
     }
 }
 
@@ -293,6 +402,9 @@ struct StoreStatus: Sendable {
     var dbSize: Int64
     var dbSizeInUse: Int64
     var alarms: [Etcdserverpb_AlarmMember]
+    var raftTerm: UInt64 = 0
+    /// The leader this member knows of (0: none).
+    var leader: UInt64 = 0
 }
 
 /// The core's randomness in a member: election timeouts from the system's generator.

@@ -71,6 +71,8 @@ extension EtcdLiteServer {
     /// The leader's clock: proposes revokes of expired leases, at most `leaseRevokeBatch` per tick
     /// so that a mass expiry is spread out instead of stalling writes (etcd limits it likewise).
     func revokeExpiredLeases() {
+        // Only the leader's clocks count.
+        guard status.leader == memberID else { return }
         for id in lessor.expired(limit: Self.leaseRevokeBatch) {
             var revoke = Etcdserverpb_LeaseRevokeRequest()
             revoke.id = id

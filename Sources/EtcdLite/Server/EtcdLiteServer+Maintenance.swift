@@ -10,9 +10,9 @@ extension EtcdLiteServer {
         response.version = Self.apiVersion
         response.dbSize = status.dbSize
         response.dbSizeInUse = status.dbSizeInUse
-        response.leader = memberID
+        response.leader = status.leader
         response.raftIndex = status.logIndex
-        response.raftTerm = term
+        response.raftTerm = status.raftTerm
         response.raftAppliedIndex = status.state.appliedIndex
         response.errors = status.alarms.map { "memberID:\($0.memberID) alarm:\(Self.alarmName($0.alarm)) " }
         return response
@@ -140,7 +140,13 @@ extension EtcdLiteServer {
     public func memberList() -> Etcdserverpb_MemberListResponse {
         var response = Etcdserverpb_MemberListResponse()
         response.header = header()
-        response.members = [selfMember()]
+        response.members = [selfMember()] + peers.map { peer in
+            var member = Etcdserverpb_Member()
+            member.id = peer.id
+            member.name = peer.name
+            member.peerUrls = peer.peerURLs
+            return member
+        }
         return response
     }
 

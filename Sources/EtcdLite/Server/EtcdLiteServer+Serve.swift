@@ -26,6 +26,13 @@ extension EtcdLiteServer {
             close()
             throw error
         }
+        if let transport = loop.transport {
+            for text in config.listenPeerURLs {
+                guard let url = URLComponents(string: text), let host = url.host else { throw ConfigError("invalid URL \(text)") }
+                let port = try await transport.listen(host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
+                logger.info("listening for peers", metadata: ["address": "\(host):\(port)"])
+            }
+        }
         logger.info("ready to serve client requests", metadata: ["listen-client-urls": "\(config.listenClientURLs)", "ports": "\(ports)"])
         onListening(ports)
         let retention = try config.autoCompactionRetentionValue()

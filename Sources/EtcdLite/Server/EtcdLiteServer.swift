@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import NIOPosix
 import Raft
 import Synchronization
 import EtcdLiteProto
@@ -19,7 +20,8 @@ public final class EtcdLiteServer: Sendable {
     let logger: Logger
     let backend: Backend
     let loop: ApplyLoop
-    let term: UInt64
+    /// The initial members other than this one: ID and peer URLs (empty: a single member).
+    let peers: [(id: UInt64, name: String, peerURLs: [String])]
     private let published: PublishedStatus
     let stopRequested = StopSignal()
     let lessor = Lessor()
@@ -53,25 +55,40 @@ public final class EtcdLiteServer: Sendable {
 
         leaseIDs = LeaseIDGenerator(memberID: memberID)
         let machine = try StateMachine(backend: backend, lessor: lessor)
-        // The Raft log; its first start records the bootstrap configuration. Until the peer
-        // transport exists this member is the only voter, whatever --initial-cluster lists.
+        // The Raft log; its first start records the bootstrap configuration: every member of
+        // --initial-cluster is a voter.
         let store = try RaftLogStore(directory: memberDir.appendingPathComponent("raft"),
-                                     initial: ConfState(voters: [NodeID(memberID)]))
+                                     initial: ConfState(voters: Set(ids.map { NodeID($0) })))
+        let me = memberID
+        peers = zip(members, ids).filter { $0.1 != me }.map { (id: $0.1, name: $0.0.name, peerURLs: $0.0.peerURLs) }
+        // Messages from peers reach the loop once it exists.
+        let inbox = LoopInbox()
+        var transport: PeerTransport?
+        if !peers.isEmpty {
+            let peerTransport = PeerTransport(memberID: memberID, clusterID: clusterID, group: MultiThreadedEventLoopGroup.singleton,
+                                              deliver: { inbox.loop?.receive($0) }, unreachable: { inbox.loop?.peerUnreachable($0) })
+            for peer in peers {
+                guard let url = peer.peerURLs.first.flatMap(URLComponents.init(string:)), let host = url.host else { continue }
+                peerTransport.setPeer(peer.id, host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
+            }
+            transport = peerTransport
+        }
         let published = PublishedStatus(StoreStatus(state: machine.state, logIndex: store.lastIndex.value, dbSize: 0, dbSizeInUse: 0, alarms: []))
         self.published = published
         let hub = WatchHub(revision: machine.state.currentRevision, header: Etcdserverpb_ResponseHeader(), queueLimit: config.watchStreamQueueBytes)
         watchHub = hub
-        loop = try ApplyLoop(machine: machine, store: store, memberID: memberID, config: config, logger: logger, metrics: metrics, onBatch: { status in
+        loop = try ApplyLoop(machine: machine, store: store, memberID: memberID, members: ids, transport: transport,
+                             config: config, logger: logger, metrics: metrics, onBatch: { status in
             published.value.withLock { $0 = status }
         }, onEvents: { events, revision in
             hub.publish(events, revision: revision)
         })
+        inbox.loop = loop
         try loop.bootstrap()
-        term = loop.term
         var template = Etcdserverpb_ResponseHeader()
         template.clusterID = clusterID
         template.memberID = memberID
-        template.raftTerm = term
+        template.raftTerm = loop.term
         hub.reset(revision: machine.state.currentRevision, header: template)
         // This member leads from now on: every lease's clock starts afresh.
         lessor.renewAll()
@@ -92,10 +109,14 @@ public final class EtcdLiteServer: Sendable {
     public func close() {
         leaseClock.cancel()
         loop.stop()
+        loop.transport?.close()
         backend.closeReaders()
     }
 
     var status: StoreStatus { published.value.withLock { $0 } }
+
+    /// The Raft term as last published by the apply loop.
+    var term: UInt64 { status.raftTerm }
 
     /// Prometheus text of the member's metrics (etcd's names).
     public func metricsText() -> String {
@@ -129,6 +150,8 @@ public final class EtcdLiteServer: Sendable {
     public func range(_ request: Etcdserverpb_RangeRequest) async throws -> Etcdserverpb_RangeResponse {
         try RequestValidation.check(request)
         // One member: everything acknowledged is applied, so the committed state is linearizable.
+        // With peers, a linearizable read waits for ReadIndex and the apply to reach it.
+        if !peers.isEmpty && !request.serializable { try await loop.linearizableRead() }
         var response = try backend.read { try Applier.range(request, $0) }
         fill(&response.header)
         return response
@@ -312,4 +335,9 @@ struct MemberMeta {
 final class PublishedStatus: Sendable {
     let value: Mutex<StoreStatus>
     init(_ status: StoreStatus) { value = Mutex(status) }
+}
+
+/// Lets the peer transport reach the apply loop, which is made after it.
+final class LoopInbox: @unchecked Sendable {
+    var loop: ApplyLoop?
 }

@@ -1,0 +1,76 @@
+import Foundation
+import Testing
+
+/// Three etcdlite members started as processes with etcd's cluster flags, used with etcdctl.
+@Suite(.serialized) struct ClusterTests {
+    static func startCluster(_ size: Int) throws -> [ServerProcess] {
+        let ports = (0..<size).map { _ in (client: freePort(), peer: freePort()) }
+        let initial = ports.enumerated().map { "m\($0.offset)=http://127.0.0.1:\($0.element.peer)" }.joined(separator: ",")
+        let members = try ports.enumerated().map { n, p in
+            try ServerProcess(executable: etcdliteBinary(), name: "m\(n)", clientPort: p.client, peerPort: p.peer, initialCluster: initial,
+                              extra: ["--initial-cluster-token", "cluster-test"])
+        }
+        for member in members { try member.waitUntilServing() }
+        return members
+    }
+
+    /// etcdctl's `endpoint status` fields for one member: (leader ID, raft term).
+    static func status(_ member: ServerProcess) throws -> (leader: UInt64, term: UInt64, id: UInt64) {
+        let out = try member.etcdctl(["endpoint", "status", "-w", "json"]).stdout
+        func field(_ name: String) -> UInt64 {
+            guard let range = out.range(of: "\"\(name)\":") else { return 0 }
+            return UInt64(out[range.upperBound...].prefix { $0.isNumber }) ?? 0
+        }
+        return (field("leader"), field("raft_term"), field("member_id"))
+    }
+
+    @Test func aWriteThroughOneMemberIsReadLinearizablyThroughAnother() throws {
+        let members = try Self.startCluster(3)
+        defer { for m in members { m.stop() } }
+        // One leader, the same for all, in the same term.
+        let statuses = try members.map(Self.status)
+        #expect(Set(statuses.map(\.leader)).count == 1 && statuses[0].leader != 0, "\(statuses)")
+        #expect(Set(statuses.map(\.term)).count == 1)
+        #expect(Set(statuses.map(\.id)).count == 3)
+        // Writes through every member (followers forward to the leader), reads through the others.
+        for (n, member) in members.enumerated() {
+            let put = try member.etcdctl(["put", "key\(n)", "value\(n)"])
+            #expect(put.status == 0 && put.stdout == "OK\n", "\(put.stderr)")
+        }
+        for (n, member) in members.enumerated() {
+            for k in 0..<3 {
+                let get = try member.etcdctl(["get", "key\(k)", "--print-value-only"])
+                #expect(get.stdout == "value\(k)\n", "member \(n) reading key\(k): \(get.stdout) \(get.stderr)")
+            }
+        }
+        let list = try members[1].etcdctl(["member", "list"])
+        #expect(list.stdout.split(separator: "\n").count == 3, "\(list.stdout)")
+    }
+
+    /// kill -9 of the leader: the two others elect a new one and keep every acknowledged write.
+    @Test func theClusterSurvivesTheLossOfTheLeader() throws {
+        let members = try Self.startCluster(3)
+        defer { for m in members { m.stop() } }
+        for n in 0..<20 { #expect(try members[n % 3].etcdctl(["put", "k\(n)", "v\(n)"]).status == 0) }
+        let leaderID = try Self.status(members[0]).leader
+        guard let leader = try members.first(where: { try Self.status($0).id == leaderID }) else {
+            Issue.record("no member is the leader \(leaderID)")
+            return
+        }
+        leader.kill()
+        let survivors = members.filter { $0 !== leader }
+        // A new leader within a few election timeouts.
+        let deadline = Date().addingTimeInterval(10)
+        var newLeader: UInt64 = 0
+        while Date() < deadline {
+            newLeader = (try? Self.status(survivors[0]).leader) ?? 0
+            if newLeader != 0 && newLeader != leaderID { break }
+            usleep(100_000)
+        }
+        #expect(newLeader != 0 && newLeader != leaderID)
+        #expect(try survivors[1].etcdctl(["put", "after", "failover"]).status == 0)
+        let all = try survivors[1].etcdctl(["get", "k", "--prefix", "--keys-only"]).stdout
+        #expect(all.split(separator: "\n").count == 20, "every acknowledged write is there: \(all)")
+        #expect(try survivors[0].etcdctl(["get", "after", "--print-value-only"]).stdout == "failover\n")
+    }
+}
