@@ -73,4 +73,84 @@ import Testing
         #expect(all.split(separator: "\n").count == 20, "every acknowledged write is there: \(all)")
         #expect(try survivors[0].etcdctl(["get", "after", "--print-value-only"]).stdout == "failover\n")
     }
+
+    static func leader(of members: [ServerProcess]) throws -> ServerProcess? {
+        let id = try status(members[0]).leader
+        return try members.first { try status($0).id == id }
+    }
+
+    /// Waits until `member` reports a leader other than `old` (0: any).
+    static func waitForLeader(_ member: ServerProcess, other old: UInt64 = 0, seconds: Double = 10) -> UInt64 {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            let leader = (try? status(member).leader) ?? 0
+            if leader != 0 && leader != old { return leader }
+            usleep(50_000)
+        }
+        return 0
+    }
+
+    /// etcdctl move-leader hands leadership to the named member; a follower cannot.
+    @Test func moveLeaderAndAPlannedStopHandOverLeadership() throws {
+        let members = try Self.startCluster(3)
+        defer { for m in members { m.stop() } }
+        guard let leader = try Self.leader(of: members) else {
+            Issue.record("no leader")
+            return
+        }
+        let followers = members.filter { $0 !== leader }
+        let target = try Self.status(followers[0]).id
+        let refused = try followers[1].etcdctl(["move-leader", String(target, radix: 16)])
+        // etcdctl looks for the leader among its endpoints (Status): a follower's endpoint is refused.
+        #expect(refused.status != 0 && refused.stderr.contains("no leader endpoint given"), "\(refused.stderr)")
+        let moved = try leader.etcdctl(["move-leader", String(target, radix: 16)])
+        #expect(moved.status == 0, "\(moved.stderr)")
+        #expect(try Self.status(followers[1]).leader == target)
+        // SIGTERM to the new leader: it hands over before it stops, so a leader is there at once.
+        followers[0].stop()
+        let next = Self.waitForLeader(followers[1], other: target, seconds: 3)
+        #expect(next != 0 && next != target)
+        #expect(try followers[1].etcdctl(["put", "after", "stop"]).status == 0)
+    }
+
+    /// A member that is stopped (SIGSTOP) does not stop the other two; resumed, it catches up.
+    @Test func aPausedFollowerCatchesUpWhenResumed() throws {
+        let members = try Self.startCluster(3)
+        defer { for m in members { kill(m.process.processIdentifier, SIGCONT); m.stop() } }
+        guard let leader = try Self.leader(of: members) else {
+            Issue.record("no leader")
+            return
+        }
+        let paused = members.first { $0 !== leader }!
+        kill(paused.process.processIdentifier, SIGSTOP)
+        for n in 0..<50 { #expect(try leader.etcdctl(["put", "p\(n)", "v\(n)"]).status == 0) }
+        kill(paused.process.processIdentifier, SIGCONT)
+        let deadline = Date().addingTimeInterval(10)
+        var count = 0
+        while Date() < deadline {
+            count = (try? paused.etcdctl(["get", "p", "--prefix", "--keys-only", "--consistency=s"]).stdout.split(separator: "\n").count) ?? 0
+            if count == 50 { break }
+            usleep(100_000)
+        }
+        #expect(count == 50, "the resumed member has every write (serializable read of its own store)")
+    }
+
+    /// Five members: any two may fail.
+    @Test func fiveMembersSurviveTheLossOfTwo() throws {
+        let members = try Self.startCluster(5)
+        defer { for m in members { m.stop() } }
+        #expect(try members[4].etcdctl(["put", "five", "1"]).status == 0)
+        guard let leader = try Self.leader(of: members) else {
+            Issue.record("no leader")
+            return
+        }
+        let others = members.filter { $0 !== leader }
+        let old = try Self.status(leader).id
+        leader.kill()
+        others[0].kill()
+        let survivors = Array(others.dropFirst())
+        #expect(Self.waitForLeader(survivors[0], other: old) != 0)
+        #expect(try survivors[1].etcdctl(["put", "five", "2"]).status == 0)
+        #expect(try survivors[2].etcdctl(["get", "five", "--print-value-only"]).stdout == "2\n")
+    }
 }

@@ -38,4 +38,6 @@ public struct EtcdError: Error, Equatable, Sendable, CustomStringConvertible {
     public static let stopped = EtcdError(.unavailable, "etcdserver: server stopped")
     public static let noLeader = EtcdError(.unavailable, "etcdserver: no leader")
     public static let requestTimedOut = EtcdError(.unavailable, "etcdserver: request timed out")
+    public static let leaderTransferTimeout = EtcdError(.unavailable, "etcdserver: request timed out, leader transfer took too long")
+    public static let badLeaderTransferee = EtcdError(.failedPrecondition, "etcdserver: bad leader transferee")
 }

@@ -100,16 +100,19 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
     // MARK: - etcd's HTTP endpoints
 
     /// etcd's /health: unhealthy (503) while an alarm is active (`?exclude=NOSPACE` ignores that one);
-    /// `?serializable=true` skips the linearizable check (one member always has a leader).
+    /// `?serializable=true` skips the leader check.
     private func health(query: String) -> (HTTPResponseStatus, String) {
         var excluded: Set<String> = []
         for item in query.split(separator: "&") {
             let pair = item.split(separator: "=", maxSplits: 1)
             if pair.first == "exclude", pair.count == 2 { excluded.insert(String(pair[1])) }
         }
+        let serializable = query.split(separator: "&").contains("serializable=true")
         let alarms = server.status.alarms.filter { !excluded.contains(EtcdLiteServer.alarmName($0.alarm)) }
-        // etcd 3.4's body: the verdict only.
-        return alarms.isEmpty ? (.ok, "{\"health\":\"true\"}") : (.serviceUnavailable, "{\"health\":\"false\"}")
+        // etcd 3.4's body: the verdict only. Without a leader a member is unhealthy unless the
+        // caller asked for a serializable check.
+        let healthy = alarms.isEmpty && (serializable || server.hasLeader)
+        return healthy ? (.ok, "{\"health\":\"true\"}") : (.serviceUnavailable, "{\"health\":\"false\"}")
     }
 
     // MARK: - Gateway calls

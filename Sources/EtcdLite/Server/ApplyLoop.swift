@@ -26,6 +26,8 @@ final class ApplyLoop: @unchecked Sendable {
         case unreachable(NodeID)
         /// A linearizable read waiting to be told it may read (ReadIndex, then the apply).
         case read(ReadCompletion)
+        /// Hand leadership to a voter; answered once it leads, or with a timeout.
+        case transfer(NodeID, ReadCompletion)
     }
 
     private let condition = NSCondition()
@@ -52,6 +54,10 @@ final class ApplyLoop: @unchecked Sendable {
     private var readsByContext: [UInt64: (reads: [ReadCompletion], asked: Date)] = [:]
     private var readsWaitingForApply: [(index: LogIndex, reads: [ReadCompletion])] = []
     private var nextReadContext: UInt64 = 1
+    /// Leadership transfers under way: the target, when to give up, who waits.
+    private var transfers: [(target: NodeID, deadline: Date, completion: ReadCompletion)] = []
+    private let electionTimeout: TimeInterval
+    private var knownLeader: NodeID = .none
     private let tickInterval: TimeInterval
     private var nextTick = Date()
     /// Entries and their bytes applied since the Raft log was last compacted: the log is compacted
@@ -80,6 +86,7 @@ final class ApplyLoop: @unchecked Sendable {
         }
         self.transport = transport
         requestTimeout = 5 + 2 * Double(config.electionTimeoutMilliseconds) / 1000
+        electionTimeout = Double(config.electionTimeoutMilliseconds) / 1000
         self.metrics = metrics
         self.machine = machine
         self.store = store
@@ -177,6 +184,7 @@ final class ApplyLoop: @unchecked Sendable {
             if case .proposal(_, _, let completion?) = work { completion(.failure(.stopped)) }
             if case .local(let body) = work { body() }
             if case .read(let completion) = work { completion(.failure(.stopped)) }
+            if case .transfer(_, let completion) = work { completion(.failure(.stopped)) }
             return
         }
         queue.append(work)
@@ -225,6 +233,17 @@ final class ApplyLoop: @unchecked Sendable {
                 raft.reportUnreachable(peer)
             case .read(let completion):
                 reads.append(completion)
+            case .transfer(let target, let completion):
+                guard raft.role == .leader else {
+                    completion(.failure(.notLeader))
+                    continue
+                }
+                if target == raft.id {
+                    completion(.success(()))
+                    continue
+                }
+                raft.transferLeadership(to: target)
+                transfers.append((target, Date().addingTimeInterval(2 * electionTimeout), completion))
             case .proposal(let data, let request, let completion):
                 let requestID = nextRequestID
                 nextRequestID += 1
@@ -296,7 +315,7 @@ final class ApplyLoop: @unchecked Sendable {
             }
             try apply(ready.committedEntries)
             releaseReads()
-            if ready.softState != nil { onBatch(status()) }  // a new leader or role
+            if let soft = ready.softState { leadershipChanged(soft) }
             raft.advance(ready)
         }
     }
@@ -353,6 +372,47 @@ final class ApplyLoop: @unchecked Sendable {
         try store.compact(through: min(LogIndex(machine.state.appliedIndex), raft.appliedIndex), confState: raft.confState)
     }
 
+    /// A new leader or role: metrics, lease clocks, transfers, and the published status.
+    private func leadershipChanged(_ soft: SoftState) {
+        if soft.leader != knownLeader {
+            knownLeader = soft.leader
+            metrics.hasLeader.record(soft.leader == .none ? 0 : 1)
+            if soft.leader != .none { metrics.leaderChanges.increment() }
+            // A new leader restarts every lease's clock (the old leader's clocks are not ours).
+            if soft.leader == raft.id { machine.lessor.renewAll() }
+        }
+        metrics.isLeader.record(soft.role == .leader ? 1 : 0)
+        transfers.removeAll { transfer in
+            guard soft.leader == transfer.target else { return false }
+            transfer.completion(.success(()))
+            return true
+        }
+        onBatch(status())
+    }
+
+    /// Hands leadership to `target` and waits until it leads (etcd's MoveLeader).
+    func transferLeadership(to target: UInt64) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, Error>) in
+            enqueue(.transfer(NodeID(target)) { result in continuation.resume(with: result.mapError { $0 }) })
+        }
+    }
+
+    /// Before a planned stop: if this member leads, hands leadership to another voter and waits
+    /// (at most two election timeouts) so that the cluster does not wait for an election.
+    func handOverLeadership() {
+        guard transport != nil else { return }
+        let done = DispatchSemaphore(value: 0)
+        enqueue(.local { [self] in
+            guard raft.role == .leader, let target = raft.confState.voters.filter({ $0 != raft.id }).sorted().first else {
+                done.signal()
+                return
+            }
+            raft.transferLeadership(to: target)
+            transfers.append((target, Date().addingTimeInterval(2 * electionTimeout), { _ in done.signal() }))
+        })
+        _ = done.wait(timeout: .now() + 2 * electionTimeout + 0.5)
+    }
+
     /// Reads whose index the store has reached may go ahead.
     private func releaseReads() {
         guard !readsWaitingForApply.isEmpty else { return }
@@ -374,6 +434,11 @@ final class ApplyLoop: @unchecked Sendable {
         for (context, waiting) in readsByContext where waiting.asked < deadline {
             readsByContext[context] = nil
             for read in waiting.reads { read(.failure(.requestTimedOut)) }
+        }
+        transfers.removeAll { transfer in
+            guard transfer.deadline < now else { return false }
+            transfer.completion(.failure(.leaderTransferTimeout))
+            return true
         }
     }
 

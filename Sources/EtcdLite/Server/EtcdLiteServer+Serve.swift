@@ -47,6 +47,8 @@ extension EtcdLiteServer {
             }
             group.cancelAll()
         }
+        // A planned stop: leadership goes to another voter first.
+        loop.handOverLeadership()
         for listener in listeners { await listener.shutdown() }
         close()
     }
@@ -70,7 +72,7 @@ extension EtcdLiteServer {
         m.unary("/etcdserverpb.Maintenance/Defragment") { (_: Etcdserverpb_DefragmentRequest, _) in try await self.defragment() }
         m.unary("/etcdserverpb.Maintenance/Hash") { (_: Etcdserverpb_HashRequest, _) in try self.hash() }
         m.unary("/etcdserverpb.Maintenance/HashKV") { (r: Etcdserverpb_HashKVRequest, _) in try self.hashKV(r) }
-        m.unary("/etcdserverpb.Maintenance/MoveLeader") { (r: Etcdserverpb_MoveLeaderRequest, _) in try self.moveLeader(r) }
+        m.unary("/etcdserverpb.Maintenance/MoveLeader") { (r: Etcdserverpb_MoveLeaderRequest, _) in try await self.moveLeader(r) }
         m.serverStreaming("/etcdserverpb.Maintenance/Snapshot") { (_: Etcdserverpb_SnapshotRequest, _, send) in
             try await self.snapshotChunks(send)
         }
@@ -84,9 +86,13 @@ extension EtcdLiteServer {
         return m
     }
 
-    /// One member leads itself: moving leadership to itself is a no-op.
-    func moveLeader(_ request: Etcdserverpb_MoveLeaderRequest) throws -> Etcdserverpb_MoveLeaderResponse {
-        guard request.targetID == memberID else { throw EtcdError(.failedPrecondition, "etcdserver: bad leader transferee") }
+    /// etcd's MoveLeader: only the leader hands over, and only to a voter.
+    func moveLeader(_ request: Etcdserverpb_MoveLeaderRequest) async throws -> Etcdserverpb_MoveLeaderResponse {
+        guard status.leader == memberID else { throw EtcdError.notLeader }
+        guard request.targetID == memberID || peers.contains(where: { $0.id == request.targetID }) else {
+            throw EtcdError.badLeaderTransferee
+        }
+        try await loop.transferLeadership(to: request.targetID)
         var response = Etcdserverpb_MoveLeaderResponse()
         response.header = header()
         return response

@@ -104,6 +104,6 @@ extension EtcdLiteServer {
         return pieces
     }
 
-    /// One member always leads itself; the cluster issue gives this meaning.
-    var hasLeader: Bool { true }
+    /// Whether this member knows of a leader.
+    var hasLeader: Bool { status.leader != 0 }
 }

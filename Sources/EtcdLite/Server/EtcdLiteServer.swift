@@ -90,11 +90,6 @@ public final class EtcdLiteServer: Sendable {
         template.memberID = memberID
         template.raftTerm = loop.term
         hub.reset(revision: machine.state.currentRevision, header: template)
-        // This member leads from now on: every lease's clock starts afresh.
-        lessor.renewAll()
-        metrics.hasLeader.record(1)
-        metrics.isLeader.record(1)
-        metrics.leaderChanges.increment()
         loop.start()
         leaseClock.start { [weak self] in
             while !Task.isCancelled {
@@ -169,12 +164,14 @@ public final class EtcdLiteServer: Sendable {
     }
 
     public func txn(_ request: Etcdserverpb_TxnRequest) async throws -> Etcdserverpb_TxnResponse {
-        if RequestValidation.isReadOnly(request) { return try readOnlyTxn(request) }
+        if RequestValidation.isReadOnly(request) { return try await readOnlyTxn(request) }
         return try await withCheckedThrowingContinuation { continuation in txn(request) { continuation.resume(with: $0) } }
     }
 
     /// A txn without writes reads the committed state directly; it never enters the log.
-    private func readOnlyTxn(_ request: Etcdserverpb_TxnRequest) throws -> Etcdserverpb_TxnResponse {
+    private func readOnlyTxn(_ request: Etcdserverpb_TxnRequest) async throws -> Etcdserverpb_TxnResponse {
+        // A txn's reads are linearizable (etcd makes every txn linearizable).
+        if !peers.isEmpty { try await loop.linearizableRead() }
         try RequestValidation.check(request, maxTxnOps: config.maxTxnOps)
         var response = try backend.read { try Applier.readOnlyTxn(request, $0) }
         fill(&response.header)
@@ -227,7 +224,9 @@ public final class EtcdLiteServer: Sendable {
     /// Read-only txns read SQLite, which does not belong on an event loop: they run as a task.
     func txn(_ request: Etcdserverpb_TxnRequest, completion: @escaping @Sendable (Result<Etcdserverpb_TxnResponse, any Error>) -> Void) {
         if RequestValidation.isReadOnly(request) {
-            Task { completion(Result { try self.readOnlyTxn(request) }) }
+            Task {
+                do { completion(.success(try await self.readOnlyTxn(request))) } catch { completion(.failure(error)) }
+            }
             return
         }
         submit(.txn(request), completion, validate: {
