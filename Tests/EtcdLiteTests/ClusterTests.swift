@@ -153,4 +153,36 @@ import Testing
         #expect(try survivors[1].etcdctl(["put", "five", "2"]).status == 0)
         #expect(try survivors[2].etcdctl(["get", "five", "--print-value-only"]).stdout == "2\n")
     }
+
+    /// Keep-alives sent to a follower keep the lease alive on the leader, whose clocks count; once
+    /// they stop, the leader revokes it and its key goes everywhere.
+    @Test func keepAlivesThroughAFollowerReachTheLeader() throws {
+        let members = try Self.startCluster(3)
+        defer { for m in members { m.stop() } }
+        guard let leader = try Self.leader(of: members) else {
+            Issue.record("no leader")
+            return
+        }
+        let follower = members.first { $0 !== leader }!
+        let grant = try follower.etcdctl(["lease", "grant", "3"]).stdout
+        guard let id = grant.split(separator: " ").dropFirst().first.map(String.init) else {
+            Issue.record("no lease: \(grant)")
+            return
+        }
+        #expect(try follower.etcdctl(["put", "leased", "1", "--lease=\(id)"]).status == 0)
+        // Six seconds of keep-alives through the follower: twice the TTL.
+        for _ in 0..<12 {
+            #expect(try follower.etcdctl(["lease", "keep-alive", "--once", id]).status == 0)
+            usleep(500_000)
+        }
+        #expect(try leader.etcdctl(["get", "leased", "--print-value-only"]).stdout == "1\n", "the leader kept the lease")
+        // No more keep-alives: the leader revokes it.
+        let deadline = Date().addingTimeInterval(10)
+        var value = "1\n"
+        while Date() < deadline && !value.isEmpty {
+            value = (try? follower.etcdctl(["get", "leased", "--print-value-only"]).stdout) ?? "1\n"
+            usleep(200_000)
+        }
+        #expect(value.isEmpty, "the key went with the lease")
+    }
 }

@@ -12,6 +12,9 @@ enum InternalRequest: Sendable {
     case leaseGrant(Etcdserverpb_LeaseGrantRequest)
     /// A client's revoke, or the leader's for an expired lease.
     case leaseRevoke(Etcdserverpb_LeaseRevokeRequest)
+    /// A keep-alive a follower received: every member (the leader, whose clocks count, among
+    /// them) renews the lease when it applies it.
+    case leaseRenew(Etcdserverpb_LeaseKeepAliveRequest)
 
     private var tag: UInt8 {
         switch self {
@@ -22,6 +25,7 @@ enum InternalRequest: Sendable {
         case .alarm: 5
         case .leaseGrant: 6
         case .leaseRevoke: 7
+        case .leaseRenew: 8
         }
     }
 
@@ -36,6 +40,7 @@ enum InternalRequest: Sendable {
         case .alarm(let r): body = try r.serializedBytes()
         case .leaseGrant(let r): body = try r.serializedBytes()
         case .leaseRevoke(let r): body = try r.serializedBytes()
+        case .leaseRenew(let r): body = try r.serializedBytes()
         }
         return [tag] + body
     }
@@ -51,6 +56,7 @@ enum InternalRequest: Sendable {
         case 5: self = .alarm(try .init(serializedBytes: body))
         case 6: self = .leaseGrant(try .init(serializedBytes: body))
         case 7: self = .leaseRevoke(try .init(serializedBytes: body))
+        case 8: self = .leaseRenew(try .init(serializedBytes: body))
         default: throw EntryDecodingError(message: "unknown entry type \(tag)")
         }
     }
@@ -69,4 +75,5 @@ enum InternalResponse: Sendable {
     case alarm(Etcdserverpb_AlarmResponse)
     case leaseGrant(Etcdserverpb_LeaseGrantResponse)
     case leaseRevoke(Etcdserverpb_LeaseRevokeResponse)
+    case leaseRenew(Etcdserverpb_LeaseKeepAliveResponse)
 }

@@ -36,7 +36,10 @@ extension EtcdLiteServer {
         var response = Etcdserverpb_LeaseKeepAliveResponse()
         response.id = request.id
         response.ttl = lessor.renew(request.id) ?? 0
+        let status = self.status
         response.header = header(revision: status.state.currentRevision)
+        // Only the leader's clocks count: a follower passes the renewal on through the log.
+        if !peers.isEmpty && status.leader != memberID && response.ttl > 0 { loop.proposeDetached(.leaseRenew(request)) }
         return response
     }
 

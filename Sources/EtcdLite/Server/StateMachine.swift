@@ -68,6 +68,11 @@ final class StateMachine {
                 return .success(.leaseGrant(try grant(r)))
             case .leaseRevoke(let r):
                 return .success(.leaseRevoke(try revoke(r)))
+            case .leaseRenew(let r):
+                var response = Etcdserverpb_LeaseKeepAliveResponse()
+                response.id = r.id
+                response.ttl = lessor.renew(r.id) ?? 0
+                return .success(.leaseRenew(response))
             }
         } catch let error as EtcdError {
             return .failure(error)
