@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Side by side: a 3-member etcd 3.4 cluster and a 3-member etcdlite cluster on this machine (all
+# members on loopback, data on the same disk), the same flags. Per round and target: Put with 64
+# streams and linearizable Range with 64 streams against the leader (h2load, prebuilt gRPC bodies),
+# then leader failover: kill -9 of the leader, time until a write through a survivor is
+# acknowledged (etcdctl put, retried every 20 ms).
+#
+# Needs: apt-get install etcd-server etcd-client nghttp2-client; pip install grpcio
+# Usage: Benchmarks/cluster.sh [rounds] [failovers] > results.txt  (build first: swift build -c release)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-3}
+failovers=${2:-5}
+source Benchmarks/lib.sh
+python3 Benchmarks/grpc_bodies.py bodies "$work"
+export ETCDCTL_API=3
+
+h2() { # port path body streams requests -> "reqs/s p50_us"
+  local out
+  rm -f "$work/h2.log"
+  out=$(h2load -n "$5" -c 1 -m "$4" -H 'content-type: application/grpc' -H 'te: trailers' \
+    --log-file="$work/h2.log" -d "$work/$3" "http://127.0.0.1:$1/$2" 2>&1)
+  echo "$out" | grep -q "$5 succeeded" || { echo "h2load failed: $out" >&2; exit 1; }
+  local rps p50
+  rps=$(echo "$out" | awk '/^finished in/ {print $4}')
+  p50=$(cut -f3 "$work/h2.log" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  echo "$rps $p50"
+}
+
+start_cluster() { # target base-port -> pids on stdout (one line)
+  local target=$1 base=$2 bin initial="" pids=""
+  bin=$(server_binary "$target")
+  for i in 0 1 2; do initial+="m$i=http://127.0.0.1:$((base + 10 * i + 1)),"; done
+  initial=${initial%,}
+  for i in 0 1 2; do
+    local client=$((base + 10 * i)) peer=$((base + 10 * i + 1)) dir="$work/$target-data-$i"
+    rm -rf "$dir"
+    "$bin" --name "m$i" --data-dir "$dir" --initial-cluster "$initial" --initial-cluster-token bench \
+      --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
+      --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+      > "$work/$target-$i.log" 2>&1 &
+    pids+="$! "
+  done
+  echo "$pids"
+}
+
+endpoints() { echo "127.0.0.1:$1,127.0.0.1:$(($1 + 10)),127.0.0.1:$(($1 + 20))"; }
+
+stop_cluster() { # pids...: SIGKILL, then wait until they are gone (they are not this shell's children)
+  kill -9 "$@" 2>/dev/null || true
+  for pid in "$@"; do while kill -0 "$pid" 2>/dev/null; do sleep 0.02; done; done
+}
+
+leader_port() { # base -> client port of the leader
+  local base=$1
+  for _ in $(seq 1 250); do
+    for i in 0 1 2; do
+      local port=$((base + 10 * i))
+      if etcdctl --endpoints="127.0.0.1:$port" --dial-timeout=300ms --command-timeout=500ms endpoint status -w json 2>/dev/null \
+        | python3 -c 'import json,sys; s=json.load(sys.stdin)[0]["Status"]; sys.exit(0 if s["header"]["member_id"]==s["leader"] else 1)' 2>/dev/null; then
+        echo "$port"; return 0
+      fi
+    done
+    sleep 0.02
+  done
+  return 1
+}
+
+machine_line
+echo "etcd: $(etcd --version | head -1); etcdlite: $lite_bin"
+for round in $(seq 1 "$rounds"); do
+  for target in etcd etcdlite; do
+    base=$((25000 + round * 100 + $([ "$target" = etcd ] && echo 0 || echo 50)))
+    read -r -a pids < <(start_cluster "$target" "$base")
+    leader=$(leader_port "$base")
+    python3 Benchmarks/grpc_bodies.py check "127.0.0.1:$leader" "$work"
+    read -r put64 put64lat < <(h2 "$leader" etcdserverpb.KV/Put put.bin 64 20000)
+    read -r range64 range64lat < <(h2 "$leader" etcdserverpb.KV/Range range.bin 64 50000)
+    echo "round=$round target=$target put64_rps=$put64 put64_p50us=$put64lat range64_rps=$range64 range64_p50us=$range64lat"
+    if [ "$round" = 1 ]; then
+      # etcdctl's own check (60 s of load); its verdict is the last line.
+      perf=$(etcdctl --endpoints="$(endpoints "$base")" check perf --load=l 2>&1 | tr '\r' '\n' | grep -E 'PASS|FAIL' | tr '\n' ' ' || true)
+      echo "check-perf target=$target load=l: $perf"
+    fi
+    stop_cluster "${pids[@]}"
+  done
+done
+# Failover: a fresh cluster each time; kill -9 the leader, then write through a survivor until it
+# is acknowledged.
+for target in etcd etcdlite; do
+  for n in $(seq 1 "$failovers"); do
+    base=$((27000 + n * 100 + $([ "$target" = etcd ] && echo 0 || echo 50)))
+    read -r -a pids < <(start_cluster "$target" "$base")
+    leader=$(leader_port "$base")
+    etcdctl --endpoints="127.0.0.1:$leader" put warm up > /dev/null
+    index=$(((leader - base) / 10))
+    survivor=$((base + 10 * ((index + 1) % 3)))
+    t0=$(date +%s.%N)
+    kill -9 "${pids[$index]}"
+    until etcdctl --endpoints="127.0.0.1:$survivor" --command-timeout=500ms put after failover > /dev/null 2>&1; do sleep 0.02; done
+    t1=$(date +%s.%N)
+    echo "failover target=$target n=$n seconds=$(echo "$t1 - $t0" | bc)"
+    stop_cluster "${pids[@]}"
+  done
+done
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
