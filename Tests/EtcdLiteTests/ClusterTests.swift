@@ -43,8 +43,14 @@ import Testing
                 #expect(get.stdout == "value\(k)\n", "member \(n) reading key\(k): \(get.stdout) \(get.stderr)")
             }
         }
-        let list = try members[1].etcdctl(["member", "list"])
-        #expect(list.stdout.split(separator: "\n").count == 3, "\(list.stdout)")
+        // Every member lists all three with their names and client URLs (published through the log).
+        for member in members {
+            let list = try member.etcdctl(["member", "list"]).stdout.split(separator: "\n")
+            #expect(list.count == 3, "\(list)")
+            for (n, other) in members.enumerated() {
+                #expect(list.contains { $0.contains(", m\(n), ") && $0.hasSuffix("http://\(other.endpoint), false") }, "\(list)")
+            }
+        }
     }
 
     /// kill -9 of the leader: the two others elect a new one and keep every acknowledged write.

@@ -15,6 +15,9 @@ enum InternalRequest: Sendable {
     /// A keep-alive a follower received: every member (the leader, whose clocks count, among
     /// them) renews the lease when it applies it.
     case leaseRenew(Etcdserverpb_LeaseKeepAliveRequest)
+    /// A member's name and client URLs, published by the member through the log after it starts
+    /// (as etcd does): what MemberList shows of it.
+    case memberAttributes(Etcdserverpb_Member)
 
     private var tag: UInt8 {
         switch self {
@@ -26,6 +29,7 @@ enum InternalRequest: Sendable {
         case .leaseGrant: 6
         case .leaseRevoke: 7
         case .leaseRenew: 8
+        case .memberAttributes: 9
         }
     }
 
@@ -41,9 +45,13 @@ enum InternalRequest: Sendable {
         case .leaseGrant(let r): body = try r.serializedBytes()
         case .leaseRevoke(let r): body = try r.serializedBytes()
         case .leaseRenew(let r): body = try r.serializedBytes()
+        case .memberAttributes(let r): body = try r.serializedBytes()
         }
         return [tag] + body
     }
+
+    /// The tag of an encoded request (its first byte).
+    static let memberAttributesTag: UInt8 = 9
 
     init(encoded bytes: [UInt8]) throws {
         guard let tag = bytes.first else { throw EntryDecodingError(message: "empty entry") }
@@ -57,6 +65,7 @@ enum InternalRequest: Sendable {
         case 6: self = .leaseGrant(try .init(serializedBytes: body))
         case 7: self = .leaseRevoke(try .init(serializedBytes: body))
         case 8: self = .leaseRenew(try .init(serializedBytes: body))
+        case 9: self = .memberAttributes(try .init(serializedBytes: body))
         default: throw EntryDecodingError(message: "unknown entry type \(tag)")
         }
     }
@@ -76,4 +85,5 @@ enum InternalResponse: Sendable {
     case leaseGrant(Etcdserverpb_LeaseGrantResponse)
     case leaseRevoke(Etcdserverpb_LeaseRevokeResponse)
     case leaseRenew(Etcdserverpb_LeaseKeepAliveResponse)
+    case memberAttributes
 }

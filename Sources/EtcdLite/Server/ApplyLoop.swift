@@ -48,6 +48,8 @@ final class ApplyLoop: @unchecked Sendable {
     /// etcd's `request timed out` (its entry may have been lost with a leader).
     private var proposedAt: [UInt64: Date] = [:]
     private let requestTimeout: TimeInterval
+    /// Names and client URLs the members published through the log, by member ID.
+    let memberAttributes = Mutex<[UInt64: Etcdserverpb_Member]>([:])
     /// Peers, when there are any (nil: this member is alone).
     let transport: PeerTransport?
     /// Reads waiting for their ReadIndex answer, by context; then for the apply to reach it.
@@ -330,6 +332,12 @@ final class ApplyLoop: @unchecked Sendable {
                 if let set = ConfChangeSet(encoded: entry.data) { raft.applyConfChange(set) }
                 machine.state.appliedIndex = max(machine.state.appliedIndex, entry.index.value)
                 continue
+            }
+            // Member attributes live in memory: they are taken from every entry handed out,
+            // also those the store applied before a restart.
+            if entry.data.count > 16 && entry.data[16] == InternalRequest.memberAttributesTag,
+               case .memberAttributes(let member)? = try? InternalRequest(encoded: Array(entry.data[16...])) {
+                memberAttributes.withLock { $0[member.id] = member }
             }
             if entry.index.value <= machine.state.appliedIndex { continue }  // applied before a restart
             var reader = ByteReader(entry.data)

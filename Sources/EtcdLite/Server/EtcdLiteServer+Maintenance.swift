@@ -140,14 +140,31 @@ extension EtcdLiteServer {
     public func memberList() -> Etcdserverpb_MemberListResponse {
         var response = Etcdserverpb_MemberListResponse()
         response.header = header()
+        let published = loop.memberAttributes.withLock { $0 }
         response.members = [selfMember()] + peers.map { peer in
             var member = Etcdserverpb_Member()
             member.id = peer.id
-            member.name = peer.name
             member.peerUrls = peer.peerURLs
+            // Name and client URLs once the member has published them (empty before, as etcd).
+            if let attributes = published[peer.id] {
+                member.name = attributes.name
+                member.clientUrls = attributes.clientUrls
+            }
             return member
         }
+        // etcd lists members in ID order.
+        response.members.sort { $0.id < $1.id }
         return response
+    }
+
+    /// Publishes this member's name and client URLs through the log once a leader is known (etcd
+    /// does so on every start), so that every member's MemberList shows them.
+    func publishAttributes() async {
+        guard !peers.isEmpty else { return }
+        while !Task.isCancelled {
+            if hasLeader, (try? await propose(.memberAttributes(selfMember()))) != nil { return }
+            try? await Task.sleep(for: .milliseconds(200))
+        }
     }
 
     func selfMember() -> Etcdserverpb_Member {

@@ -40,6 +40,7 @@ extension EtcdLiteServer {
             if let retention {
                 group.addTask { await AutoCompactor(server: self, retention: retention).run() }
             }
+            group.addTask { await self.publishAttributes() }
             await withTaskCancellationHandler {
                 await stopRequested.wait()
             } onCancel: {

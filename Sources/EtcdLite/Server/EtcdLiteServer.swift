@@ -79,7 +79,12 @@ public final class EtcdLiteServer: Sendable {
         watchHub = hub
         loop = try ApplyLoop(machine: machine, store: store, memberID: memberID, members: ids, transport: transport,
                              config: config, logger: logger, metrics: metrics, onBatch: { status in
-            published.value.withLock { $0 = status }
+            let termChanged = published.value.withLock { published -> Bool in
+                defer { published = status }
+                return published.raftTerm != status.raftTerm
+            }
+            // Watch responses carry the current term too.
+            if termChanged { hub.setTerm(status.raftTerm) }
         }, onEvents: { events, revision in
             hub.publish(events, revision: revision)
         })

@@ -68,6 +68,8 @@ final class StateMachine {
                 return .success(.leaseGrant(try grant(r)))
             case .leaseRevoke(let r):
                 return .success(.leaseRevoke(try revoke(r)))
+            case .memberAttributes:
+                return .success(.memberAttributes)  // kept by the apply loop, not in the store
             case .leaseRenew(let r):
                 var response = Etcdserverpb_LeaseKeepAliveResponse()
                 response.id = r.id

@@ -141,6 +141,11 @@ final class WatchHub: Sendable {
 
     var stats: Stats { state.withLock { $0.stats } }
 
+    /// A new Raft term for the headers of later responses.
+    func setTerm(_ term: UInt64) {
+        headerTemplate.withLock { $0.raftTerm = term }
+    }
+
     /// Sets the published revision and the header before anything is published (after the log
     /// replay).
     func reset(revision: Int64, header: Etcdserverpb_ResponseHeader) {
