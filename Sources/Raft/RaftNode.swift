@@ -146,11 +146,18 @@ public final class RaftNode<Random: RaftRandom> {
     public func campaign() { step(Message(kind: .hup, from: id)) }
 
     public func propose(_ data: [UInt8]) throws {
+        try propose(batch: [data])
+    }
+
+    /// Proposes several entries at once: a follower forwards them to the leader in one message;
+    /// the leader takes all of them or none (the uncommitted limit counts the whole batch).
+    public func propose(batch: [[UInt8]]) throws {
+        guard !batch.isEmpty else { return }
         guard (role == .leader && leadTransferee == .none && removedAt == nil) || (role == .follower && leader != .none) else {
             throw RaftError.proposalDropped
         }
-        if role == .leader && !canTakeUncommitted(data.count) { throw RaftError.proposalDropped }
-        step(Message(kind: .propose, from: id, entries: [Entry(term: .zero, index: .zero, data: data)]))
+        if role == .leader && !canTakeUncommitted(batch.reduce(0) { $0 + $1.count }) { throw RaftError.proposalDropped }
+        step(Message(kind: .propose, from: id, entries: batch.map { Entry(term: .zero, index: .zero, data: $0) }))
     }
 
     /// Asks for a linearizable read; the answer comes as a `ReadState` with the same context (use a

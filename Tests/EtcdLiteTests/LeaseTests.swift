@@ -98,8 +98,9 @@ func outcome<T: Sendable>(_ body: () async throws -> T, _ text: (T) -> String) a
                 record("revoke again", await outcome({ try await lease.leaseRevoke(revoke(100)) }) { "rev=\($0.header.revision)" })
                 record("revoke keyless", await outcome({ try await lease.leaseRevoke(revoke(chosen.id)) }) { "rev=\($0.header.revision)" })
                 record("get after revoke", await outcome({ try await kv.range(range("k", prefixEnd("k"))) }) { keys($0).joined(separator: ",") })
-                // A short lease expires by itself: its key goes with a DELETE event.
-                record("grant expiring", await outcome({ try await lease.leaseGrant(grant(104, 3)) }) { "\($0.id) \($0.ttl)" })
+                // A short lease expires by itself: its key goes with a DELETE event. (6 s: long enough
+                // for the put that follows even on a machine busy with other tests.)
+                record("grant expiring", await outcome({ try await lease.leaseGrant(grant(104, 6)) }) { "\($0.id) \($0.ttl)" })
                 record("put k6", await outcome({ try await kv.put(put("k6", "v", lease: 104)) }) { "rev=\($0.header.revision)" })
                 let seen = await w.wait(timeout: .seconds(20)) { $0.flatMap(\.events).contains { $0.type == .delete && $0.kv.key == Data("k6") } }
                 return seen.flatMap(\.events).map(describe)

@@ -228,4 +228,19 @@ func loneLeader(_ config: RaftConfig) -> (RaftNode<SeededRandom>, MemoryStorage)
         // Two appends acknowledged free 648 bytes: room for the rest (at most 1 MiB per message).
         #expect(resumed.count == 1 && resumed[0].entries.count == 6)
     }
+
+    /// A batch proposed on a follower travels to the leader as one message and is appended whole,
+    /// in order.
+    @Test func aBatchIsForwardedAsOneMessage() throws {
+        let cluster = TestCluster.elected()
+        try cluster.raft(2).propose(batch: [[1], [2], [3]])
+        let ready = cluster.raft(2).ready()
+        let forwarded = (ready.messages + ready.messagesAfterPersist).filter { $0.kind == .propose }
+        #expect(forwarded.count == 1 && forwarded[0].to == 1 && forwarded[0].entries.map(\.data) == [[1], [2], [3]])
+        cluster.raft(2).advance(ready)
+        cluster.raft(1).step(forwarded[0])
+        cluster.stabilize()
+        let log = try cluster.nodes[3]!.storage.entries(from: 2, to: 5, maxBytes: .max)
+        #expect(log.map(\.data) == [[1], [2], [3]] && cluster.raft(3).commitIndex == 4)
+    }
 }

@@ -227,6 +227,8 @@ final class ApplyLoop: @unchecked Sendable {
         var locals: [() -> Void] = []
         var proposed = 0
         var reads: [ReadCompletion] = []
+        var entries: [[UInt8]] = []
+        var proposals: [(id: UInt64, request: InternalRequest, completion: Completion?)] = []
         for work in batch {
             switch work {
             case .message(let m):
@@ -253,16 +255,24 @@ final class ApplyLoop: @unchecked Sendable {
                 entry.u64(memberID)
                 entry.u64(requestID)
                 entry.bytes += data
-                do {
-                    try raft.propose(entry.bytes)
-                    waiters[requestID] = (request, completion)
-                    if transport != nil { proposedAt[requestID] = Date() }
-                    proposed += 1
-                } catch {
-                    completion?(.failure(.noLeader))
-                }
+                entries.append(entry.bytes)
+                proposals.append((requestID, request, completion))
             case .local(let body):
                 locals.append(body)
+            }
+        }
+        if !entries.isEmpty {
+            // The batch's proposals go to Raft together: a follower forwards them in one message.
+            do {
+                try raft.propose(batch: entries)
+                let now = transport != nil ? Date() : nil
+                for proposal in proposals {
+                    waiters[proposal.id] = (proposal.request, proposal.completion)
+                    if let now { proposedAt[proposal.id] = now }
+                }
+                proposed = proposals.count
+            } catch {
+                for proposal in proposals { proposal.completion?(.failure(.noLeader)) }
             }
         }
         if proposed > 0 { metrics.proposalsPending.record(Double(proposed)) }
