@@ -151,7 +151,12 @@ final class ServerProcess: @unchecked Sendable {
     }
 
     func etcdctl(_ arguments: [String], stdin: String? = nil) throws -> CommandResult {
-        try run(etcdctlPath(), ["--endpoints=\(endpoint)"] + arguments, stdin: stdin, environment: ["ETCDCTL_API": "3"])
+        try etcdctlRaw(["--endpoints=\(endpoint)"] + arguments, stdin: stdin)
+    }
+
+    /// etcdctl with exactly these arguments (the caller names the endpoints).
+    func etcdctlRaw(_ arguments: [String], stdin: String? = nil) throws -> CommandResult {
+        try run(etcdctlPath(), arguments, stdin: stdin, environment: ["ETCDCTL_API": "3"])
     }
 
     /// SIGTERM, and SIGKILL if the process is still there after 10 s (a test must not hang).

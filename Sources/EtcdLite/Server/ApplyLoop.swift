@@ -280,7 +280,10 @@ final class ApplyLoop: @unchecked Sendable {
             // One ReadIndex round for every read of the batch.
             let context = nextReadContext
             nextReadContext += 1
+            // The leader keys pending reads by context: the member ID makes ours unlike any
+            // other member's.
             var w = ByteWriter()
+            w.u64(memberID)
             w.u64(context)
             readsByContext[context] = (reads, Date())
             raft.readIndex(context: w.bytes)
@@ -322,7 +325,8 @@ final class ApplyLoop: @unchecked Sendable {
             }
             for read in ready.readStates {
                 var reader = ByteReader(read.context)
-                guard let context = try? reader.u64(), let waiting = readsByContext.removeValue(forKey: context) else { continue }
+                guard (try? reader.u64()) == memberID, let context = try? reader.u64(),
+                      let waiting = readsByContext.removeValue(forKey: context) else { continue }
                 readsWaitingForApply.append((read.index, waiting.reads))
             }
             try apply(ready.committedEntries)
