@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 
 /// Three etcdlite members started as processes with etcd's cluster flags, used with etcdctl.
@@ -235,5 +236,51 @@ import Testing
         let actual = try session(lite)
         for (e, a) in zip(expected, actual) { #expect(a == e) }
         #expect(expected.count == actual.count)
+    }
+
+    /// kill -9 of the leader while three writers keep writing through all members: a new leader
+    /// comes, and every write that was acknowledged is there afterwards.
+    @Test func noAcknowledgedWriteIsLostWhenTheLeaderDiesUnderLoad() throws {
+        let members = try Self.startCluster(3)
+        defer { for m in members { m.stop() } }
+        guard let leader = try Self.leader(of: members) else {
+            Issue.record("no leader")
+            return
+        }
+        let oldID = try Self.status(leader).id
+        let survivors = members.filter { $0 !== leader }
+        let acknowledged = Mutex<[String]>([])
+        let stop = Mutex(false)
+        let writers = DispatchGroup()
+        for writer in 0..<3 {
+            DispatchQueue.global().async(group: writers) {
+                var n = 0
+                while !stop.withLock({ $0 }) {
+                    let key = "w\(writer)-\(n)"
+                    // Each writer talks to one member; the one on the leader fails after the kill.
+                    let target = members[writer]
+                    if let result = try? target.etcdctl(["put", key, "v", "--command-timeout=2s"]), result.status == 0 {
+                        acknowledged.withLock { $0.append(key) }
+                    }
+                    n += 1
+                }
+            }
+        }
+        usleep(1_500_000)
+        let killedAt = Date()
+        leader.kill()
+        let newLeader = Self.waitForLeader(survivors[0], other: oldID, seconds: 10)
+        let elected = Date().timeIntervalSince(killedAt)
+        usleep(1_500_000)
+        stop.withLock { $0 = true }
+        writers.wait()
+        #expect(newLeader != 0)
+        print("new leader \(elected) s after kill -9 of the leader (election timeout 1 s)")
+        #expect(elected < 3, "a new leader within a few election timeouts: \(elected) s")
+        let keys = Set(try survivors[1].etcdctl(["get", "w", "--prefix", "--keys-only"]).stdout.split(separator: "\n").map(String.init))
+        let acked = acknowledged.withLock { $0 }
+        #expect(acked.count > 10)
+        let lost = acked.filter { !keys.contains($0) }
+        #expect(lost.isEmpty, "acknowledged but lost: \(lost)")
     }
 }

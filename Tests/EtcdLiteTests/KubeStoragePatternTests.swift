@@ -133,7 +133,11 @@ struct KubeStoragePatternTests {
                 await w.wait { $0.contains { $0.compactRevision != 0 } }
                 let (relisted, relistRevision) = try await store.list("/registry/pods/", limit: 2)
                 log.append(relisted)
+                let createdBefore = w.responses.filter(\.created).count
                 w.create("/registry/pods/", prefixEnd("/registry/pods/"), start: relistRevision + 1, prevKV: true)
+                // The created answer carries the revision at creation: write only after it, so
+                // that both stores answer the same whatever the machine's speed.
+                await w.wait { $0.filter(\.created).count > createdBefore }
                 log.append(try await store.create("/registry/pods/default/p9", "pod9"))
                 await w.wait { $0.contains { $0.watchID == 4 && !$0.events.isEmpty } }
                 try await Task.sleep(for: .milliseconds(1_500))  // progress notifications for idle watchers
