@@ -86,6 +86,11 @@ import Testing
         return try members.first { try status($0).id == id }
     }
 
+    static func requireLeader(_ members: [ServerProcess]) throws -> ServerProcess {
+        guard let leader = try leader(of: members) else { throw ProcessError(message: "no member leads") }
+        return leader
+    }
+
     /// Waits until `member` reports a leader other than `old` (0: any).
     static func waitForLeader(_ member: ServerProcess, other old: UInt64 = 0, seconds: Double = 10) -> UInt64 {
         let deadline = Date().addingTimeInterval(seconds)
@@ -101,10 +106,7 @@ import Testing
     @Test func moveLeaderAndAPlannedStopHandOverLeadership() throws {
         let members = try Self.startCluster(3)
         defer { for m in members { m.stop() } }
-        guard let leader = try Self.leader(of: members) else {
-            Issue.record("no leader")
-            return
-        }
+        let leader = try Self.requireLeader(members)
         let followers = members.filter { $0 !== leader }
         let target = try Self.status(followers[0]).id
         let refused = try followers[1].etcdctl(["move-leader", String(target, radix: 16)])
@@ -124,10 +126,7 @@ import Testing
     @Test func aPausedFollowerCatchesUpWhenResumed() throws {
         let members = try Self.startCluster(3)
         defer { for m in members { kill(m.process.processIdentifier, SIGCONT); m.stop() } }
-        guard let leader = try Self.leader(of: members) else {
-            Issue.record("no leader")
-            return
-        }
+        let leader = try Self.requireLeader(members)
         let paused = members.first { $0 !== leader }!
         kill(paused.process.processIdentifier, SIGSTOP)
         for n in 0..<50 { #expect(try leader.etcdctl(["put", "p\(n)", "v\(n)"]).status == 0) }
@@ -147,10 +146,7 @@ import Testing
         let members = try Self.startCluster(5)
         defer { for m in members { m.stop() } }
         #expect(try members[4].etcdctl(["put", "five", "1"]).status == 0)
-        guard let leader = try Self.leader(of: members) else {
-            Issue.record("no leader")
-            return
-        }
+        let leader = try Self.requireLeader(members)
         let others = members.filter { $0 !== leader }
         let old = try Self.status(leader).id
         leader.kill()
@@ -166,10 +162,7 @@ import Testing
     @Test func keepAlivesThroughAFollowerReachTheLeader() throws {
         let members = try Self.startCluster(3)
         defer { for m in members { m.stop() } }
-        guard let leader = try Self.leader(of: members) else {
-            Issue.record("no leader")
-            return
-        }
+        let leader = try Self.requireLeader(members)
         let follower = members.first { $0 !== leader }!
         let grant = try follower.etcdctl(["lease", "grant", "3"]).stdout
         guard let id = grant.split(separator: " ").dropFirst().first.map(String.init) else {
@@ -243,10 +236,7 @@ import Testing
     @Test func noAcknowledgedWriteIsLostWhenTheLeaderDiesUnderLoad() throws {
         let members = try Self.startCluster(3)
         defer { for m in members { m.stop() } }
-        guard let leader = try Self.leader(of: members) else {
-            Issue.record("no leader")
-            return
-        }
+        let leader = try Self.requireLeader(members)
         let oldID = try Self.status(leader).id
         let survivors = members.filter { $0 !== leader }
         let acknowledged = Mutex<[String]>([])
