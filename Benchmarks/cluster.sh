@@ -15,18 +15,6 @@ source Benchmarks/lib.sh
 python3 Benchmarks/grpc_bodies.py bodies "$work"
 export ETCDCTL_API=3
 
-h2() { # port path body streams requests -> "reqs/s p50_us"
-  local out
-  rm -f "$work/h2.log"
-  out=$(h2load -n "$5" -c 1 -m "$4" -H 'content-type: application/grpc' -H 'te: trailers' \
-    --log-file="$work/h2.log" -d "$work/$3" "http://127.0.0.1:$1/$2" 2>&1)
-  echo "$out" | grep -q "$5 succeeded" || { echo "h2load failed: $out" >&2; exit 1; }
-  local rps p50
-  rps=$(echo "$out" | awk '/^finished in/ {print $4}')
-  p50=$(cut -f3 "$work/h2.log" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-  echo "$rps $p50"
-}
-
 start_cluster() { # target base-port -> pids on stdout (one line)
   local target=$1 base=$2 bin initial="" pids=""
   bin=$(server_binary "$target")

@@ -28,3 +28,16 @@ server_binary() { # target -> binary
 machine_line() {
   echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 }
+
+h2() { # port path body streams requests -> "reqs/s p50_us" (h2load with a prebuilt gRPC body)
+  local out
+  rm -f "$work/h2.log"  # h2load appends to an existing log
+  out=$(h2load -n "$5" -c 1 -m "$4" -H 'content-type: application/grpc' -H 'te: trailers' \
+    --log-file="$work/h2.log" -d "$work/$3" "http://127.0.0.1:$1/$2" 2>&1)
+  echo "$out" | grep -q "$5 succeeded" || { echo "h2load failed: $out" >&2; exit 1; }
+  local rps p50
+  rps=$(echo "$out" | awk '/^finished in/ {print $4}')
+  # Per-request latency (µs) is the log's third column.
+  p50=$(cut -f3 "$work/h2.log" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+  echo "$rps $p50"
+}

@@ -10,19 +10,6 @@ rounds=${1:-3}
 source Benchmarks/lib.sh
 python3 Benchmarks/grpc_bodies.py bodies "$work"
 
-h2() { # port path body streams requests -> "reqs/s p50_us"
-  local out
-  rm -f "$work/h2.log"  # h2load appends to an existing log
-  out=$(h2load -n "$5" -c 1 -m "$4" -H 'content-type: application/grpc' -H 'te: trailers' \
-    --log-file="$work/h2.log" -d "$work/$3" "http://127.0.0.1:$1/$2" 2>&1)
-  echo "$out" | grep -q "$5 succeeded" || { echo "h2load failed: $out" >&2; exit 1; }
-  local rps p50
-  rps=$(echo "$out" | awk '/^finished in/ {print $4}')
-  # Per-request latency (µs) is the log's third column.
-  p50=$(cut -f3 "$work/h2.log" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
-  echo "$rps $p50"
-}
-
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 machine_line

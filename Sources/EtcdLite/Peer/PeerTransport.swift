@@ -76,8 +76,9 @@ public final class PeerTransport: Sendable {
     /// Sends messages (in order per peer); never blocks.
     public func send(_ messages: [Message]) {
         guard !messages.isEmpty else { return }
-        var byPeer: [UInt64: [[UInt8]]] = [:]
-        for m in messages { byPeer[m.to.value, default: []].append(Self.frame(RaftMessageCodec.encode(m))) }
+        // One buffer of frames per peer.
+        var byPeer: [UInt64: [UInt8]] = [:]
+        for m in messages { Self.appendFrame(RaftMessageCodec.encode(m), to: &byPeer[m.to.value, default: []]) }
         for (peer, frames) in byPeer {
             guard let link = links.withLockedValue({ $0[peer] }) else {
                 unreachable(NodeID(peer))
@@ -92,12 +93,9 @@ public final class PeerTransport: Sendable {
         try? server.withLockedValue { $0 }?.close().wait()
     }
 
-    static func frame(_ payload: [UInt8]) -> [UInt8] {
-        var frame: [UInt8] = []
-        frame.reserveCapacity(payload.count + 4)
-        for i in 0..<4 { frame.append(UInt8(truncatingIfNeeded: UInt32(payload.count) >> (8 * i))) }
-        frame += payload
-        return frame
+    static func appendFrame(_ payload: [UInt8], to buffer: inout [UInt8]) {
+        for i in 0..<4 { buffer.append(UInt8(truncatingIfNeeded: UInt32(payload.count) >> (8 * i))) }
+        buffer += payload
     }
 
     func hello(to peer: UInt64) -> [UInt8] {
@@ -204,22 +202,20 @@ final class PeerLink: @unchecked Sendable {
         self.loop = loop
     }
 
-    func enqueue(_ frames: [[UInt8]]) {
+    /// `frames`: whole frames, back to back.
+    func enqueue(_ frames: [UInt8]) {
         loop.execute { [self] in
             guard !closed else { return }
             if let channel {
-                var buffer = channel.allocator.buffer(capacity: frames.reduce(0) { $0 + $1.count })
-                for frame in frames { buffer.writeBytes(frame) }
-                channel.writeAndFlush(buffer, promise: nil)
+                channel.writeAndFlush(channel.allocator.buffer(bytes: frames), promise: nil)
                 return
             }
-            let bytes = frames.reduce(0) { $0 + $1.count }
-            if queuedBytes + bytes > PeerTransport.maxQueuedBytes {
+            if queuedBytes + frames.count > PeerTransport.maxQueuedBytes {
                 dropQueued()
                 return
             }
-            queued += frames
-            queuedBytes += bytes
+            queued.append(frames)
+            queuedBytes += frames.count
             connectIfDue()
         }
     }

@@ -308,6 +308,13 @@ final class ApplyLoop: @unchecked Sendable {
     private func handleReadies() throws {
         while raft.hasReady {
             let ready = raft.ready()
+            if let snapshot = ready.snapshot {
+                // Installing the leader's state machine image arrives with snapshot streaming; until
+                // then no member compacts its log while it has peers, so none is ever sent. Recording
+                // it in the log without the image would make the store diverge: stop first.
+                logger.critical("a snapshot from the leader cannot be installed yet", metadata: ["index": "\(snapshot.index)"])
+                fatalError("etcdlite: snapshot install is not implemented")
+            }
             // Appends and heartbeats leave while we persist; acknowledgements and votes after.
             transport?.send(ready.messages)
             let syncStart = DispatchTime.now().uptimeNanoseconds
@@ -316,13 +323,6 @@ final class ApplyLoop: @unchecked Sendable {
                 metrics.walFsync.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - syncStart))
             }
             transport?.send(ready.messagesAfterPersist)
-            if let snapshot = ready.snapshot {
-                // Installing the leader's state machine image arrives with snapshot streaming; until
-                // then no member compacts its log while it has peers, so none is ever sent. Applying
-                // later entries on a state without the snapshot would diverge: stop instead.
-                logger.critical("a snapshot from the leader cannot be installed yet", metadata: ["index": "\(snapshot.index)"])
-                fatalError("etcdlite: snapshot install is not implemented")
-            }
             for read in ready.readStates {
                 var reader = ByteReader(read.context)
                 guard (try? reader.u64()) == memberID, let context = try? reader.u64(),
