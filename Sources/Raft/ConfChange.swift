@@ -25,10 +25,14 @@ public struct ConfChangeSet: Hashable, Sendable {
     public var changes: [ConfChange]
     /// Stay joint until an empty set is proposed (otherwise the leader leaves by itself).
     public var explicitLeave: Bool
+    /// The application's bytes carried with the change (etcd's ConfChange context: who the member
+    /// is, who proposed the change); opaque to Raft.
+    public var context: [UInt8]
 
-    public init(_ changes: [ConfChange], explicitLeave: Bool = false) {
+    public init(_ changes: [ConfChange], explicitLeave: Bool = false, context: [UInt8] = []) {
         self.changes = changes
         self.explicitLeave = explicitLeave
+        self.context = context
     }
 
     public static let leaveJoint = ConfChangeSet([])
@@ -36,9 +40,14 @@ public struct ConfChangeSet: Hashable, Sendable {
     var isLeave: Bool { changes.isEmpty }
     var isSimple: Bool { changes.count == 1 && !explicitLeave }
 
+    /// A simple change without context is its change's 9 bytes; otherwise `0xFF | explicitLeave |
+    /// changes` without context, or `0xFE | explicitLeave | count u8 | changes | context`.
     public var encoded: [UInt8] {
-        if isSimple { return changes[0].encoded }
-        return [0xFF, explicitLeave ? 1 : 0] + changes.flatMap(\.encoded)
+        if context.isEmpty {
+            if isSimple { return changes[0].encoded }
+            return [0xFF, explicitLeave ? 1 : 0] + changes.flatMap(\.encoded)
+        }
+        return [0xFE, explicitLeave ? 1 : 0, UInt8(changes.count)] + changes.flatMap(\.encoded) + context
     }
 
     public init?(encoded bytes: [UInt8]) {
@@ -46,15 +55,28 @@ public struct ConfChangeSet: Hashable, Sendable {
             self.init([single])
             return
         }
-        guard bytes.count >= 2, bytes[0] == 0xFF, (bytes.count - 2) % 9 == 0 else { return nil }
+        guard bytes.count >= 2 else { return nil }
+        let count: Int
+        var offset: Int
+        switch bytes[0] {
+        case 0xFF:
+            guard (bytes.count - 2) % 9 == 0 else { return nil }
+            count = (bytes.count - 2) / 9
+            offset = 2
+        case 0xFE:
+            guard bytes.count >= 3, bytes.count >= 3 + 9 * Int(bytes[2]) else { return nil }
+            count = Int(bytes[2])
+            offset = 3
+        default:
+            return nil
+        }
         var changes: [ConfChange] = []
-        var offset = 2
-        while offset < bytes.count {
+        for _ in 0..<count {
             guard let change = ConfChange(encoded: Array(bytes[offset..<offset + 9])) else { return nil }
             changes.append(change)
             offset += 9
         }
-        self.init(changes, explicitLeave: bytes[1] == 1)
+        self.init(changes, explicitLeave: bytes[1] == 1, context: Array(bytes[offset...]))
     }
 }
 

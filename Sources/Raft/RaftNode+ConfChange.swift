@@ -6,6 +6,19 @@ extension RaftNode {
                   learnersNext: learnersNext, autoLeave: autoLeave)
     }
 
+    /// A leader's view of how far `node`'s log matches its own (nil: not a member, or not the
+    /// leader). Used to tell whether a learner has caught up before promoting it.
+    public func matchIndex(of node: NodeID) -> LogIndex? {
+        guard role == .leader else { return nil }
+        return node == id ? log.lastIndex : progress[node]?.match
+    }
+
+    /// Whether this leader may propose a membership change now (none pending, an entry of its
+    /// term committed, not handing over or removed).
+    public var canProposeConfChange: Bool {
+        role == .leader && leadTransferee == .none && removedAt == nil && committedInCurrentTerm && pendingConfIndex <= log.applied
+    }
+
     /// Proposes a single membership change (see `proposeConfChange(_: ConfChangeSet)`).
     public func proposeConfChange(_ change: ConfChange) throws {
         try proposeConfChange(ConfChangeSet([change]))

@@ -63,7 +63,12 @@ struct Serve: AsyncParsableCommand {
             server.shutdown()
         }
         defer { signals.cancel() }
-        try await server.serve()
+        do {
+            try await server.serve()
+        } catch let error as MemberRemovedError {
+            logger.warning("stopped serving", metadata: ["error": "\(error)"])
+            throw ExitCode(1)
+        }
         logger.info("stopped serving")
     }
 

@@ -62,7 +62,7 @@ import EtcdLiteProto
         #expect(!defrag.hasHeader, "etcd 3.4 answers a defragment with an empty message")
         #expect(server.statusResponse().dbSize <= before)
         #expect(server.statusResponse().dbSizeInUse == server.statusResponse().dbSize, "no free pages after VACUUM")
-        let members = server.memberList().members
+        let members = try await server.memberList().members
         #expect(members.count == 1 && members[0].id == server.memberID && members[0].name == "default")
     }
 }

@@ -133,5 +133,12 @@ import Testing
         #expect(ConfChangeSet(encoded: set.encoded) == set)
         #expect(ConfChangeSet(encoded: ConfChangeSet.leaveJoint.encoded) == ConfChangeSet.leaveJoint)
         #expect(ConfChangeSet(encoded: ConfChange(.addLearner, 2).encoded) == ConfChangeSet([ConfChange(.addLearner, 2)]))
+        // The application's context travels with simple and joint changes alike.
+        let simple = ConfChangeSet([ConfChange(.addLearner, 7)], context: Array("member 7".utf8))
+        #expect(ConfChangeSet(encoded: simple.encoded) == simple)
+        #expect(ConfChangeSet(encoded: simple.encoded)?.isSimple == true)
+        let joint = ConfChangeSet([ConfChange(.addVoter, 4), ConfChange(.remove, 1)], explicitLeave: true, context: [0, 1, 2])
+        #expect(ConfChangeSet(encoded: joint.encoded) == joint)
+        #expect(ConfChangeSet(encoded: [0xFE, 0, 2] + ConfChange(.remove, 1).encoded) == nil)  // a change short
     }
 }

@@ -18,6 +18,12 @@ enum InternalRequest: Sendable {
     /// A member's name and client URLs, published by the member through the log after it starts
     /// (as etcd does): what MemberList shows of it.
     case memberAttributes(Etcdserverpb_Member)
+    /// Membership changes: add (the member as MemberAdd made it), remove, promote (by ID) travel
+    /// as the context of a Raft configuration change; update (new peer URLs) as a normal entry.
+    case memberAdd(Etcdserverpb_Member)
+    case memberRemove(Etcdserverpb_Member)
+    case memberPromote(Etcdserverpb_Member)
+    case memberUpdate(Etcdserverpb_Member)
 
     private var tag: UInt8 {
         switch self {
@@ -30,6 +36,10 @@ enum InternalRequest: Sendable {
         case .leaseRevoke: 7
         case .leaseRenew: 8
         case .memberAttributes: 9
+        case .memberAdd: 10
+        case .memberRemove: 11
+        case .memberPromote: 12
+        case .memberUpdate: 13
         }
     }
 
@@ -45,13 +55,11 @@ enum InternalRequest: Sendable {
         case .leaseGrant(let r): body = try r.serializedBytes()
         case .leaseRevoke(let r): body = try r.serializedBytes()
         case .leaseRenew(let r): body = try r.serializedBytes()
-        case .memberAttributes(let r): body = try r.serializedBytes()
+        case .memberAttributes(let r), .memberAdd(let r), .memberRemove(let r), .memberPromote(let r), .memberUpdate(let r):
+            body = try r.serializedBytes()
         }
         return [tag] + body
     }
-
-    /// The tag of an encoded request (its first byte).
-    static let memberAttributesTag: UInt8 = 9
 
     init(encoded bytes: [UInt8]) throws {
         guard let tag = bytes.first else { throw EntryDecodingError(message: "empty entry") }
@@ -66,6 +74,10 @@ enum InternalRequest: Sendable {
         case 7: self = .leaseRevoke(try .init(serializedBytes: body))
         case 8: self = .leaseRenew(try .init(serializedBytes: body))
         case 9: self = .memberAttributes(try .init(serializedBytes: body))
+        case 10: self = .memberAdd(try .init(serializedBytes: body))
+        case 11: self = .memberRemove(try .init(serializedBytes: body))
+        case 12: self = .memberPromote(try .init(serializedBytes: body))
+        case 13: self = .memberUpdate(try .init(serializedBytes: body))
         default: throw EntryDecodingError(message: "unknown entry type \(tag)")
         }
     }
@@ -86,4 +98,6 @@ enum InternalResponse: Sendable {
     case leaseRevoke(Etcdserverpb_LeaseRevokeResponse)
     case leaseRenew(Etcdserverpb_LeaseKeepAliveResponse)
     case memberAttributes
+    /// After a membership change: the member it concerned and every member.
+    case membership(member: Etcdserverpb_Member, members: [Etcdserverpb_Member])
 }

@@ -107,6 +107,34 @@ struct GRPCMethods: Sendable {
         }
     }
 
+    /// Runs `check` before every method but `except` (etcd's interceptors: a learner refuses).
+    mutating func guardAll(except: Set<String>, _ check: @escaping @Sendable () throws -> Void) {
+        for (path, method) in table where !except.contains(path) {
+            switch method {
+            case .unary(let body):
+                table[path] = .unary { bytes, context in
+                    try check()
+                    return try await body(bytes, context)
+                }
+            case .unaryDirect(let body):
+                table[path] = .unaryDirect { bytes, context, completion in
+                    do { try check() } catch { return completion(.failure(GRPCStatus(error))) }
+                    body(bytes, context, completion)
+                }
+            case .streaming(let body):
+                table[path] = .streaming { requests, writer, context in
+                    try check()
+                    try await body(requests, writer, context)
+                }
+            case .streamingDirect(let body):
+                table[path] = .streamingDirect { bytes, context in
+                    do { try check() } catch { return .failure(GRPCStatus(error)) }
+                    return body(bytes, context)
+                }
+            }
+        }
+    }
+
     /// grpc-go's wording for an undecodable request.
     static func decode<Request: Message>(_ bytes: [UInt8]) throws -> Request {
         do {

@@ -37,6 +37,16 @@ final class Lessor: Sendable {
         leases.withLock { $0[id] = Lease(ttl: ttl, expiry: expiry) }
     }
 
+    /// Exactly these leases exist (a snapshot from the leader replaced the store): new ones start
+    /// their clocks now, the others keep theirs.
+    func replaceAll(_ granted: [Int64: Int64]) {
+        let expiry = clock.now
+        leases.withLock { leases in
+            leases = leases.filter { granted[$0.key] != nil }
+            for (id, ttl) in granted where leases[id] == nil { leases[id] = Lease(ttl: ttl, expiry: expiry + .seconds(ttl)) }
+        }
+    }
+
     func revoked(_ id: Int64) {
         _ = leases.withLock { $0.removeValue(forKey: id) }
     }

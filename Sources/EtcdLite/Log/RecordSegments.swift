@@ -149,6 +149,12 @@ struct ByteReader {
         return bytes[position]
     }
 
+    mutating func u32le() throws -> UInt32 {
+        guard position + 4 <= bytes.count else { throw Truncated() }
+        defer { position += 4 }
+        return (0..<4).reduce(UInt32(0)) { $0 | UInt32(bytes[position + $1]) << (8 * $1) }
+    }
+
     mutating func u64() throws -> UInt64 {
         guard position + 8 <= bytes.count else { throw Truncated() }
         defer { position += 8 }

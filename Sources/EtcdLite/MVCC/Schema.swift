@@ -42,5 +42,8 @@ enum Schema {
         "CREATE TABLE IF NOT EXISTS leases(id INTEGER PRIMARY KEY, ttl INTEGER NOT NULL)",
         "CREATE INDEX IF NOT EXISTS revs_by_lease ON revs(lease) WHERE lease != 0",
         "CREATE TABLE IF NOT EXISTS member_meta(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+        // The cluster's members (an encoded Member each) and the IDs removed from it (`Membership`).
+        "CREATE TABLE IF NOT EXISTS members(id INTEGER PRIMARY KEY, member BLOB NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS members_removed(id INTEGER PRIMARY KEY)",
     ]
 }

@@ -1,3 +1,4 @@
+import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -6,8 +7,13 @@ import Raft
 /// Raft messages between members over TCP. Each member keeps one long-lived outbound connection
 /// per peer and accepts the peers' connections on its peer URL. A connection opens with a hello
 /// (`ELP1`, cluster ID, sender, receiver): a member of another cluster is refused with
-/// `cluster ID mismatch`. Then each message is a frame: `length u32 (little-endian) | message`
-/// (`RaftMessageCodec`).
+/// `cluster ID mismatch`, a removed member with `ELRM` written back (it stops when it reads that).
+/// Then each message is a frame: `length u32 (little-endian) | message` (`RaftMessageCodec`), or
+/// `0xF0 | application bytes` for requests between the members' servers (membership changes
+/// forwarded to the leader).
+///
+/// A member joining a running cluster asks a peer for the cluster's members first: hello `ELQ1`
+/// (the rest zero), answered with one frame `cluster ID u64 | MemberListResponse` and a close.
 ///
 /// Messages to a peer queue while its connection is being made, bounded in bytes: past the bound,
 /// or when the connection fails or breaks, the queued messages are dropped and the peer is reported
@@ -16,8 +22,14 @@ import Raft
 public final class PeerTransport: Sendable {
     public typealias Deliver = @Sendable (Message) -> Void
     public typealias Unreachable = @Sendable (NodeID) -> Void
+    typealias DeliverApp = @Sendable (UInt64, [UInt8]) -> Void
 
     static let magic: [UInt8] = Array("ELP1".utf8)
+    static let queryMagic: [UInt8] = Array("ELQ1".utf8)
+    static let removedReply: [UInt8] = Array("ELRM".utf8)
+    static let snapshotMagic: [UInt8] = Array("ELS1".utf8)
+    static let snapshotReceived: [UInt8] = Array("ELOK".utf8)
+    static let appFrameTag: UInt8 = 0xF0
     static let helloSize = 4 + 24
     static let maxFrameBytes = 64 << 20
     static let maxQueuedBytes = 16 << 20
@@ -31,6 +43,21 @@ public final class PeerTransport: Sendable {
     private let server = NIOLockedValueBox<Channel?>(nil)
     /// Refusals seen by this member's listener (for logs and tests).
     let refusals = NIOLockedValueBox<[String]>([])
+    /// Members removed from the cluster: their connections are refused with `ELRM`.
+    let removed = NIOLockedValueBox<Set<UInt64>>([])
+    /// Where each peer was last set to listen (to leave unchanged links alone).
+    private let addresses = NIOLockedValueBox<[UInt64: (host: String, port: Int)]>([:])
+    /// Set once: application frames from peers, the members a joining member asks for, and news
+    /// that a peer refused us as removed.
+    let hooks = NIOLockedValueBox<Hooks>(Hooks())
+
+    struct Hooks: Sendable {
+        var deliverApp: DeliverApp = { _, _ in }
+        var members: @Sendable () -> [UInt8] = { [] }
+        /// Where received snapshot images are written.
+        var snapshotDirectory = ""
+        var removedByPeer: @Sendable () -> Void = {}
+    }
 
     public init(memberID: UInt64, clusterID: UInt64, group: any EventLoopGroup,
                 deliver: @escaping Deliver, unreachable: @escaping Unreachable) {
@@ -59,8 +86,13 @@ public final class PeerTransport: Sendable {
         return channel.localAddress?.port ?? port
     }
 
-    /// Sets (or changes) where a peer listens.
+    /// Sets (or changes) where a peer listens; an unchanged address keeps its connection.
     public func setPeer(_ id: UInt64, host: String, port: Int) {
+        let changed = addresses.withLockedValue { addresses -> Bool in
+            defer { addresses[id] = (host, port) }
+            return addresses[id].map { $0.host != host || $0.port != port } ?? true
+        }
+        guard changed else { return }
         let link = PeerLink(transport: self, peer: id, host: host, port: port, loop: group.next())
         let old = links.withLockedValue { links -> PeerLink? in
             defer { links[id] = link }
@@ -70,6 +102,7 @@ public final class PeerTransport: Sendable {
     }
 
     public func removePeer(_ id: UInt64) {
+        addresses.withLockedValue { $0[id] = nil }
         links.withLockedValue { $0.removeValue(forKey: id) }?.close()
     }
 
@@ -86,6 +119,78 @@ public final class PeerTransport: Sendable {
             }
             link.enqueue(frames)
         }
+    }
+
+    /// Sends application bytes to a peer (dropped if it cannot be reached: the sender times out).
+    func sendApp(to peer: UInt64, _ bytes: [UInt8]) {
+        guard let link = links.withLockedValue({ $0[peer] }) else { return }
+        var frame: [UInt8] = []
+        Self.appendFrame([Self.appFrameTag] + bytes, to: &frame)
+        link.enqueue(frame)
+    }
+
+    /// Streams a snapshot to its receiver on a connection of its own: hello `ELS1`, the message
+    /// frame, the image's size (u64) and bytes; the receiver answers `ELOK` once the image is on its
+    /// disk. Blocks (run it on a thread of its own); returns whether the receiver has it.
+    func sendSnapshot(_ message: Message, image: URL) -> Bool {
+        guard let address = addresses.withLockedValue({ $0[message.to.value] }),
+              let handle = try? FileHandle(forReadingFrom: image) else { return false }
+        defer { try? handle.close() }
+        let collector = ReplyCollector()
+        do {
+            let size = try handle.seekToEnd()
+            try handle.seek(toOffset: 0)
+            let channel = try ClientBootstrap(group: group)
+                .connectTimeout(.seconds(2))
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(collector) }
+                }
+                .connect(host: address.host, port: address.port).wait()
+            defer { channel.close(promise: nil) }
+            var head = ByteWriter()
+            head.bytes = Self.snapshotMagic
+            head.u64(clusterID)
+            head.u64(memberID)
+            head.u64(message.to.value)
+            Self.appendFrame(RaftMessageCodec.encode(message), to: &head.bytes)
+            head.u64(size)
+            try channel.writeAndFlush(channel.allocator.buffer(bytes: head.bytes)).wait()
+            // One chunk in flight at a time: a slow receiver slows the sender, memory stays flat.
+            while let chunk = try handle.read(upToCount: 1 << 20), !chunk.isEmpty {
+                try channel.writeAndFlush(channel.allocator.buffer(bytes: chunk)).wait()
+            }
+            // The receiver answers once the image is synced; give it a minute.
+            channel.eventLoop.scheduleTask(in: .seconds(60)) { channel.close(promise: nil) }
+            try channel.closeFuture.wait()
+        } catch {
+            return false
+        }
+        return collector.bytes.withLockedValue { $0 } == Self.snapshotReceived
+    }
+
+    /// Asks the member listening at `host:port` for the cluster's ID and members (a member joining
+    /// with `--initial-cluster-state existing`). Blocks; not for an event loop.
+    static func fetchMembers(host: String, port: Int, group: any EventLoopGroup) throws -> (clusterID: UInt64, members: [UInt8]) {
+        let collector = ReplyCollector()
+        let channel = try ClientBootstrap(group: group)
+            .connectTimeout(.seconds(2))
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(collector) }
+            }
+            .connect(host: host, port: port).wait()
+        var hello = channel.allocator.buffer(capacity: helloSize)
+        hello.writeBytes(queryMagic)
+        hello.writeBytes([UInt8](repeating: 0, count: 24))
+        try channel.writeAndFlush(hello).wait()
+        // The member answers and closes; a member that does not answer in 5 s is given up on.
+        channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
+        try channel.closeFuture.wait()
+        let reply = collector.bytes.withLockedValue { $0 }
+        var reader = ByteReader(reply)
+        guard let length = try? reader.u32le(), Int(length) == reply.count - 4, let clusterID = try? reader.u64() else {
+            throw FrameDecoder.Refused(description: "no member list from \(host):\(port)")
+        }
+        return (clusterID, reader.rest())
     }
 
     public func close() {
@@ -111,29 +216,66 @@ public final class PeerTransport: Sendable {
 /// Splits the inbound byte stream into the hello and message frames.
 struct FrameDecoder: ByteToMessageDecoder {
     typealias InboundOut = Frame
-    enum Frame { case hello(clusterID: UInt64, from: UInt64, to: UInt64), message([UInt8]) }
+    enum Frame {
+        case hello(clusterID: UInt64, from: UInt64, to: UInt64), query, message([UInt8])
+        /// A snapshot stream: its hello, its message and size, the image's bytes, its end.
+        case snapshotHello(clusterID: UInt64, from: UInt64, to: UInt64), snapshotStart([UInt8], size: UInt64), snapshotChunk(ByteBuffer), snapshotEnd
+    }
     struct Refused: Error, CustomStringConvertible { let description: String }
 
     var expectHello: Bool
+    private var snapshotHeader = false
+    private var snapshotRemaining: UInt64?
+
+    init(expectHello: Bool) { self.expectHello = expectHello }
 
     mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
         if expectHello {
             guard buffer.readableBytes >= PeerTransport.helloSize else { return .needMoreData }
-            guard let magic = buffer.readBytes(length: 4), magic == PeerTransport.magic,
+            guard let magic = buffer.readBytes(length: 4),
+                  [PeerTransport.magic, PeerTransport.queryMagic, PeerTransport.snapshotMagic].contains(magic),
                   let cluster = buffer.readInteger(endianness: .little, as: UInt64.self),
                   let from = buffer.readInteger(endianness: .little, as: UInt64.self),
                   let to = buffer.readInteger(endianness: .little, as: UInt64.self) else {
                 throw Refused(description: "not an etcdlite peer")
             }
             expectHello = false
+            if magic == PeerTransport.queryMagic {
+                context.fireChannelRead(wrapInboundOut(.query))
+                return .continue
+            }
+            if magic == PeerTransport.snapshotMagic {
+                snapshotHeader = true
+                context.fireChannelRead(wrapInboundOut(.snapshotHello(clusterID: cluster, from: from, to: to)))
+                return .continue
+            }
             context.fireChannelRead(wrapInboundOut(.hello(clusterID: cluster, from: from, to: to)))
+            return .continue
+        }
+        if let remaining = snapshotRemaining {
+            guard remaining > 0 else { throw Refused(description: "bytes after a snapshot") }
+            guard buffer.readableBytes > 0 else { return .needMoreData }
+            let count = Int(min(UInt64(buffer.readableBytes), remaining))
+            let chunk = buffer.readSlice(length: count)!
+            snapshotRemaining = remaining - UInt64(count)
+            context.fireChannelRead(wrapInboundOut(.snapshotChunk(chunk)))
+            if snapshotRemaining == 0 { context.fireChannelRead(wrapInboundOut(.snapshotEnd)) }
             return .continue
         }
         guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return .needMoreData }
         guard Int(length) <= PeerTransport.maxFrameBytes else { throw Refused(description: "frame of \(length) bytes") }
-        guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
+        guard buffer.readableBytes >= 4 + Int(length) + (snapshotHeader ? 8 : 0) else { return .needMoreData }
         buffer.moveReaderIndex(forwardBy: 4)
-        context.fireChannelRead(wrapInboundOut(.message(buffer.readBytes(length: Int(length))!)))
+        let bytes = buffer.readBytes(length: Int(length))!
+        if snapshotHeader {
+            snapshotHeader = false
+            let size = buffer.readInteger(endianness: .little, as: UInt64.self)!
+            snapshotRemaining = size
+            context.fireChannelRead(wrapInboundOut(.snapshotStart(bytes, size: size)))
+            if size == 0 { context.fireChannelRead(wrapInboundOut(.snapshotEnd)) }
+            return .continue
+        }
+        context.fireChannelRead(wrapInboundOut(.message(bytes)))
         return .continue
     }
 }
@@ -142,30 +284,95 @@ struct FrameDecoder: ByteToMessageDecoder {
 /// connection (the sender reconnects and retries).
 final class InboundHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = FrameDecoder.Frame
+    typealias OutboundOut = ByteBuffer
     let transport: PeerTransport
     private var peer: UInt64?
     private var refused = false
+    /// A snapshot being received: its message and the file its image goes to.
+    private var snapshot: (message: Message, path: String, file: FileHandle)?
 
     init(transport: PeerTransport) { self.transport = transport }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !refused else { return }  // frames already buffered behind a refusal
         switch unwrapInboundIn(data) {
-        case .hello(let cluster, let from, let to):
+        case .snapshotHello(let cluster, let from, let to), .hello(let cluster, let from, let to):
             if cluster != transport.clusterID {
                 refuse(context, "cluster ID mismatch")
             } else if to != transport.memberID {
                 refuse(context, "member ID mismatch")
+            } else if transport.removed.withLockedValue({ $0.contains(from) }) {
+                refuseRemoved(context, from)
             } else {
                 peer = from
             }
+        case .snapshotStart(let bytes, _):
+            guard let peer, let message = try? RaftMessageCodec.decode(bytes), message.from.value == peer, message.kind == .snapshot,
+                  let index = message.snapshot?.index else {
+                refuse(context, "malformed snapshot")
+                return
+            }
+            let directory = transport.hooks.withLockedValue { $0.snapshotDirectory }
+            let path = "\(directory)/incoming-\(index.value)-\(UInt64.random(in: 1...UInt64.max)).db"
+            guard FileManager.default.createFile(atPath: path, contents: nil), let file = FileHandle(forWritingAtPath: path) else {
+                refuse(context, "cannot write snapshot \(path)")
+                return
+            }
+            snapshot = (message, path, file)
+        case .snapshotChunk(let chunk):
+            // Written on the event loop: the page cache takes it; the sync comes once, at the end.
+            guard let snapshot else { return }
+            chunk.withUnsafeReadableBytes { try? snapshot.file.write(contentsOf: $0) }
+        case .snapshotEnd:
+            guard var received = snapshot else { return }
+            snapshot = nil
+            do {
+                try received.file.synchronize()
+                try received.file.close()
+            } catch {
+                try? FileManager.default.removeItem(atPath: received.path)
+                refuse(context, "cannot write snapshot: \(error)")
+                return
+            }
+            // The core sees the image's path as the snapshot's data; the member installs it.
+            received.message.snapshot?.data = Array(received.path.utf8)
+            transport.deliver(received.message)
+            refused = true
+            context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: PeerTransport.snapshotReceived)))
+                .whenComplete { _ in context.close(promise: nil) }
+        case .query:
+            var reply: [UInt8] = []
+            var body = ByteWriter()
+            body.u64(transport.clusterID)
+            body.bytes += transport.hooks.withLockedValue { $0.members }()
+            PeerTransport.appendFrame(body.bytes, to: &reply)
+            refused = true
+            context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: reply)))
+                .whenComplete { _ in context.close(promise: nil) }
         case .message(let bytes):
+            if let peer, bytes.first == PeerTransport.appFrameTag {
+                transport.hooks.withLockedValue { $0.deliverApp }(peer, Array(bytes.dropFirst()))
+                return
+            }
+            // A member removed while this connection was open is told so on its next message.
+            if let peer, transport.removed.withLockedValue({ $0.contains(peer) }) {
+                refuseRemoved(context, peer)
+                return
+            }
             guard let peer, let message = try? RaftMessageCodec.decode(bytes), message.from.value == peer else {
                 refuse(context, "malformed message")
                 return
             }
             transport.deliver(message)
         }
+    }
+
+    /// Tells a removed member so, then closes: it stops (etcd answers it 410 Gone).
+    private func refuseRemoved(_ context: ChannelHandlerContext, _ member: UInt64) {
+        refused = true
+        transport.refusals.withLockedValue { $0.append("member \(String(member, radix: 16)) removed") }
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: PeerTransport.removedReply)))
+            .whenComplete { _ in context.close(promise: nil) }
     }
 
     private func refuse(_ context: ChannelHandlerContext, _ reason: String) {
@@ -176,6 +383,16 @@ final class InboundHandler: ChannelInboundHandler, @unchecked Sendable {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        // A snapshot cut short leaves nothing behind.
+        if let snapshot {
+            try? snapshot.file.close()
+            try? FileManager.default.removeItem(atPath: snapshot.path)
+            self.snapshot = nil
+        }
+        context.fireChannelInactive()
     }
 }
 
@@ -230,12 +447,15 @@ final class PeerLink: @unchecked Sendable {
             return
         }
         connecting = true
+        let onRemoved = transport?.hooks.withLockedValue { $0.removedByPeer } ?? {}
         let bootstrap = ClientBootstrap(group: loop)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .connectTimeout(.seconds(1))
             .channelInitializer { channel in
-                // Nothing comes back on an outbound connection; a close is all we listen for.
-                channel.eventLoop.makeSucceededVoidFuture()
+                // What comes back on an outbound connection is a refusal: `ELRM` means we were removed.
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(RefusalReader(onRemoved: onRemoved))
+                }
             }
         bootstrap.connect(host: host, port: port).hop(to: loop).whenComplete { [self] result in
             connecting = false
@@ -280,5 +500,33 @@ final class PeerLink: @unchecked Sendable {
             channel?.close(promise: nil)
             channel = nil
         }
+    }
+}
+
+/// Reads what a peer writes back on our outbound connection: only `ELRM` (we were removed).
+final class RefusalReader: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    private var seen: [UInt8] = []
+    private let onRemoved: @Sendable () -> Void
+
+    init(onRemoved: @escaping @Sendable () -> Void) { self.onRemoved = onRemoved }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        guard seen.count < 4 else { return }
+        seen += buffer.readBytes(length: min(buffer.readableBytes, 4 - seen.count)) ?? []
+        if seen == PeerTransport.removedReply { onRemoved() }
+    }
+}
+
+/// Collects a member's reply to a members query until the connection closes.
+final class ReplyCollector: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    let bytes = NIOLockedValueBox<[UInt8]>([])
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        let chunk = buffer.readBytes(length: buffer.readableBytes) ?? []
+        bytes.withLockedValue { $0 += chunk }
     }
 }

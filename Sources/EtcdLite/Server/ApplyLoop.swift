@@ -28,6 +28,15 @@ final class ApplyLoop: @unchecked Sendable {
         case read(ReadCompletion)
         /// Hand leadership to a voter; answered once it leads, or with a timeout.
         case transfer(NodeID, ReadCompletion)
+        /// A membership change (add, remove, promote) asked of this member: proposed here when it
+        /// leads, otherwise forwarded to the leader.
+        case membership(InternalRequest, Completion)
+        /// Bytes from a peer's server (`AppFrame`).
+        case app(from: UInt64, [UInt8])
+        /// A peer refused us as removed from the cluster.
+        case removedByPeer
+        /// A snapshot stream to a peer ended (delivered or not).
+        case snapshotSent(NodeID, Bool)
     }
 
     private let condition = NSCondition()
@@ -48,10 +57,31 @@ final class ApplyLoop: @unchecked Sendable {
     /// etcd's `request timed out` (its entry may have been lost with a leader).
     private var proposedAt: [UInt64: Date] = [:]
     private let requestTimeout: TimeInterval
-    /// Names and client URLs the members published through the log, by member ID.
-    let memberAttributes = Mutex<[UInt64: Etcdserverpb_Member]>([:])
-    /// Peers, when there are any (nil: this member is alone).
-    let transport: PeerTransport?
+    /// The cluster's members as last applied (for MemberList and the request path).
+    let members: Mutex<Membership>
+    /// The connections to the other members.
+    let transport: PeerTransport
+    /// Membership changes this leader has been asked for and could not propose yet (another change
+    /// is pending): proposed one at a time as the earlier ones apply.
+    private var queuedMembership: [(proposer: UInt64, requestID: UInt64, request: InternalRequest, deadline: Date)] = []
+    /// When each peer was last heard from (etcd's strict reconfiguration check wants the voters
+    /// connected before a change).
+    private var lastHeard: [UInt64: Date] = [:]
+    /// Set when this member learned it was removed; it stops 10 ticks later (as etcd does).
+    private var removedSince: Date?
+    private var reportedRemoved = false
+    private let onRemoved: @Sendable () -> Void
+    /// The Raft configuration after each applied change (the last one before the snapshot point
+    /// first): compacting the log through an index records the configuration at that index.
+    private var confHistory: [(index: LogIndex, conf: ConfState)] = []
+    /// Entries kept behind the applied index when the log is compacted, so that a follower a
+    /// little behind catches up from the log rather than from a snapshot (etcd keeps 5000).
+    private let catchUpEntries: Int
+    /// Peers a snapshot is being streamed to.
+    private var sendingSnapshot: Set<NodeID> = []
+    /// Received snapshot images not installed (yet): removed after the batch that delivered them.
+    private var receivedImages: [String] = []
+    private let onInstalled: @Sendable (Int64) -> Void
     /// Reads waiting for their ReadIndex answer, by context; then for the apply to reach it.
     private var readsByContext: [UInt64: (reads: [ReadCompletion], asked: Date)] = [:]
     private var readsWaitingForApply: [(index: LogIndex, reads: [ReadCompletion])] = []
@@ -74,19 +104,30 @@ final class ApplyLoop: @unchecked Sendable {
     private let onEvents: @Sendable ([Mvccpb_Event], Int64) -> Void
     private let metrics: MemberMetrics
 
-    /// `members`: the initial members' IDs (this one included); `transport` reaches the others.
-    init(machine: StateMachine, store: RaftLogStore, memberID: UInt64, members: [UInt64], transport: PeerTransport?,
+    /// `initialMembers`: the members of a new cluster (this one included), empty when joining a
+    /// running one; `transport` reaches the others.
+    init(machine: StateMachine, store: RaftLogStore, memberID: UInt64, initialMembers: [Etcdserverpb_Member], transport: PeerTransport,
          config: MemberConfig, logger: Logger, metrics: MemberMetrics,
-         onBatch: @escaping @Sendable (StoreStatus) -> Void, onEvents: @escaping @Sendable ([Mvccpb_Event], Int64) -> Void) throws {
-        if store.lastIndex == .zero && store.hardState == HardState() {
+         onBatch: @escaping @Sendable (StoreStatus) -> Void, onEvents: @escaping @Sendable ([Mvccpb_Event], Int64) -> Void,
+         onRemoved: @escaping @Sendable () -> Void, onInstalled: @escaping @Sendable (Int64) -> Void) throws {
+        if store.lastIndex == .zero && store.hardState == HardState() && !initialMembers.isEmpty {
             // A new log starts as etcd's does: the initial members added by committed entries of
-            // term 1 (the same entries on every member), so the first election is term 2.
-            let adds = members.sorted().enumerated().map { position, id in
-                Entry(term: 1, index: LogIndex(UInt64(position + 1)), kind: .configChange, data: ConfChange(.addVoter, NodeID(id)).encoded)
+            // term 1 (the same entries on every member), so the first election is term 2. Each
+            // carries the member (ID, name, peer URLs) for the membership tables.
+            let adds = try initialMembers.sorted { $0.id < $1.id }.enumerated().map { position, member in
+                var context = ByteWriter()
+                context.u64(0)
+                context.u64(0)
+                context.bytes += try InternalRequest.memberAdd(member).encoded()
+                let set = ConfChangeSet([ConfChange(.addVoter, NodeID(member.id))], context: context.bytes)
+                return Entry(term: 1, index: LogIndex(UInt64(position + 1)), kind: .configChange, data: set.encoded)
             }
             try store.save(hardState: HardState(term: 1, vote: .none, commit: LogIndex(UInt64(adds.count))), entries: adds)
         }
         self.transport = transport
+        self.onRemoved = onRemoved
+        self.onInstalled = onInstalled
+        members = Mutex(machine.membership)
         requestTimeout = 5 + 2 * Double(config.electionTimeoutMilliseconds) / 1000
         electionTimeout = Double(config.electionTimeoutMilliseconds) / 1000
         self.metrics = metrics
@@ -97,7 +138,9 @@ final class ApplyLoop: @unchecked Sendable {
         self.onBatch = onBatch
         self.onEvents = onEvents
         tickInterval = Double(config.heartbeatIntervalMilliseconds) / 1000
-        compactionInterval = Int(min(config.snapshotCount, 10_000))
+        compactionInterval = Int(max(1, min(config.snapshotCount, 10_000)))
+        catchUpEntries = min(5_000, compactionInterval)
+        confHistory = [(store.firstIndex.previous, store.initialState().1)]
         var raftConfig = RaftConfig(id: NodeID(memberID))
         raftConfig.heartbeatTicks = 1
         raftConfig.electionTicks = max(2, config.electionTimeoutMilliseconds / config.heartbeatIntervalMilliseconds)
@@ -115,16 +158,20 @@ final class ApplyLoop: @unchecked Sendable {
     func bootstrap() throws {
         let before = machine.state.appliedIndex
         var rounds = 0
-        if transport != nil {
-            while raft.appliedIndex < raft.commitIndex && rounds < 1_000 {
-                try handleReadies()
-                rounds += 1
-            }
+        // What is committed first (the initial membership among it), then, for the only voter, an
+        // election; others wait for ticks once the loop runs.
+        while raft.appliedIndex < raft.commitIndex && rounds < 1_000 {
+            try handleReadies()
+            rounds += 1
+        }
+        syncMembership()
+        guard raft.confState.voters == [raft.id] else {
             _ = machine.takeEvents()
             logger.info("raft log replayed", metadata: ["term": "\(raft.term)", "applied-index": "\(machine.state.appliedIndex)",
                                                         "replayed": "\(machine.state.appliedIndex - before)"])
             return
         }
+        rounds = 0
         repeat {
             // No campaign while a committed membership change is unapplied: apply it, then campaign.
             if raft.role == .follower { raft.campaign() }
@@ -184,6 +231,7 @@ final class ApplyLoop: @unchecked Sendable {
         if stopping {
             condition.unlock()
             if case .proposal(_, _, let completion?) = work { completion(.failure(.stopped)) }
+            if case .membership(_, let completion) = work { completion(.failure(.stopped)) }
             if case .local(let body) = work { body() }
             if case .read(let completion) = work { completion(.failure(.stopped)) }
             if case .transfer(_, let completion) = work { completion(.failure(.stopped)) }
@@ -232,7 +280,12 @@ final class ApplyLoop: @unchecked Sendable {
         for work in batch {
             switch work {
             case .message(let m):
+                lastHeard[m.from.value] = Date()
+                if m.kind == .snapshot, let data = m.snapshot?.data, !data.isEmpty { receivedImages.append(String(decoding: data, as: UTF8.self)) }
                 raft.step(m)
+            case .snapshotSent(let peer, let delivered):
+                sendingSnapshot.remove(peer)
+                raft.reportSnapshot(peer, success: delivered)
             case .unreachable(let peer):
                 raft.reportUnreachable(peer)
             case .read(let completion):
@@ -259,13 +312,19 @@ final class ApplyLoop: @unchecked Sendable {
                 proposals.append((requestID, request, completion))
             case .local(let body):
                 locals.append(body)
+            case .membership(let request, let completion):
+                askMembershipChange(request, completion)
+            case .app(let from, let bytes):
+                receiveApp(from: from, bytes)
+            case .removedByPeer:
+                if removedSince == nil { removedSince = .distantPast }
             }
         }
         if !entries.isEmpty {
             // The batch's proposals go to Raft together: a follower forwards them in one message.
             do {
                 try raft.propose(batch: entries)
-                let now = transport != nil ? Date() : nil
+                let now = hasPeers ? Date() : nil
                 for proposal in proposals {
                     waiters[proposal.id] = (proposal.request, proposal.completion)
                     if let now { proposedAt[proposal.id] = now }
@@ -296,33 +355,51 @@ final class ApplyLoop: @unchecked Sendable {
         }
         do {
             try handleReadies()
+            if !queuedMembership.isEmpty {
+                proposeQueuedMembership()
+                try handleReadies()
+            }
         } catch {
             // The log or the database failed under us: nothing more can be made durable.
             logger.critical("write path failed; stopping", metadata: ["error": "\(error)"])
             fatalError("etcdlite: write path failed: \(error)")
         }
         for body in locals { body() }
+        // An image the core did not take (it had the entries after all) is not kept.
+        for path in receivedImages { try? FileManager.default.removeItem(atPath: path) }
+        receivedImages.removeAll()
+        if let since = removedSince, !reportedRemoved, now.timeIntervalSince(since) >= 10 * tickInterval {
+            reportedRemoved = true
+            logger.warning("the member has been permanently removed from the cluster")
+            onRemoved()
+        }
+    }
+
+    /// Whether any other member exists (or none is known yet: a member joining a cluster).
+    private var hasPeers: Bool {
+        let conf = raft.confState
+        return conf.voters.union(conf.learners) != [raft.id]
     }
 
     /// Handles Readies until the core is quiet: persist (one fdatasync), apply, answer, advance.
     private func handleReadies() throws {
         while raft.hasReady {
             let ready = raft.ready()
-            if let snapshot = ready.snapshot {
-                // Installing the leader's state machine image arrives with snapshot streaming; until
-                // then no member compacts its log while it has peers, so none is ever sent. Recording
-                // it in the log without the image would make the store diverge: stop first.
-                logger.critical("a snapshot from the leader cannot be installed yet", metadata: ["index": "\(snapshot.index)"])
-                fatalError("etcdlite: snapshot install is not implemented")
-            }
+            if let snapshot = ready.snapshot { try install(snapshot) }
             // Appends and heartbeats leave while we persist; acknowledgements and votes after.
-            transport?.send(ready.messages)
+            // Snapshots stream on connections of their own.
+            if ready.messages.contains(where: { $0.kind == .snapshot }) {
+                for m in ready.messages where m.kind == .snapshot { sendSnapshot(m) }
+                transport.send(ready.messages.filter { $0.kind != .snapshot })
+            } else {
+                transport.send(ready.messages)
+            }
             let syncStart = DispatchTime.now().uptimeNanoseconds
             try store.save(hardState: ready.hardState, entries: ready.entries, installed: ready.snapshot)
             if !ready.entries.isEmpty {
                 metrics.walFsync.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds - syncStart))
             }
-            transport?.send(ready.messagesAfterPersist)
+            transport.send(ready.messagesAfterPersist)
             for read in ready.readStates {
                 var reader = ByteReader(read.context)
                 guard (try? reader.u64()) == memberID, let context = try? reader.u64(),
@@ -341,17 +418,12 @@ final class ApplyLoop: @unchecked Sendable {
         var answered: [(Completion?, Result<InternalResponse, EtcdError>)] = []
         var requests = 0
         try machine.begin()
+        var membershipChanged = false
         for entry in entries {
             if entry.kind == .configChange {
-                if let set = ConfChangeSet(encoded: entry.data) { raft.applyConfChange(set) }
-                machine.state.appliedIndex = max(machine.state.appliedIndex, entry.index.value)
+                if let answer = try applyConfChange(entry) { answered.append(answer) }
+                membershipChanged = true
                 continue
-            }
-            // Member attributes live in memory: they are taken from every entry handed out,
-            // also those the store applied before a restart.
-            if entry.data.count > 16 && entry.data[16] == InternalRequest.memberAttributesTag,
-               case .memberAttributes(let member)? = try? InternalRequest(encoded: Array(entry.data[16...])) {
-                memberAttributes.withLock { $0[member.id] = member }
             }
             if entry.index.value <= machine.state.appliedIndex { continue }  // applied before a restart
             var reader = ByteReader(entry.data)
@@ -362,9 +434,14 @@ final class ApplyLoop: @unchecked Sendable {
             appliedBytesSinceCompaction += entry.data.count
             if proposer == memberID, let waiter = waiters.removeValue(forKey: requestID) {
                 proposedAt[requestID] = nil
+                if case .memberAttributes = waiter.request { membershipChanged = true }
+                if case .memberUpdate = waiter.request { membershipChanged = true }
                 answered.append((waiter.completion, try machine.apply(waiter.request, index: entry.index.value)))
             } else {
-                _ = try machine.apply(try InternalRequest(encoded: reader.rest()), index: entry.index.value)
+                let request = try InternalRequest(encoded: reader.rest())
+                if case .memberAttributes = request { membershipChanged = true }
+                if case .memberUpdate = request { membershipChanged = true }
+                _ = try machine.apply(request, index: entry.index.value)
             }
             requests += 1
         }
@@ -374,24 +451,70 @@ final class ApplyLoop: @unchecked Sendable {
         metrics.proposalsCommitted.increment(by: Int64(requests))
         metrics.proposalsApplied.increment(by: Int64(requests))
         metrics.proposalsPending.record(0)
+        if membershipChanged { syncMembership() }
         onBatch(status())
         let events = machine.takeEvents()
         if !events.isEmpty { onEvents(events, machine.state.currentRevision) }
         for (completion, result) in answered { completion?(result) }
         appliedSinceCompaction += entries.count
-        // With peers the log is kept whole for now: a follower behind a compaction would need a
-        // snapshot of the store, which is not streamed yet.
-        if transport == nil && (appliedSinceCompaction >= compactionInterval || appliedBytesSinceCompaction >= compactionBytes) {
+        if appliedSinceCompaction >= compactionInterval || appliedBytesSinceCompaction >= compactionBytes {
             try compactLog()
         }
     }
 
-    /// Once the store holds the applied entries durably, the Raft log before them can go.
+    /// Once the store holds the applied entries durably, the Raft log before them can go — but
+    /// for `catchUpEntries` when there are peers (a follower behind the rest gets a snapshot).
     private func compactLog() throws {
         appliedSinceCompaction = 0
         appliedBytesSinceCompaction = 0
+        let applied = min(LogIndex(machine.state.appliedIndex), raft.appliedIndex)
+        let keep = hasPeers ? UInt64(catchUpEntries) : 0
+        guard applied.value > keep else { return }
+        let through = LogIndex(applied.value - keep)
+        guard through >= store.firstIndex, let conf = confHistory.last(where: { $0.index <= through })?.conf else { return }
         try machine.backend.syncCommitted()
-        try store.compact(through: min(LogIndex(machine.state.appliedIndex), raft.appliedIndex), confState: raft.confState)
+        try store.compact(through: through, confState: conf)
+        confHistory.removeAll { $0.index < through }
+        confHistory.insert((through, conf), at: 0)
+    }
+
+    /// Installs the leader's image of the store (received by the transport, its path in the
+    /// snapshot's data), then records the snapshot in the log (see `StateMachine.install`).
+    private func install(_ snapshot: Snapshot) throws {
+        let path = String(decoding: snapshot.data, as: UTF8.self)
+        try machine.install(imageAt: path)
+        try? FileManager.default.removeItem(atPath: path)
+        receivedImages.removeAll { $0 == path }
+        confHistory = [(snapshot.index, snapshot.confState)]
+        logger.info("installed a snapshot from the leader", metadata: ["index": "\(snapshot.index)", "applied-index": "\(machine.state.appliedIndex)",
+                                                                       "revision": "\(machine.state.currentRevision)"])
+        syncMembership()
+        onInstalled(machine.state.currentRevision)
+    }
+
+    /// Streams the store to a peer behind the log's start: a consistent copy (at an applied index
+    /// at or past the snapshot's), sent by a thread of its own; the core hears how it went.
+    private func sendSnapshot(_ message: Message) {
+        guard !sendingSnapshot.contains(message.to) else { return }
+        sendingSnapshot.insert(message.to)
+        let backend = machine.backend
+        let transport = self.transport
+        let directory = URL(fileURLWithPath: backend.path).deletingLastPathComponent()
+        let logger = self.logger
+        Thread.detachNewThread { [weak self] in
+            let image = directory.appendingPathComponent("outgoing-\(message.to.value)-\(UInt64.random(in: 1...UInt64.max)).db")
+            defer { try? FileManager.default.removeItem(at: image) }
+            var delivered = false
+            do {
+                try backend.copy(to: image.path)
+                delivered = transport.sendSnapshot(message, image: image)
+            } catch {
+                logger.warning("could not copy the store for a snapshot", metadata: ["error": "\(error)"])
+            }
+            logger.info("sent a snapshot", metadata: ["to": "\(String(message.to.value, radix: 16))", "index": "\(message.snapshot?.index ?? .zero)",
+                                                      "delivered": "\(delivered)"])
+            self?.enqueue(.snapshotSent(message.to, delivered))
+        }
     }
 
     /// A new leader or role: metrics, lease clocks, transfers, and the published status.
@@ -422,10 +545,10 @@ final class ApplyLoop: @unchecked Sendable {
     /// Before a planned stop: if this member leads, hands leadership to another voter and waits
     /// (at most two election timeouts) so that the cluster does not wait for an election.
     func handOverLeadership() {
-        guard transport != nil else { return }
+        guard removedSince == nil else { return }
         let done = DispatchSemaphore(value: 0)
         enqueue(.local { [self] in
-            guard raft.role == .leader, let target = raft.confState.voters.filter({ $0 != raft.id }).sorted().first else {
+            guard raft.role == .leader, hasPeers, let target = raft.confState.voters.filter({ $0 != raft.id }).sorted().first else {
                 done.signal()
                 return
             }
@@ -453,6 +576,11 @@ final class ApplyLoop: @unchecked Sendable {
             proposedAt[id] = nil
             waiters.removeValue(forKey: id)?.completion?(.failure(.requestTimedOut))
         }
+        queuedMembership.removeAll { queued in
+            guard queued.deadline < now else { return false }
+            answerMembership(queued.proposer, queued.requestID, .requestTimedOut)
+            return true
+        }
         for (context, waiting) in readsByContext where waiting.asked < deadline {
             readsByContext[context] = nil
             for read in waiting.reads { read(.failure(.requestTimedOut)) }
@@ -473,12 +601,23 @@ final class ApplyLoop: @unchecked Sendable {
     }
 
     func receive(_ message: Message) { enqueue(.message(message)) }
+    func receiveApp(from peer: UInt64, bytes: [UInt8]) { enqueue(.app(from: peer, bytes)) }
+    func removedByPeer() { enqueue(.removedByPeer) }
+
+    /// Asks for a membership change (add, remove or promote) and waits until it is applied here.
+    func changeMembership(_ request: InternalRequest) async -> Result<InternalResponse, EtcdError> {
+        await withCheckedContinuation { continuation in
+            enqueue(.membership(request, { continuation.resume(returning: $0) }))
+        }
+    }
     func peerUnreachable(_ peer: NodeID) { enqueue(.unreachable(peer)) }
 
     func status() -> StoreStatus {
         let sizes = (try? machine.backend.sizes()) ?? (size: 0, inUse: 0)
+        let conf = raft.confState
         return StoreStatus(state: machine.state, logIndex: raft.lastIndex.value, dbSize: sizes.size, dbSizeInUse: sizes.inUse,
-                           alarms: machine.alarms, raftTerm: raft.term.value, leader: raft.leader.value)
+                           alarms: machine.alarms, raftTerm: raft.term.value, leader: raft.leader.value,
+                           alone: conf.voters == [raft.id] && conf.learners.isEmpty, isLearner: conf.learners.contains(raft.id))
     }
 }
 
@@ -492,6 +631,9 @@ struct StoreStatus: Sendable {
     var raftTerm: UInt64 = 0
     /// The leader this member knows of (0: none).
     var leader: UInt64 = 0
+    /// The only member of its cluster: its committed state is linearizable without asking anyone.
+    var alone = true
+    var isLearner = false
 }
 
 /// The core's randomness in a member: election timeouts from the system's generator.
@@ -503,4 +645,229 @@ struct SystemRaftRandom: RaftRandom {
 struct BootstrapError: Error, CustomStringConvertible {
     let reason: String
     var description: String { reason }
+}
+
+// MARK: - Membership
+
+/// Requests between the members' servers, carried in the peer transport's application frames:
+/// `1 | request ID u64 | InternalRequest` (a membership change forwarded to the leader) and
+/// `2 | request ID u64 | code u8 | message` (the leader refused it).
+private enum AppFrame {
+    static let forward: UInt8 = 1
+    static let refused: UInt8 = 2
+}
+
+extension ApplyLoop {
+    /// Applies a configuration change entry: to Raft when it is valid against the Raft
+    /// configuration at this point of the log (the same decision on every member and on every
+    /// replay), and, the first time, to the membership tables. Returns the proposer's answer.
+    fileprivate func applyConfChange(_ entry: Entry) throws -> (Completion?, Result<InternalResponse, EtcdError>)? {
+        let fresh = entry.index.value > machine.state.appliedIndex
+        defer { machine.state.appliedIndex = max(machine.state.appliedIndex, entry.index.value) }
+        guard let set = ConfChangeSet(encoded: entry.data) else { return nil }
+        var reader = ByteReader(set.context)
+        guard let proposer = try? reader.u64(), let requestID = try? reader.u64(),
+              let request = try? InternalRequest(encoded: reader.rest()) else {
+            confHistory.append((entry.index, raft.applyConfChange(set)))  // a change without a member
+            return nil
+        }
+        let conf = raft.confState
+        let known = conf.voters.union(conf.learners)
+        var refusal: EtcdError?
+        switch request {
+        case .memberAdd(let m): if known.contains(NodeID(m.id)) { refusal = .memberExists }
+        case .memberRemove(let m): if !known.contains(NodeID(m.id)) { refusal = .memberNotFound }
+        case .memberPromote(let m):
+            if !known.contains(NodeID(m.id)) { refusal = .memberNotFound } else if !conf.learners.contains(NodeID(m.id)) { refusal = .memberNotLearner }
+        default: refusal = EtcdError(.internal, "etcdserver: not a membership change")
+        }
+        if refusal == nil {
+            confHistory.append((entry.index, raft.applyConfChange(set)))
+        }
+        guard fresh else { return nil }
+        let result: Result<InternalResponse, EtcdError>
+        if let refusal {
+            result = .failure(refusal)
+        } else {
+            result = try machine.applyMembershipChange(request, index: entry.index.value)
+            if case .memberRemove(let m) = request, m.id == memberID, removedSince == nil { removedSince = Date() }
+            logger.info("membership changed", metadata: ["change": "\(request.membershipDescription)", "index": "\(entry.index)"])
+        }
+        guard proposer == memberID, let waiter = waiters.removeValue(forKey: requestID) else { return nil }
+        proposedAt[requestID] = nil
+        return (waiter.completion, result)
+    }
+
+    /// Publishes the applied membership and points the transport at the members' peer URLs.
+    fileprivate func syncMembership() {
+        let membership = machine.membership
+        members.withLock { $0 = membership }
+        transport.removed.withLockedValue { $0 = membership.removed }
+        for member in membership.members.values where member.id != memberID {
+            guard let url = member.peerUrls.first.flatMap(URLComponents.init(string:)), let host = url.host else { continue }
+            transport.setPeer(member.id, host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
+        }
+        for id in membership.removed { transport.removePeer(id) }
+    }
+
+    /// A membership change asked of this member: proposed if it leads, else sent to the leader.
+    fileprivate func askMembershipChange(_ request: InternalRequest, _ completion: @escaping Completion) {
+        let requestID = nextRequestID
+        nextRequestID += 1
+        if raft.role == .leader {
+            if let error = proposeMembership(request, proposer: memberID, requestID: requestID) { return completion(.failure(error)) }
+        } else if raft.leader != .none, let body = try? request.encoded() {
+            var frame = ByteWriter()
+            frame.u8(AppFrame.forward)
+            frame.u64(requestID)
+            frame.bytes += body
+            transport.sendApp(to: raft.leader.value, frame.bytes)
+        } else {
+            return completion(.failure(.noLeader))
+        }
+        waiters[requestID] = (request, completion)
+        proposedAt[requestID] = Date()
+    }
+
+    fileprivate func receiveApp(from peer: UInt64, _ bytes: [UInt8]) {
+        var reader = ByteReader(bytes)
+        guard let kind = try? reader.u8(), let requestID = try? reader.u64() else { return }
+        switch kind {
+        case AppFrame.forward:
+            guard let request = try? InternalRequest(encoded: reader.rest()) else { return }
+            if let error = proposeMembership(request, proposer: peer, requestID: requestID) {
+                answerMembership(peer, requestID, error)
+            }
+        case AppFrame.refused:
+            guard let code = try? reader.u8(), let waiter = waiters.removeValue(forKey: requestID) else { return }
+            proposedAt[requestID] = nil
+            let message = String(decoding: reader.rest(), as: UTF8.self)
+            waiter.completion?(.failure(EtcdError(EtcdError.Code(rawValue: Int(code)) ?? .unknown, message)))
+        default:
+            break
+        }
+    }
+
+    /// Tells the member that asked for a change that it failed.
+    fileprivate func answerMembership(_ proposer: UInt64, _ requestID: UInt64, _ error: EtcdError) {
+        if proposer == memberID {
+            proposedAt[requestID] = nil
+            waiters.removeValue(forKey: requestID)?.completion?(.failure(error))
+            return
+        }
+        var frame = ByteWriter()
+        frame.u8(AppFrame.refused)
+        frame.u64(requestID)
+        frame.u8(UInt8(error.code.rawValue))
+        frame.bytes += Array(error.message.utf8)
+        transport.sendApp(to: proposer, frame.bytes)
+    }
+
+    /// Checks a change as etcd's leader does and proposes it, or queues it behind a change still
+    /// pending. Returns the refusal, if any.
+    fileprivate func proposeMembership(_ request: InternalRequest, proposer: UInt64, requestID: UInt64) -> EtcdError? {
+        guard raft.role == .leader else { return .leaderChanged }
+        guard raft.canProposeConfChange else {
+            queuedMembership.append((proposer, requestID, request, Date().addingTimeInterval(requestTimeout)))
+            return nil
+        }
+        if let error = checkMembership(request) { return error }
+        let change: ConfChange
+        switch request {
+        case .memberAdd(let m): change = ConfChange(m.isLearner ? .addLearner : .addVoter, NodeID(m.id))
+        case .memberRemove(let m): change = ConfChange(.remove, NodeID(m.id))
+        case .memberPromote(let m): change = ConfChange(.addVoter, NodeID(m.id))
+        default: return EtcdError(.internal, "etcdserver: not a membership change")
+        }
+        var context = ByteWriter()
+        context.u64(proposer)
+        context.u64(requestID)
+        guard let body = try? request.encoded() else { return EtcdError(.internal, "etcdserver: unencodable request") }
+        context.bytes += body
+        do {
+            try raft.proposeConfChange(ConfChangeSet([change], context: context.bytes))
+        } catch {
+            return .notEnoughStartedMembers  // no voter would remain
+        }
+        return nil
+    }
+
+    /// Proposes the oldest queued change once no other is pending.
+    fileprivate func proposeQueuedMembership() {
+        guard raft.role == .leader else {
+            for queued in queuedMembership { answerMembership(queued.proposer, queued.requestID, .leaderChanged) }
+            queuedMembership = []
+            return
+        }
+        guard raft.canProposeConfChange else { return }
+        let next = queuedMembership.removeFirst()
+        if let error = proposeMembership(next.request, proposer: next.proposer, requestID: next.requestID) {
+            answerMembership(next.proposer, next.requestID, error)
+        }
+    }
+
+    /// etcd's checks before a membership change (with --strict-reconfig-check, its default):
+    /// the applied membership allows it, enough members have started to keep a quorum, the voters
+    /// are connected, and a learner to promote has caught up (90% of the leader's log).
+    private func checkMembership(_ request: InternalRequest) -> EtcdError? {
+        let membership = machine.membership
+        let voters = membership.voters
+        let started = voters.filter(Membership.isStarted).count
+        switch request {
+        case .memberAdd(let m):
+            if membership[m.id] != nil || membership.removed.contains(m.id) { return .memberExists }
+            if membership.peerURLsInUse(m.peerUrls) { return .peerURLExists }
+            if m.isLearner {
+                if membership.learners.count >= 1 { return .tooManyLearners }
+                return nil
+            }
+            // A second member for a one-member cluster is allowed (etcd: restoring a cluster).
+            let size = voters.count + 1
+            if !(started == 1 && size == 2) && started < size / 2 + 1 { return .notEnoughStartedMembers }
+            if !votersConnected(voters) { return .unhealthy }
+        case .memberRemove(let m):
+            guard let member = membership[m.id] else { return .memberNotFound }
+            if member.isLearner { return nil }
+            let rest = voters.filter { $0.id != m.id }
+            if rest.filter(Membership.isStarted).count < rest.count / 2 + 1 { return .notEnoughStartedMembers }
+            // Removing a member that is down costs no quorum; otherwise what stays connected must
+            // still be a quorum without it.
+            if m.id != memberID && !isConnected(m.id) { return nil }
+            let connected = voters.filter { $0.id == memberID || isConnected($0.id) }.count
+            if connected - 1 < rest.count / 2 + 1 { return .unhealthy }
+        case .memberPromote(let m):
+            guard let member = membership[m.id] else { return .memberNotFound }
+            guard member.isLearner else { return .memberNotLearner }
+            let leaderMatch = raft.matchIndex(of: raft.id)?.value ?? 0
+            let learnerMatch = raft.matchIndex(of: NodeID(m.id))?.value ?? 0
+            if Double(learnerMatch) < Double(leaderMatch) * 0.9 { return .learnerNotReady }
+            let size = voters.count + 1
+            if started + 1 < size / 2 + 1 { return .notEnoughStartedMembers }
+        default:
+            return EtcdError(.internal, "etcdserver: not a membership change")
+        }
+        return nil
+    }
+
+    /// Heard from within the last five seconds (etcd's health interval).
+    private func isConnected(_ id: UInt64) -> Bool {
+        guard let at = lastHeard[id] else { return false }
+        return Date().timeIntervalSince(at) < 5
+    }
+
+    private func votersConnected(_ voters: [Etcdserverpb_Member]) -> Bool {
+        voters.allSatisfy { $0.id == memberID || isConnected($0.id) }
+    }
+}
+
+extension InternalRequest {
+    /// For logs: which membership change.
+    var membershipDescription: String {
+        switch self {
+        case .memberAdd(let m): "add \(String(m.id, radix: 16))\(m.isLearner ? " as learner" : "") \(m.peerUrls)"
+        case .memberRemove(let m): "remove \(String(m.id, radix: 16))"
+        case .memberPromote(let m): "promote \(String(m.id, radix: 16))"
+        default: "other"
+        }
+    }
 }

@@ -39,7 +39,7 @@ extension EtcdLiteServer {
         let status = self.status
         response.header = header(revision: status.state.currentRevision)
         // Only the leader's clocks count: a follower passes the renewal on through the log.
-        if !peers.isEmpty && status.leader != memberID && response.ttl > 0 { loop.proposeDetached(.leaseRenew(request)) }
+        if !status.alone && status.leader != memberID && response.ttl > 0 { loop.proposeDetached(.leaseRenew(request)) }
         return response
     }
 

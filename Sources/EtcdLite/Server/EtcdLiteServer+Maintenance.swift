@@ -14,6 +14,7 @@ extension EtcdLiteServer {
         response.raftIndex = status.logIndex
         response.raftTerm = status.raftTerm
         response.raftAppliedIndex = status.state.appliedIndex
+        response.isLearner = status.isLearner
         response.errors = status.alarms.map { "memberID:\($0.memberID) alarm:\(Self.alarmName($0.alarm)) " }
         return response
     }
@@ -101,14 +102,7 @@ extension EtcdLiteServer {
     public func snapshotFile() throws -> URL {
         let url = URL(fileURLWithPath: config.effectiveDataDir).appendingPathComponent("member")
             .appendingPathComponent("snapshot-\(UUID().uuidString).db")
-        try backend.withReader { connection in
-            // VACUUM INTO writes only the new file, but query_only forbids it; lift it meanwhile.
-            try connection.execute("PRAGMA query_only=0")
-            defer { try? connection.execute("PRAGMA query_only=1") }
-            let statement = try connection.prepared("VACUUM INTO ?1")
-            statement.bind(1, url.path)
-            try statement.run()
-        }
+        try backend.copy(to: url.path)
         return url
     }
 
@@ -137,32 +131,81 @@ extension EtcdLiteServer {
         try await body(last)
     }
 
-    public func memberList() -> Etcdserverpb_MemberListResponse {
+    /// etcd's MemberList: every member in ID order; a member added but not started yet has no
+    /// name or client URLs. `linearizable` first confirms this member's view with the leader.
+    public func memberList(_ request: Etcdserverpb_MemberListRequest = .init()) async throws -> Etcdserverpb_MemberListResponse {
+        if request.linearizable && !status.alone { try await loop.linearizableRead() }
         var response = Etcdserverpb_MemberListResponse()
         response.header = header()
-        let published = loop.memberAttributes.withLock { $0 }
-        response.members = [selfMember()] + peers.map { peer in
-            var member = Etcdserverpb_Member()
-            member.id = peer.id
-            member.peerUrls = peer.peerURLs
-            // Name and client URLs once the member has published them (empty before, as etcd).
-            if let attributes = published[peer.id] {
-                member.name = attributes.name
-                member.clientUrls = attributes.clientUrls
-            }
-            return member
-        }
-        // etcd lists members in ID order.
-        response.members.sort { $0.id < $1.id }
+        response.members = loop.members.withLock { $0.sorted }
         return response
     }
 
+    /// etcd's MemberAdd: a new member (voter or learner) with a fresh ID; it starts with
+    /// `--initial-cluster-state existing`.
+    public func memberAdd(_ request: Etcdserverpb_MemberAddRequest) async throws -> Etcdserverpb_MemberAddResponse {
+        guard PeerURLs.valid(request.peerUrls) else { throw EtcdError.memberBadURLs }
+        var member = Etcdserverpb_Member()
+        // As etcd: from the peer URLs and the time, so re-adding the same URLs gives a new ID.
+        member.id = ClusterIdentity.memberID(peerURLs: request.peerUrls, token: "\(Date().timeIntervalSince1970)")
+        member.peerUrls = request.peerUrls
+        member.isLearner = request.isLearner
+        let (added, members) = try await changeMembership(.memberAdd(member))
+        var response = Etcdserverpb_MemberAddResponse()
+        response.header = header()
+        response.member = added
+        response.members = members
+        return response
+    }
+
+    public func memberRemove(_ request: Etcdserverpb_MemberRemoveRequest) async throws -> Etcdserverpb_MemberRemoveResponse {
+        var response = Etcdserverpb_MemberRemoveResponse()
+        response.members = try await changeMembership(.memberRemove(Self.member(request.id))).members
+        response.header = header()
+        return response
+    }
+
+    public func memberPromote(_ request: Etcdserverpb_MemberPromoteRequest) async throws -> Etcdserverpb_MemberPromoteResponse {
+        var response = Etcdserverpb_MemberPromoteResponse()
+        response.members = try await changeMembership(.memberPromote(Self.member(request.id))).members
+        response.header = header()
+        return response
+    }
+
+    private static func member(_ id: UInt64) -> Etcdserverpb_Member {
+        var member = Etcdserverpb_Member()
+        member.id = id
+        return member
+    }
+
+    /// etcd's MemberUpdate: new peer URLs for a member (a normal entry: Raft's membership is
+    /// unchanged).
+    public func memberUpdate(_ request: Etcdserverpb_MemberUpdateRequest) async throws -> Etcdserverpb_MemberUpdateResponse {
+        guard PeerURLs.valid(request.peerUrls) else { throw EtcdError.memberBadURLs }
+        var member = Etcdserverpb_Member()
+        member.id = request.id
+        member.peerUrls = request.peerUrls
+        guard case .membership(_, let members) = try await propose(.memberUpdate(member)) else { throw unexpected() }
+        var response = Etcdserverpb_MemberUpdateResponse()
+        response.header = header()
+        response.members = members
+        return response
+    }
+
+    private func changeMembership(_ request: InternalRequest) async throws -> (member: Etcdserverpb_Member, members: [Etcdserverpb_Member]) {
+        guard case .membership(let member, let members) = try await loop.changeMembership(request).get() else { throw unexpected() }
+        return (member, members)
+    }
+
     /// Publishes this member's name and client URLs through the log once a leader is known (etcd
-    /// does so on every start), so that every member's MemberList shows them.
+    /// does so on every start), so that every member's MemberList shows them. Nothing to publish
+    /// when the membership already shows them.
     func publishAttributes() async {
-        guard !peers.isEmpty else { return }
         while !Task.isCancelled {
-            if hasLeader, (try? await propose(.memberAttributes(selfMember()))) != nil { return }
+            let mine = selfMember()
+            let recorded = loop.members.withLock { $0[memberID] }
+            if let recorded, recorded.name == mine.name, recorded.clientUrls == mine.clientUrls { return }
+            if hasLeader, recorded != nil, (try? await propose(.memberAttributes(mine))) != nil { return }
             try? await Task.sleep(for: .milliseconds(200))
         }
     }

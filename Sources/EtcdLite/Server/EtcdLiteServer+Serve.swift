@@ -26,12 +26,17 @@ extension EtcdLiteServer {
             close()
             throw error
         }
-        if let transport = loop.transport {
+        // Peers are listened for even by a lone member: a member may be added to it.
+        do {
             for text in config.listenPeerURLs {
                 guard let url = URLComponents(string: text), let host = url.host else { throw ConfigError("invalid URL \(text)") }
-                let port = try await transport.listen(host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
+                let port = try await loop.transport.listen(host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
                 logger.info("listening for peers", metadata: ["address": "\(host):\(port)"])
             }
+        } catch {
+            for listener in listeners { await listener.shutdown(grace: .zero) }
+            close()
+            throw error
         }
         logger.info("ready to serve client requests", metadata: ["listen-client-urls": "\(config.listenClientURLs)", "ports": "\(ports)"])
         onListening(ports)
@@ -52,6 +57,7 @@ extension EtcdLiteServer {
         loop.handOverLeadership()
         for listener in listeners { await listener.shutdown() }
         close()
+        if removedFromCluster.withLockedValue({ $0 }) { throw MemberRemovedError() }
     }
 
     /// Stops accepting connections; `serve` returns once in-flight calls are done.
@@ -83,14 +89,24 @@ extension EtcdLiteServer {
         m.unary("/etcdserverpb.Lease/LeaseLeases") { (_: Etcdserverpb_LeaseLeasesRequest, _) in self.leaseLeases() }
         m.streamingDirect("/etcdserverpb.Lease/LeaseKeepAlive") { (r: Etcdserverpb_LeaseKeepAliveRequest, _) in self.leaseKeepAlive(r) }
         m.streaming("/etcdserverpb.Watch/Watch") { requests, writer, context in try await self.watch(requests, writer, context) }
-        m.unary("/etcdserverpb.Cluster/MemberList") { (_: Etcdserverpb_MemberListRequest, _) in self.memberList() }
+        m.unary("/etcdserverpb.Cluster/MemberList") { (r: Etcdserverpb_MemberListRequest, _) in try await self.memberList(r) }
+        m.unary("/etcdserverpb.Cluster/MemberAdd") { (r: Etcdserverpb_MemberAddRequest, _) in try await self.memberAdd(r) }
+        m.unary("/etcdserverpb.Cluster/MemberRemove") { (r: Etcdserverpb_MemberRemoveRequest, _) in try await self.memberRemove(r) }
+        m.unary("/etcdserverpb.Cluster/MemberUpdate") { (r: Etcdserverpb_MemberUpdateRequest, _) in try await self.memberUpdate(r) }
+        m.unary("/etcdserverpb.Cluster/MemberPromote") { (r: Etcdserverpb_MemberPromoteRequest, _) in try await self.memberPromote(r) }
+        // A learner serves only Status and serializable Range (etcd 3.4's rule); Range checks for
+        // itself.
+        m.guardAll(except: ["/etcdserverpb.Maintenance/Status", "/etcdserverpb.KV/Range"]) { [self] in
+            if status.isLearner { throw EtcdError.notSupportedForLearner }
+        }
         return m
     }
 
     /// etcd's MoveLeader: only the leader hands over, and only to a voter.
     func moveLeader(_ request: Etcdserverpb_MoveLeaderRequest) async throws -> Etcdserverpb_MoveLeaderResponse {
         guard status.leader == memberID else { throw EtcdError.notLeader }
-        guard request.targetID == memberID || peers.contains(where: { $0.id == request.targetID }) else {
+        let voter = loop.members.withLock { $0[request.targetID].map { !$0.isLearner } ?? false }
+        guard voter else {
             throw EtcdError.badLeaderTransferee
         }
         try await loop.transferLeadership(to: request.targetID)
@@ -98,6 +114,11 @@ extension EtcdLiteServer {
         response.header = header()
         return response
     }
+}
+
+/// `serve` ended because this member was removed from its cluster.
+public struct MemberRemovedError: Error, CustomStringConvertible {
+    public var description: String { "the member has been permanently removed from the cluster" }
 }
 
 /// A one-shot signal that many tasks can wait for.

@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOPosix
 import Raft
 import Synchronization
@@ -20,10 +21,10 @@ public final class EtcdLiteServer: Sendable {
     let logger: Logger
     let backend: Backend
     let loop: ApplyLoop
-    /// The initial members other than this one: ID and peer URLs (empty: a single member).
-    let peers: [(id: UInt64, name: String, peerURLs: [String])]
     private let published: PublishedStatus
-    let stopRequested = StopSignal()
+    let stopRequested: StopSignal
+    /// Set when this member was removed from the cluster: `serve` then ends with an error.
+    let removedFromCluster: NIOLockedValueBox<Bool>
     let lessor = Lessor()
     let leaseIDs: LeaseIDGenerator
     let watchHub: WatchHub
@@ -41,13 +42,35 @@ public final class EtcdLiteServer: Sendable {
         try FileManager.default.createDirectory(at: memberDir, withIntermediateDirectories: true)
         backend = try Backend(path: memberDir.appendingPathComponent("store.db").path)
 
-        // Identity: derived from the flags on first start, then read back from the store.
-        let members = try config.initialClusterMembers()
-        let ids = members.map { ClusterIdentity.memberID(peerURLs: $0.peerURLs, token: config.initialClusterToken) }
+        // Identity: derived from the flags on first start of a new cluster, or asked of a member
+        // of the running cluster when joining one; then read back from the store.
         var meta = try MemberMeta.load(backend.writer)
-        if meta.memberID == nil {
+        var initialMembers: [Etcdserverpb_Member] = []
+        var joining: [Etcdserverpb_Member] = []
+        let existing = config.initialClusterState == "existing"
+        if meta.memberID == nil && !existing {
+            let members = try config.initialClusterMembers()
+            let ids = members.map { ClusterIdentity.memberID(peerURLs: $0.peerURLs, token: config.initialClusterToken) }
             meta.memberID = ids[members.firstIndex { $0.name == config.name }!]
             meta.clusterID = ClusterIdentity.clusterID(memberIDs: ids)
+            initialMembers = zip(members, ids).map { member, id in
+                var m = Etcdserverpb_Member()
+                m.id = id
+                m.name = member.name
+                m.peerUrls = member.peerURLs
+                return m
+            }
+        } else if try existing && (meta.memberID == nil || Membership.load(backend.writer).members.isEmpty) {
+            let cluster = try Self.fetchCluster(config, logger: logger)
+            guard let me = cluster.members.first(where: { Set($0.peerUrls) == Set(config.initialAdvertisePeerURLs) }) else {
+                throw ConfigError("error validating peerURLs: cluster \(String(cluster.clusterID, radix: 16)) has no member with peer URLs \(config.initialAdvertisePeerURLs) (add it with member add first)")
+            }
+            if let known = meta.memberID, known != me.id || meta.clusterID != cluster.clusterID {
+                throw ConfigError("cluster ID mismatch")
+            }
+            meta.memberID = me.id
+            meta.clusterID = cluster.clusterID
+            joining = cluster.members
         }
         try meta.save(backend.writer)
         memberID = meta.memberID!
@@ -55,29 +78,43 @@ public final class EtcdLiteServer: Sendable {
 
         leaseIDs = LeaseIDGenerator(memberID: memberID)
         let machine = try StateMachine(backend: backend, lessor: lessor)
-        // The Raft log; its first start records the bootstrap configuration: every member of
-        // --initial-cluster is a voter.
-        let store = try RaftLogStore(directory: memberDir.appendingPathComponent("raft"),
-                                     initial: ConfState(voters: Set(ids.map { NodeID($0) })))
-        let me = memberID
-        peers = zip(members, ids).filter { $0.1 != me }.map { (id: $0.1, name: $0.0.name, peerURLs: $0.0.peerURLs) }
+        if machine.membership.removed.contains(memberID) {
+            throw ConfigError("the member has been permanently removed from the cluster")
+        }
+        // The Raft log; a new one starts with no members: the bootstrap entries add them.
+        let store = try RaftLogStore(directory: memberDir.appendingPathComponent("raft"), initial: ConfState())
         // Messages from peers reach the loop once it exists.
         let inbox = LoopInbox()
-        var transport: PeerTransport?
-        if !peers.isEmpty {
-            let peerTransport = PeerTransport(memberID: memberID, clusterID: clusterID, group: MultiThreadedEventLoopGroup.singleton,
-                                              deliver: { inbox.loop?.receive($0) }, unreachable: { inbox.loop?.peerUnreachable($0) })
-            for peer in peers {
-                guard let url = peer.peerURLs.first.flatMap(URLComponents.init(string:)), let host = url.host else { continue }
-                peerTransport.setPeer(peer.id, host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
-            }
-            transport = peerTransport
+        let transport = PeerTransport(memberID: memberID, clusterID: clusterID, group: MultiThreadedEventLoopGroup.singleton,
+                                      deliver: { inbox.loop?.receive($0) }, unreachable: { inbox.loop?.peerUnreachable($0) })
+        // Snapshot images left by a stop in the middle of a transfer are of no use.
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: memberDir.path)) ?? []
+        where (name.hasPrefix("incoming-") || name.hasPrefix("outgoing-")) && name.hasSuffix(".db") {
+            try? FileManager.default.removeItem(at: memberDir.appendingPathComponent(name))
         }
+        transport.hooks.withLockedValue { hooks in
+            hooks.snapshotDirectory = memberDir.path
+            hooks.deliverApp = { inbox.loop?.receiveApp(from: $0, bytes: $1) }
+            hooks.removedByPeer = { inbox.loop?.removedByPeer() }
+            hooks.members = {
+                var list = Etcdserverpb_MemberListResponse()
+                list.members = inbox.loop?.members.withLock { $0.sorted } ?? []
+                return (try? list.serializedBytes()) ?? []
+            }
+        }
+        for peer in joining where peer.id != memberID {
+            guard let url = peer.peerUrls.first.flatMap(URLComponents.init(string:)), let host = url.host else { continue }
+            transport.setPeer(peer.id, host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
+        }
+        let stop = StopSignal()
+        stopRequested = stop
+        let removed = NIOLockedValueBox(false)
+        removedFromCluster = removed
         let published = PublishedStatus(StoreStatus(state: machine.state, logIndex: store.lastIndex.value, dbSize: 0, dbSizeInUse: 0, alarms: []))
         self.published = published
         let hub = WatchHub(revision: machine.state.currentRevision, header: Etcdserverpb_ResponseHeader(), queueLimit: config.watchStreamQueueBytes)
         watchHub = hub
-        loop = try ApplyLoop(machine: machine, store: store, memberID: memberID, members: ids, transport: transport,
+        loop = try ApplyLoop(machine: machine, store: store, memberID: memberID, initialMembers: initialMembers, transport: transport,
                              config: config, logger: logger, metrics: metrics, onBatch: { status in
             let termChanged = published.value.withLock { published -> Bool in
                 defer { published = status }
@@ -87,6 +124,11 @@ public final class EtcdLiteServer: Sendable {
             if termChanged { hub.setTerm(status.raftTerm) }
         }, onEvents: { events, revision in
             hub.publish(events, revision: revision)
+        }, onRemoved: {
+            removed.withLockedValue { $0 = true }
+            stop.fire()
+        }, onInstalled: { revision in
+            hub.resync(revision: revision)
         })
         inbox.loop = loop
         try loop.bootstrap()
@@ -109,7 +151,7 @@ public final class EtcdLiteServer: Sendable {
     public func close() {
         leaseClock.cancel()
         loop.stop()
-        loop.transport?.close()
+        loop.transport.close()
         backend.closeReaders()
     }
 
@@ -148,10 +190,11 @@ public final class EtcdLiteServer: Sendable {
     // MARK: - KV
 
     public func range(_ request: Etcdserverpb_RangeRequest) async throws -> Etcdserverpb_RangeResponse {
+        if status.isLearner && !request.serializable { throw EtcdError.notSupportedForLearner }
         try RequestValidation.check(request)
         // One member: everything acknowledged is applied, so the committed state is linearizable.
         // With peers, a linearizable read waits for ReadIndex and the apply to reach it.
-        if !peers.isEmpty && !request.serializable { try await loop.linearizableRead() }
+        if !status.alone && !request.serializable { try await loop.linearizableRead() }
         var response = try backend.read { try Applier.range(request, $0) }
         fill(&response.header)
         return response
@@ -176,7 +219,7 @@ public final class EtcdLiteServer: Sendable {
     /// A txn without writes reads the committed state directly; it never enters the log.
     private func readOnlyTxn(_ request: Etcdserverpb_TxnRequest) async throws -> Etcdserverpb_TxnResponse {
         // A txn's reads are linearizable (etcd makes every txn linearizable).
-        if !peers.isEmpty { try await loop.linearizableRead() }
+        if !status.alone { try await loop.linearizableRead() }
         try RequestValidation.check(request, maxTxnOps: config.maxTxnOps)
         var response = try backend.read { try Applier.readOnlyTxn(request, $0) }
         fill(&response.header)
@@ -301,6 +344,27 @@ protocol HasHeader {
 extension Etcdserverpb_PutResponse: HasHeader {}
 extension Etcdserverpb_DeleteRangeResponse: HasHeader {}
 extension Etcdserverpb_TxnResponse: HasHeader {}
+
+extension EtcdLiteServer {
+    /// Asks the members named by --initial-cluster (other than this one) for the running cluster.
+    static func fetchCluster(_ config: MemberConfig, logger: Logger) throws -> (clusterID: UInt64, members: [Etcdserverpb_Member]) {
+        let own = Set(config.initialAdvertisePeerURLs)
+        for member in try config.initialClusterMembers() {
+            for text in member.peerURLs where !own.contains(text) {
+                guard let url = URLComponents(string: text), let host = url.host else { continue }
+                do {
+                    let reply = try PeerTransport.fetchMembers(host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380,
+                                                               group: MultiThreadedEventLoopGroup.singleton)
+                    let list = try Etcdserverpb_MemberListResponse(serializedBytes: reply.members)
+                    return (reply.clusterID, list.members)
+                } catch {
+                    logger.warning("could not get the cluster's members", metadata: ["peer": "\(text)", "error": "\(error)"])
+                }
+            }
+        }
+        throw ConfigError("cannot fetch cluster info from peer urls: could not retrieve cluster information from the given URLs")
+    }
+}
 
 /// Per-member facts kept beside the data: identity and the last term.
 struct MemberMeta {

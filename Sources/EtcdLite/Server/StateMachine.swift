@@ -11,6 +11,8 @@ final class StateMachine {
     private(set) var alarms: [Etcdserverpb_AlarmMember] = []
     /// Which leases exist (mirrored from the `leases` table) and their clocks.
     let lessor: Lessor
+    /// The cluster's members, mirrored from the `members` tables.
+    private(set) var membership: Membership
     /// Events of the writes applied since the last `takeEvents()`, in revision order.
     private var events: [Mvccpb_Event] = []
 
@@ -18,10 +20,19 @@ final class StateMachine {
         self.backend = backend
         self.lessor = lessor
         state = try StoreState.load(backend.writer)
-        let leases = try backend.writer.prepared("SELECT id, ttl FROM leases")
-        while try leases.step() { lessor.granted(leases.int64(0), ttl: leases.int64(1)) }
-        leases.reset()
+        membership = try Membership.load(backend.writer)
         applier.leaseExists = { lessor.contains($0) }
+        try loadLeasesAndAlarms()
+    }
+
+    /// Mirrors the `leases` and `alarms` tables in memory.
+    private func loadLeasesAndAlarms() throws {
+        var granted: [Int64: Int64] = [:]
+        let leases = try backend.writer.prepared("SELECT id, ttl FROM leases")
+        while try leases.step() { granted[leases.int64(0)] = leases.int64(1) }
+        leases.reset()
+        lessor.replaceAll(granted)
+        alarms = []
         let statement = try backend.writer.prepared("SELECT member_id, alarm FROM alarms ORDER BY member_id, alarm")
         while try statement.step() {
             var alarm = Etcdserverpb_AlarmMember()
@@ -30,6 +41,37 @@ final class StateMachine {
             alarms.append(alarm)
         }
         statement.reset()
+    }
+
+    /// The replicated tables: what a snapshot of the store carries (not `member_meta`, which is
+    /// this member's own).
+    static let replicatedTables = ["revs", "latest", "store_state", "alarms", "leases", "members", "members_removed"]
+
+    /// Replaces the replicated state with the image at `path` (a copy of the leader's store) in one
+    /// transaction, made durable before it returns: the caller records the snapshot in the Raft
+    /// log only afterwards, so a crash in between leaves the old state or the new one, whole.
+    func install(imageAt path: String) throws {
+        let writer = backend.writer
+        let attach = try writer.prepared("ATTACH DATABASE ?1 AS image")
+        attach.bind(1, path)
+        try attach.run()
+        defer { try? writer.execute("DETACH DATABASE image") }
+        try writer.execute("BEGIN IMMEDIATE")
+        do {
+            for table in Self.replicatedTables {
+                try writer.execute("DELETE FROM main.\(table)")
+                try writer.execute("INSERT INTO main.\(table) SELECT * FROM image.\(table)")
+            }
+            try writer.execute("COMMIT")
+        } catch {
+            try? writer.execute("ROLLBACK")
+            throw error
+        }
+        try backend.syncCommitted()
+        state = try StoreState.load(writer)
+        membership = try Membership.load(writer)
+        try loadLeasesAndAlarms()
+        events.removeAll()
     }
 
     var noSpace: Bool { alarms.contains { $0.alarm == .nospace } }
@@ -68,8 +110,20 @@ final class StateMachine {
                 return .success(.leaseGrant(try grant(r)))
             case .leaseRevoke(let r):
                 return .success(.leaseRevoke(try revoke(r)))
-            case .memberAttributes:
-                return .success(.memberAttributes)  // kept by the apply loop, not in the store
+            case .memberAttributes(let m):
+                try membership.change(m.id, backend.writer) { member in
+                    member.name = m.name
+                    member.clientUrls = m.clientUrls
+                }
+                return .success(.memberAttributes)
+            case .memberUpdate(let m):
+                guard membership[m.id] != nil else { throw EtcdError.memberNotFound }
+                if membership.peerURLsInUse(m.peerUrls, except: m.id) { throw EtcdError.peerURLExists }
+                try membership.change(m.id, backend.writer) { $0.peerUrls = m.peerUrls }
+                return .success(.membership(member: membership[m.id]!, members: membership.sorted))
+            case .memberAdd, .memberRemove, .memberPromote:
+                // These travel only as configuration changes (`applyMembershipChange`).
+                throw EtcdError(.internal, "etcdserver: membership change outside a configuration change")
             case .leaseRenew(let r):
                 var response = Etcdserverpb_LeaseKeepAliveResponse()
                 response.id = r.id
@@ -79,6 +133,28 @@ final class StateMachine {
         } catch let error as EtcdError {
             return .failure(error)
         }
+    }
+
+    /// Records a membership change that Raft accepted (the caller checked it against the Raft
+    /// configuration), at log index `index`.
+    func applyMembershipChange(_ request: InternalRequest, index: UInt64) throws -> Result<InternalResponse, EtcdError> {
+        defer { state.appliedIndex = index }
+        let id: UInt64
+        switch request {
+        case .memberAdd(let m):
+            try membership.add(m, backend.writer)
+            id = m.id
+        case .memberRemove(let m):
+            let gone = membership[m.id] ?? m
+            try membership.remove(m.id, backend.writer)
+            return .success(.membership(member: gone, members: membership.sorted))
+        case .memberPromote(let m):
+            try membership.change(m.id, backend.writer) { $0.isLearner = false }
+            id = m.id
+        default:
+            return .failure(EtcdError(.internal, "etcdserver: not a membership change"))
+        }
+        return .success(.membership(member: membership[id] ?? Etcdserverpb_Member(), members: membership.sorted))
     }
 
     /// Runs one write request, inside a savepoint unless it cannot fail part-way: a request that

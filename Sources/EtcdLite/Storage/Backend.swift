@@ -41,6 +41,19 @@ final class Backend: Sendable {
         return try body(connection)
     }
 
+    /// Writes a consistent copy of the committed store to a new file at `path` (SQLite's
+    /// `VACUUM INTO`, on a reader connection: the writer goes on meanwhile).
+    func copy(to path: String) throws {
+        try withReader { connection in
+            // VACUUM INTO writes only the new file, but query_only forbids it; lift it meanwhile.
+            try connection.execute("PRAGMA query_only=0")
+            defer { try? connection.execute("PRAGMA query_only=1") }
+            let statement = try connection.prepared("VACUUM INTO ?1")
+            statement.bind(1, path)
+            try statement.run()
+        }
+    }
+
     private func checkout() throws -> SQLiteConnection {
         if let connection = readers.withLock({ $0.popLast() }) { return connection }
         let connection = try SQLiteConnection(path: path)

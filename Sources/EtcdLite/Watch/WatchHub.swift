@@ -294,6 +294,26 @@ final class WatchHub: Sendable {
         }
     }
 
+    /// The store jumped to `revision` without events (a snapshot from the leader replaced it):
+    /// every synced watcher reads what it missed from the store's history (or learns it was
+    /// compacted away), as a slow watcher does.
+    func resync(revision: Int64) {
+        state.withLock { state in
+            let first = state.revision + 1
+            state.revision = revision
+            for index in state.streams.indices {
+                var changed = false
+                for w in state.streams.values[index].watchers.indices where state.streams.values[index].watchers.values[w].synced {
+                    let watcher = state.streams.values[index].watchers.values[w]
+                    state.streams.values[index].watchers.values[w].synced = false
+                    state.streams.values[index].watchers.values[w].nextRevision = max(first, watcher.minRevision)
+                    changed = true
+                }
+                if changed { state.streams.values[index].signal() }
+            }
+        }
+    }
+
     /// Returns how many watchers fell back to history.
     private func deliver(_ events: [Mvccpb_Event], first: Int64, revision: Int64, to stream: inout Stream,
                          shared: inout [SharedBody: [UInt8]]) -> Int {
