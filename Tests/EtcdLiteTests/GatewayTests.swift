@@ -73,6 +73,15 @@ struct GatewayTests {
         ("/v3/maintenance/status", "{}"),
         ("/v3/maintenance/defragment", "{}"),
         ("/v3/cluster/member/list", "{}"),
+        ("/v3/cluster/member/list", #"{"linearizable":true}"#),
+        // Membership changes etcd refuses, and a learner added (its answer: see `comparable`).
+        ("/v3/cluster/member/add", #"{"peerURLs":["http://127.0.0.1"]}"#),
+        ("/v3/cluster/member/add", #"{"peerURLs":["ftp://127.0.0.1:1"]}"#),
+        ("/v3/cluster/member/remove", #"{"ID":"1234"}"#),
+        ("/v3/cluster/member/promote", #"{"ID":"1234"}"#),
+        ("/v3/cluster/member/update", #"{"ID":"1234","peerURLs":["http://127.0.0.1:1"]}"#),
+        ("/v3/cluster/member/add", #"{"peerURLs":["http://127.0.0.1:1"],"isLearner":true}"#),
+        ("/v3/cluster/member/add", #"{"peerURLs":["http://127.0.0.1:2"],"isLearner":true}"#),
         // Bad input: etcd's codes and statuses (messages of JSON errors are Go's own).
         ("/v3/kv/put", #"{"key":"\#(b64("k"))","value":"\#(b64("v"))","lease":"12345"}"#),
         ("/v3/kv/put", #"{"value":"\#(b64("v"))"}"#),
@@ -97,6 +106,11 @@ struct GatewayTests {
             return "\(code) \(lines.last ?? "")"
         }
         if path == "/version" { return answer.contains("etcdserver") && answer.contains("etcdcluster") ? "version" : answer }
+        if path == "/v3/cluster/member/add", answer.hasSuffix("\n200") {
+            // Members come in ID order, and IDs differ between the two: the new member and the count.
+            let member = answer.range(of: #""member":\{[^}]*\}"#, options: .regularExpression).map { normalize(String(answer[$0])) } ?? "none"
+            return "200 \(member) members=\(answer.components(separatedBy: "\"peerURLs\"").count - 2)"
+        }
         return normalize(answer)
     }
 

@@ -269,6 +269,34 @@ import Testing
         }, "the three stores are equal")
     }
 
+    /// kill -9 of a follower, 400 writes, restart on its data: it comes back behind the
+    /// leader's log start and catches up from a snapshot.
+    @Test func aRestartedFollowerBehindACompactionCatchesUpFromASnapshot() throws {
+        let ports = (0..<3).map { _ in freePort() }
+        let initial = ports.enumerated().map { "m\($0.offset)=http://127.0.0.1:\($0.element)" }.joined(separator: ",")
+        let members = try (0..<3).map {
+            try ServerProcess(executable: etcdliteBinary(), name: "m\($0)", clientPort: freePort(), peerPort: ports[$0],
+                              initialCluster: initial, extra: Self.compactOften)
+        }
+        defer { for m in members { m.stop() } }
+        for m in members { try m.waitUntilServing() }
+        let leader = try ClusterTests.requireLeader(members)
+        let follower = members.first { $0 !== leader }!
+        for n in 0..<20 { #expect(try leader.etcdctl(["put", "early\(n)", "v"]).status == 0) }
+        follower.kill()
+        for n in 0..<400 { #expect(try leader.etcdctl(["put", "k\(n)", "v\(n)"]).status == 0) }
+        try follower.restart()
+        #expect(MembershipTests.eventually(20) { Self.keys(follower, "k") == 400 }, "the restarted member has every write")
+        #expect(Self.keys(follower, "early") == 20)
+        #expect(Self.log(follower).contains("installed a snapshot from the leader"))
+        #expect(try follower.etcdctl(["put", "after", "restart"]).status == 0)
+        // Restarted once more, it starts from the installed snapshot and its own log.
+        follower.stop()
+        try follower.restart()
+        try follower.waitUntilServing()
+        #expect(Self.keys(follower, "k") == 400 && Self.keys(follower, "after") == 1)
+    }
+
     @Test func aLearnerAddedAfterCompactionStartsFromASnapshot() throws {
         let first = try MembershipTests.start("a", extra: Self.compactOften)
         defer { first.process.stop() }

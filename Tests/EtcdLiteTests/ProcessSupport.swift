@@ -138,6 +138,21 @@ final class ServerProcess: @unchecked Sendable {
         try process.run()
     }
 
+    /// Starts the same command again (same flags, same data directory), appending to its log.
+    func restart() throws {
+        guard !process.isRunning, let executable = process.executableURL else { return }
+        let arguments = process.arguments ?? []
+        process = Process()
+        process.executableURL = executable
+        process.arguments = arguments
+        let log = FileHandle(forWritingAtPath: logPath)!
+        log.seekToEndOfFile()
+        process.standardOutput = log
+        process.standardError = log
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+    }
+
     /// Waits (at most 20 s) until etcdctl reaches the member.
     func waitUntilServing() throws {
         let deadline = Date().addingTimeInterval(20)

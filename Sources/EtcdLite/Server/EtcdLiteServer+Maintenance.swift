@@ -146,8 +146,9 @@ extension EtcdLiteServer {
     public func memberAdd(_ request: Etcdserverpb_MemberAddRequest) async throws -> Etcdserverpb_MemberAddResponse {
         guard PeerURLs.valid(request.peerUrls) else { throw EtcdError.memberBadURLs }
         var member = Etcdserverpb_Member()
-        // As etcd: from the peer URLs and the time, so re-adding the same URLs gives a new ID.
-        member.id = ClusterIdentity.memberID(peerURLs: request.peerUrls, token: "\(Date().timeIntervalSince1970)")
+        // As etcd: from the peer URLs and the Unix time in seconds, so re-adding the same URLs later
+        // gives a new ID (within the same second, `member ID already exist`).
+        member.id = ClusterIdentity.memberID(peerURLs: request.peerUrls, token: String(Int64(Date().timeIntervalSince1970)))
         member.peerUrls = request.peerUrls
         member.isLearner = request.isLearner
         let (added, members) = try await changeMembership(.memberAdd(member))
