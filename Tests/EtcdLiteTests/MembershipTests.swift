@@ -218,14 +218,8 @@ import Testing
     }
 
     @Test func aPausedFollowerBehindACompactionCatchesUpFromASnapshot() throws {
-        let ports = (0..<3).map { _ in freePort() }
-        let initial = ports.enumerated().map { "m\($0.offset)=http://127.0.0.1:\($0.element)" }.joined(separator: ",")
-        let members = try (0..<3).map {
-            try ServerProcess(executable: etcdliteBinary(), name: "m\($0)", clientPort: freePort(), peerPort: ports[$0],
-                              initialCluster: initial, extra: Self.compactOften)
-        }
+        let members = try ClusterTests.startCluster(3, extra: Self.compactOften)
         defer { for m in members { kill(m.process.processIdentifier, SIGCONT); m.stop() } }
-        for m in members { try m.waitUntilServing() }
         let leader = try ClusterTests.requireLeader(members)
         let paused = members.first { $0 !== leader }!
         #expect(try leader.etcdctl(["put", "before", "pause"]).status == 0)
@@ -272,14 +266,8 @@ import Testing
     /// kill -9 of a follower, 400 writes, restart on its data: it comes back behind the
     /// leader's log start and catches up from a snapshot.
     @Test func aRestartedFollowerBehindACompactionCatchesUpFromASnapshot() throws {
-        let ports = (0..<3).map { _ in freePort() }
-        let initial = ports.enumerated().map { "m\($0.offset)=http://127.0.0.1:\($0.element)" }.joined(separator: ",")
-        let members = try (0..<3).map {
-            try ServerProcess(executable: etcdliteBinary(), name: "m\($0)", clientPort: freePort(), peerPort: ports[$0],
-                              initialCluster: initial, extra: Self.compactOften)
-        }
+        let members = try ClusterTests.startCluster(3, extra: Self.compactOften)
         defer { for m in members { m.stop() } }
-        for m in members { try m.waitUntilServing() }
         let leader = try ClusterTests.requireLeader(members)
         let follower = members.first { $0 !== leader }!
         for n in 0..<20 { #expect(try leader.etcdctl(["put", "early\(n)", "v"]).status == 0) }
