@@ -6,34 +6,38 @@ import Synchronization
 /// Grants `count` leases of `ttl` seconds with `window` grants in flight; returns their IDs.
 func grantLeases(_ connection: GRPCClientConnection, count: Int, ttl: Int64, window: Int = 64,
                  attachKey: (@Sendable (Int) -> Data)? = nil) async throws -> [Int64] {
-    var ids = [Int64](repeating: 0, count: count)
-    try await withThrowingTaskGroup(of: (Int, Int64).self) { group in
+    let ids = Mutex([Int64](repeating: 0, count: count))
+    try await windowed(count: count, window: window) { n in
+        var grant = Etcdserverpb_LeaseGrantRequest()
+        grant.ttl = ttl
+        let response = try Etcdserverpb_LeaseGrantResponse(
+            serializedBytes: try await connection.unary("/etcdserverpb.Lease/LeaseGrant", try grant.serializedBytes()))
+        if let attachKey {
+            var put = Etcdserverpb_PutRequest()
+            put.key = attachKey(n)
+            put.value = Data("attached".utf8)
+            put.lease = response.id
+            _ = try await connection.unary("/etcdserverpb.KV/Put", try put.serializedBytes())
+        }
+        ids.withLock { $0[n] = response.id }
+    }
+    return ids.withLock { $0 }
+}
+
+/// Runs `body` for 0..<count with at most `window` running at once.
+func windowed(count: Int, window: Int, _ body: @escaping @Sendable (Int) async throws -> Void) async throws {
+    try await withThrowingTaskGroup(of: Void.self) { group in
         var next = 0
         func add() {
             let n = next
             next += 1
-            group.addTask {
-                var grant = Etcdserverpb_LeaseGrantRequest()
-                grant.ttl = ttl
-                let response = try Etcdserverpb_LeaseGrantResponse(
-                    serializedBytes: try await connection.unary("/etcdserverpb.Lease/LeaseGrant", try grant.serializedBytes()))
-                if let attachKey {
-                    var put = Etcdserverpb_PutRequest()
-                    put.key = attachKey(n)
-                    put.value = Data("attached".utf8)
-                    put.lease = response.id
-                    _ = try await connection.unary("/etcdserverpb.KV/Put", try put.serializedBytes())
-                }
-                return (n, response.id)
-            }
+            group.addTask { try await body(n) }
         }
         for _ in 0..<min(window, count) { add() }
-        while let (n, id) = try await group.next() {
-            ids[n] = id
+        while try await group.next() != nil {
             if next < count { add() }
         }
     }
-    return ids
 }
 
 /// LeaseKeepAlive throughput: `streams` keep-alive streams over `connections` connections, each

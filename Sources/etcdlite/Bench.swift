@@ -6,7 +6,8 @@ import Foundation
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure latency and throughput of an etcd-compatible endpoint.",
-        subcommands: [WatchLatency.self, LeaseKeepAlive.self, LeaseExpiry.self])
+        subcommands: [Put.self, Range.self, TxnPut.self, TxnMixed.self, Delete.self,
+                      WatchLatency.self, LeaseKeepAlive.self, LeaseExpiry.self])
 
     struct Common: ParsableArguments {
         @Option(help: "Endpoint to load (host:port).") var endpoints = "127.0.0.1:2379"
@@ -102,5 +103,108 @@ struct Bench: AsyncParsableCommand {
                 errors: %@
                 """, r.leases, ttl, r.grantSeconds, r.expirySeconds, r.keysLeft, r.writesDuringExpiry.text, r.writesOverall.text, "\(r.errors)"))
         }
+    }
+
+    /// Options of the KV workloads, after etcd's benchmark tool.
+    struct KVOptions: ParsableArguments {
+        @Option(help: "Endpoints to load (host:port, comma-separated); connections go round-robin.") var endpoints = "127.0.0.1:2379"
+        @Option(help: "Connections.") var conns = 1
+        @Option(help: "Requests in flight (closed loop), spread over the connections.") var clients = 1
+        @Option(help: "Requests to send.") var total = 10_000
+        @Option(help: "Seconds to run instead (then --total is a cap).") var duration: Double?
+        @Option(help: "Requests per second, open loop (latency from each request's intended send time); 0: closed loop.") var rate = 0
+        @Option(help: "Key size in bytes.") var keySize = 8
+        @Option(help: "Value size in bytes.") var valSize = 8
+        @Option(help: "Distinct keys.") var keySpaceSize = 1
+        @Flag(help: "Keys in order instead of at random.") var sequentialKeys = false
+        @Option(help: "Range consistency: l (linearizable) or s (serializable).") var consistency = "l"
+        @Flag(help: "Range: one range over the whole key space instead of one key.") var prefix = false
+        @Option(help: "txn-mixed: the fraction of txns that read.") var readRatio = 0.5
+        @Flag(help: "Send every request to the leader (found with Status).") var targetLeader = false
+        @Flag(help: "Write the key space first (for range workloads).") var fill = false
+        @Option(help: "Also run the workload against these endpoints, alternating A B A B; print both and the ratio.") var compare: String?
+        @Option(help: "Rounds with --compare (the median is reported).") var rounds = 3
+        @Flag(help: "Print the result as JSON.") var json = false
+
+        func bench(_ workload: KVBench.Workload, endpoints text: String) async throws -> KVBench {
+            var endpoints = try text.split(separator: ",").map { try Endpoint(String($0)) }
+            if targetLeader { endpoints = [try await KVBench.leader(of: endpoints)] }
+            var bench = KVBench(workload: workload, endpoints: endpoints)
+            bench.conns = conns
+            bench.clients = clients
+            bench.total = total
+            bench.duration = duration
+            bench.rate = rate
+            bench.keySize = keySize
+            bench.valSize = valSize
+            bench.keySpaceSize = keySpaceSize
+            bench.sequentialKeys = sequentialKeys
+            guard ["l", "s"].contains(consistency) else { throw ValidationError("--consistency must be l or s") }
+            bench.serializable = consistency == "s"
+            bench.prefix = prefix
+            bench.readRatio = readRatio
+            if isatty(STDERR_FILENO) != 0 && !json {
+                let total = self.total
+                bench.progress = { answered in
+                    FileHandle.standardError.write(Data("\r\(answered) / \(total)".utf8))
+                }
+            }
+            return bench
+        }
+
+        func run(_ workload: KVBench.Workload) async throws {
+            guard let compare else {
+                let bench = try await bench(workload, endpoints: endpoints)
+                if fill { try await bench.fill() }
+                let result = try await bench.run()
+                if bench.progress != nil { FileHandle.standardError.write(Data("\n".utf8)) }
+                print(json ? try Self.json(result) : result.text)
+                return
+            }
+            let a = try await bench(workload, endpoints: endpoints)
+            let b = try await bench(workload, endpoints: compare)
+            if fill {
+                try await a.fill()
+                try await b.fill()
+            }
+            let comparison = try await KVComparison.run(a, b, rounds: rounds)
+            print(json ? try Self.json(comparison) : comparison.text)
+        }
+
+        static func json<T: Encodable>(_ value: T) throws -> String {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            return String(decoding: try encoder.encode(value), as: UTF8.self)
+        }
+    }
+
+    struct Put: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Put latency and throughput.")
+        @OptionGroup var options: KVOptions
+        func run() async throws { try await options.run(.put) }
+    }
+
+    struct Range: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Range of one key or of the key space (--prefix), linearizable or serializable.")
+        @OptionGroup var options: KVOptions
+        func run() async throws { try await options.run(.range) }
+    }
+
+    struct TxnPut: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "txn-put", abstract: "Txns of one put.")
+        @OptionGroup var options: KVOptions
+        func run() async throws { try await options.run(.txnPut) }
+    }
+
+    struct TxnMixed: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "txn-mixed", abstract: "Txns that read or write (--read-ratio).")
+        @OptionGroup var options: KVOptions
+        func run() async throws { try await options.run(.txnMixed) }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "DeleteRange of single keys.")
+        @OptionGroup var options: KVOptions
+        func run() async throws { try await options.run(.delete) }
     }
 }
