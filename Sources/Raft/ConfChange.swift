@@ -47,6 +47,7 @@ public struct ConfChangeSet: Hashable, Sendable {
             if isSimple { return changes[0].encoded }
             return [0xFF, explicitLeave ? 1 : 0] + changes.flatMap(\.encoded)
         }
+        precondition(changes.count <= 255, "at most 255 changes travel with a context")
         return [0xFE, explicitLeave ? 1 : 0, UInt8(changes.count)] + changes.flatMap(\.encoded) + context
     }
 

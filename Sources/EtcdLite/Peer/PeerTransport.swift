@@ -121,6 +121,8 @@ public final class PeerTransport: Sendable {
         }
     }
 
+    func hasAddress(for peer: UInt64) -> Bool { addresses.withLockedValue { $0[peer] != nil } }
+
     /// Sends application bytes to a peer (dropped if it cannot be reached: the sender times out).
     func sendApp(to peer: UInt64, _ bytes: [UInt8]) {
         guard let link = links.withLockedValue({ $0[peer] }) else { return }
@@ -147,6 +149,9 @@ public final class PeerTransport: Sendable {
                 }
                 .connect(host: address.host, port: address.port).wait()
             defer { channel.close(promise: nil) }
+            // A receiver that stops reading does not hold the sender forever: the connection is
+            // closed after a generous time for the size (10 MB/s and a minute).
+            channel.eventLoop.scheduleTask(in: .seconds(60 + Int64(size / 10_000_000))) { channel.close(promise: nil) }
             var head = ByteWriter()
             head.bytes = Self.snapshotMagic
             head.u64(clusterID)
@@ -322,7 +327,15 @@ final class InboundHandler: ChannelInboundHandler, @unchecked Sendable {
         case .snapshotChunk(let chunk):
             // Written on the event loop: the page cache takes it; the sync comes once, at the end.
             guard let snapshot else { return }
-            chunk.withUnsafeReadableBytes { try? snapshot.file.write(contentsOf: $0) }
+            do {
+                try chunk.withUnsafeReadableBytes { try snapshot.file.write(contentsOf: $0) }
+            } catch {
+                // A full disk (say): the sender is told nothing and tries again later.
+                try? snapshot.file.close()
+                try? FileManager.default.removeItem(atPath: snapshot.path)
+                self.snapshot = nil
+                refuse(context, "cannot write snapshot: \(error)")
+            }
         case .snapshotEnd:
             guard var received = snapshot else { return }
             snapshot = nil
@@ -350,13 +363,13 @@ final class InboundHandler: ChannelInboundHandler, @unchecked Sendable {
             context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: reply)))
                 .whenComplete { _ in context.close(promise: nil) }
         case .message(let bytes):
-            if let peer, bytes.first == PeerTransport.appFrameTag {
-                transport.hooks.withLockedValue { $0.deliverApp }(peer, Array(bytes.dropFirst()))
-                return
-            }
             // A member removed while this connection was open is told so on its next message.
             if let peer, transport.removed.withLockedValue({ $0.contains(peer) }) {
                 refuseRemoved(context, peer)
+                return
+            }
+            if let peer, bytes.first == PeerTransport.appFrameTag {
+                transport.hooks.withLockedValue { $0.deliverApp }(peer, Array(bytes.dropFirst()))
                 return
             }
             guard let peer, let message = try? RaftMessageCodec.decode(bytes), message.from.value == peer else {

@@ -52,7 +52,9 @@ final class ApplyLoop: @unchecked Sendable {
     /// Proposals of this member waiting for their entry to be applied, by request ID (with the
     /// decoded request, so that applying it needs no decoding).
     private var waiters: [UInt64: (request: InternalRequest, completion: Completion?)] = [:]
-    private var nextRequestID: UInt64 = 1
+    /// Request IDs start at random so that an entry proposed before a restart (and committed
+    /// after it) never meets a waiter of the same ID.
+    private var nextRequestID = UInt64.random(in: 1...(UInt64.max >> 1))
     /// When each waiting proposal was made: unanswered after `requestTimeout`, it fails with
     /// etcd's `request timed out` (its entry may have been lost with a leader).
     private var proposedAt: [UInt64: Date] = [:]
@@ -457,7 +459,9 @@ final class ApplyLoop: @unchecked Sendable {
         if !events.isEmpty { onEvents(events, machine.state.currentRevision) }
         for (completion, result) in answered { completion?(result) }
         appliedSinceCompaction += entries.count
-        if appliedSinceCompaction >= compactionInterval || appliedBytesSinceCompaction >= compactionBytes {
+        // Not while a snapshot is on its way: the entries after it must still be there when the
+        // peer has installed it (etcd holds compaction for in-flight snapshots too).
+        if sendingSnapshot.isEmpty && (appliedSinceCompaction >= compactionInterval || appliedBytesSinceCompaction >= compactionBytes) {
             try compactLog()
         }
     }
@@ -482,7 +486,7 @@ final class ApplyLoop: @unchecked Sendable {
     /// snapshot's data), then records the snapshot in the log (see `StateMachine.install`).
     private func install(_ snapshot: Snapshot) throws {
         let path = String(decoding: snapshot.data, as: UTF8.self)
-        try machine.install(imageAt: path)
+        try machine.install(imageAt: path, minimumAppliedIndex: snapshot.index.value)
         try? FileManager.default.removeItem(atPath: path)
         receivedImages.removeAll { $0 == path }
         confHistory = [(snapshot.index, snapshot.confState)]
@@ -496,11 +500,16 @@ final class ApplyLoop: @unchecked Sendable {
     /// at or past the snapshot's), sent by a thread of its own; the core hears how it went.
     private func sendSnapshot(_ message: Message) {
         guard !sendingSnapshot.contains(message.to) else { return }
+        guard transport.hasAddress(for: message.to.value) else {
+            raft.reportSnapshot(message.to, success: false)
+            return
+        }
         sendingSnapshot.insert(message.to)
         let backend = machine.backend
         let transport = self.transport
         let directory = URL(fileURLWithPath: backend.path).deletingLastPathComponent()
         let logger = self.logger
+        let retryDelay = 2 * electionTimeout
         Thread.detachNewThread { [weak self] in
             let image = directory.appendingPathComponent("outgoing-\(message.to.value)-\(UInt64.random(in: 1...UInt64.max)).db")
             defer { try? FileManager.default.removeItem(at: image) }
@@ -513,6 +522,8 @@ final class ApplyLoop: @unchecked Sendable {
             }
             logger.info("sent a snapshot", metadata: ["to": "\(String(message.to.value, radix: 16))", "index": "\(message.snapshot?.index ?? .zero)",
                                                       "delivered": "\(delivered)"])
+            // A peer that could not take it is not sent another copy of the store at once.
+            if !delivered { Thread.sleep(forTimeInterval: retryDelay) }
             self?.enqueue(.snapshotSent(message.to, delivered))
         }
     }
@@ -545,10 +556,9 @@ final class ApplyLoop: @unchecked Sendable {
     /// Before a planned stop: if this member leads, hands leadership to another voter and waits
     /// (at most two election timeouts) so that the cluster does not wait for an election.
     func handOverLeadership() {
-        guard removedSince == nil else { return }
         let done = DispatchSemaphore(value: 0)
         enqueue(.local { [self] in
-            guard raft.role == .leader, hasPeers, let target = raft.confState.voters.filter({ $0 != raft.id }).sorted().first else {
+            guard removedSince == nil, raft.role == .leader, hasPeers, let target = raft.confState.voters.filter({ $0 != raft.id }).sorted().first else {
                 done.signal()
                 return
             }
@@ -787,7 +797,8 @@ extension ApplyLoop {
         do {
             try raft.proposeConfChange(ConfChangeSet([change], context: context.bytes))
         } catch {
-            return .notEnoughStartedMembers  // no voter would remain
+            // The core refuses a change that would leave no voter (the others were checked above).
+            return .notEnoughStartedMembers
         }
         return nil
     }
@@ -815,26 +826,29 @@ extension ApplyLoop {
         let started = voters.filter(Membership.isStarted).count
         switch request {
         case .memberAdd(let m):
-            if membership[m.id] != nil || membership.removed.contains(m.id) { return .memberExists }
-            if membership.peerURLsInUse(m.peerUrls) { return .peerURLExists }
-            if m.isLearner {
-                if membership.learners.count >= 1 { return .tooManyLearners }
-                return nil
+            // etcd's order: the strict checks first, then the membership's own.
+            if !m.isLearner {
+                // A second member for a one-member cluster is allowed (etcd: restoring a cluster).
+                let size = voters.count + 1
+                if !(started == 1 && size == 2) && started < size / 2 + 1 { return .notEnoughStartedMembers }
             }
-            // A second member for a one-member cluster is allowed (etcd: restoring a cluster).
-            let size = voters.count + 1
-            if !(started == 1 && size == 2) && started < size / 2 + 1 { return .notEnoughStartedMembers }
             if !votersConnected(voters) { return .unhealthy }
+            if membership.removed.contains(m.id) { return .memberNotFound }  // etcd's ErrIDRemoved
+            if membership[m.id] != nil { return .memberExists }
+            if membership.peerURLsInUse(m.peerUrls) { return .peerURLExists }
+            if m.isLearner && membership.learners.count >= 1 { return .tooManyLearners }
         case .memberRemove(let m):
-            guard let member = membership[m.id] else { return .memberNotFound }
-            if member.isLearner { return nil }
-            let rest = voters.filter { $0.id != m.id }
-            if rest.filter(Membership.isStarted).count < rest.count / 2 + 1 { return .notEnoughStartedMembers }
-            // Removing a member that is down costs no quorum; otherwise what stays connected must
-            // still be a quorum without it.
-            if m.id != memberID && !isConnected(m.id) { return nil }
-            let connected = voters.filter { $0.id == memberID || isConnected($0.id) }.count
-            if connected - 1 < rest.count / 2 + 1 { return .unhealthy }
+            if membership[m.id]?.isLearner != true {
+                let rest = voters.filter { $0.id != m.id }
+                if rest.filter(Membership.isStarted).count < rest.count / 2 + 1 { return .notEnoughStartedMembers }
+                // Removing a member that is down costs no quorum; otherwise what stays connected
+                // must still be a quorum without it.
+                if m.id == memberID || isConnected(m.id) {
+                    let connected = voters.filter { $0.id == memberID || isConnected($0.id) }.count
+                    if connected - 1 < 1 + (voters.count - 1) / 2 { return .unhealthy }
+                }
+            }
+            if membership[m.id] == nil { return .memberNotFound }
         case .memberPromote(let m):
             guard let member = membership[m.id] else { return .memberNotFound }
             guard member.isLearner else { return .memberNotLearner }

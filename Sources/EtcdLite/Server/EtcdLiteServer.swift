@@ -48,11 +48,15 @@ public final class EtcdLiteServer: Sendable {
         var initialMembers: [Etcdserverpb_Member] = []
         var joining: [Etcdserverpb_Member] = []
         let existing = config.initialClusterState == "existing"
-        if meta.memberID == nil && !existing {
+        if !existing {
+            // Also on later starts: a first start stopped before its log was written bootstraps
+            // again (the log is bootstrapped only while it is empty).
             let members = try config.initialClusterMembers()
             let ids = members.map { ClusterIdentity.memberID(peerURLs: $0.peerURLs, token: config.initialClusterToken) }
-            meta.memberID = ids[members.firstIndex { $0.name == config.name }!]
-            meta.clusterID = ClusterIdentity.clusterID(memberIDs: ids)
+            if meta.memberID == nil {
+                meta.memberID = ids[members.firstIndex { $0.name == config.name }!]
+                meta.clusterID = ClusterIdentity.clusterID(memberIDs: ids)
+            }
             initialMembers = zip(members, ids).map { member, id in
                 var m = Etcdserverpb_Member()
                 m.id = id

@@ -50,12 +50,19 @@ final class StateMachine {
     /// Replaces the replicated state with the image at `path` (a copy of the leader's store) in one
     /// transaction, made durable before it returns: the caller records the snapshot in the Raft
     /// log only afterwards, so a crash in between leaves the old state or the new one, whole.
-    func install(imageAt path: String) throws {
+    func install(imageAt path: String, minimumAppliedIndex: UInt64) throws {
         let writer = backend.writer
         let attach = try writer.prepared("ATTACH DATABASE ?1 AS image")
         attach.bind(1, path)
         try attach.run()
         defer { try? writer.execute("DETACH DATABASE image") }
+        // An image older than the snapshot it came with would move the store backwards.
+        let applied = try writer.prepared("SELECT applied_index FROM image.store_state WHERE id = 1")
+        let imageApplied = try applied.step() ? UInt64(applied.int64(0)) : 0
+        applied.reset()
+        guard imageApplied >= minimumAppliedIndex else {
+            throw SQLiteError(code: 0, message: "snapshot image at applied index \(imageApplied) is older than the snapshot (\(minimumAppliedIndex))")
+        }
         try writer.execute("BEGIN IMMEDIATE")
         do {
             for table in Self.replicatedTables {
