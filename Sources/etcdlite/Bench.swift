@@ -125,6 +125,7 @@ struct Bench: AsyncParsableCommand {
         @Option(help: "Also run the workload against these endpoints, alternating A B A B; print both and the ratio.") var compare: String?
         @Option(help: "Rounds with --compare (the median is reported).") var rounds = 3
         @Flag(help: "Print the result as JSON.") var json = false
+        @Flag(help: "txn-mixed: record a history of puts, gets, deletes and compare-and-swaps on --key-space-size keys for --duration seconds (default 5) and check it for linearizability.") var check = false
 
         func bench(_ workload: KVBench.Workload, endpoints text: String) async throws -> KVBench {
             var endpoints = try text.split(separator: ",").map { try Endpoint(String($0)) }
@@ -153,6 +154,10 @@ struct Bench: AsyncParsableCommand {
         }
 
         func run(_ workload: KVBench.Workload) async throws {
+            if check {
+                guard workload == .txnMixed else { throw ValidationError("--check goes with txn-mixed") }
+                return try await runCheck()
+            }
             guard let compare else {
                 let bench = try await bench(workload, endpoints: endpoints)
                 if fill { try await bench.fill() }
@@ -169,6 +174,27 @@ struct Bench: AsyncParsableCommand {
             }
             let comparison = try await KVComparison.run(a, b, rounds: rounds)
             print(json ? try Self.json(comparison) : comparison.text)
+        }
+
+        func runCheck() async throws {
+            var bench = LinearizabilityBench(endpoints: try endpoints.split(separator: ",").map { try Endpoint(String($0)) })
+            bench.clients = clients
+            bench.duration = duration ?? 5
+            bench.keys = keySpaceSize
+            let result = try await bench.run()
+            let verdict = result.verdict
+            let keys = Set(result.history.map(\.key)).count
+            if verdict.linearizable {
+                print("linearizable: \(result.history.count) operations on \(keys) keys (\(result.unknown) with an unknown outcome)")
+                return
+            }
+            if let key = verdict.key {
+                print("NOT linearizable: key \(key); a smallest failing sub-history (\(verdict.counterexample.count) of \(result.history.count) operations):")
+                for op in verdict.counterexample { print("  " + op.line(origin: result.start)) }
+            } else {
+                print("undecided: the search gave up on \(verdict.undecidedKeys) (too many orders); \(result.history.count) operations")
+            }
+            throw ExitCode(1)
         }
 
         static func json<T: Encodable>(_ value: T) throws -> String {

@@ -93,3 +93,24 @@ import Testing
         #expect(leader.status == 0 && leader.stdout.contains("\"endpoints\":[\"\(lite.endpoint)\"]"), "\(leader.stdout) \(leader.stderr)")
     }
 }
+
+/// `etcdlite bench txn-mixed --check` against real members: etcdlite's and etcd's histories are
+/// linearizable (the checker itself is tested on histories that are not).
+@Suite(.serialized, .timeLimit(.minutes(3))) struct LinearizabilityCheckTests {
+    @Test func aMembersHistoryIsLinearizable() throws {
+        let member = try ServerProcess(executable: etcdliteBinary())
+        defer { member.stop(); member.dataDir.cleanup() }
+        let out = try BenchTests.bench(["txn-mixed", "--check", "--endpoints", member.endpoint, "--clients", "8", "--duration", "2", "--key-space-size", "3"])
+        #expect(out.status == 0 && out.stdout.hasPrefix("linearizable: "), "\(out.stdout) \(out.stderr)")
+        let count = Int(out.stdout.dropFirst("linearizable: ".count).prefix { $0.isNumber }) ?? 0
+        #expect(count > 100, "a history worth checking: \(out.stdout)")
+    }
+
+    @Test func aThreeMemberClusterHistoryIsLinearizable() throws {
+        let members = try ClusterTests.startCluster(3)
+        defer { for m in members { m.stop() } }
+        let endpoints = members.map(\.endpoint).joined(separator: ",")
+        let out = try BenchTests.bench(["txn-mixed", "--check", "--endpoints", endpoints, "--clients", "9", "--duration", "3", "--key-space-size", "3"])
+        #expect(out.status == 0 && out.stdout.hasPrefix("linearizable: "), "\(out.stdout) \(out.stderr)")
+    }
+}
