@@ -15,45 +15,6 @@ source Benchmarks/lib.sh
 python3 Benchmarks/grpc_bodies.py bodies "$work"
 export ETCDCTL_API=3
 
-start_cluster() { # target base-port -> pids on stdout (one line)
-  local target=$1 base=$2 bin initial="" pids=""
-  bin=$(server_binary "$target")
-  for i in 0 1 2; do initial+="m$i=http://127.0.0.1:$((base + 10 * i + 1)),"; done
-  initial=${initial%,}
-  for i in 0 1 2; do
-    local client=$((base + 10 * i)) peer=$((base + 10 * i + 1)) dir="$work/$target-data-$i"
-    rm -rf "$dir"
-    "$bin" --name "m$i" --data-dir "$dir" --initial-cluster "$initial" --initial-cluster-token bench \
-      --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
-      --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
-      > "$work/$target-$i.log" 2>&1 &
-    pids+="$! "
-  done
-  echo "$pids"
-}
-
-endpoints() { echo "127.0.0.1:$1,127.0.0.1:$(($1 + 10)),127.0.0.1:$(($1 + 20))"; }
-
-stop_cluster() { # pids...: SIGKILL, then wait until they are gone (they are not this shell's children)
-  kill -9 "$@" 2>/dev/null || true
-  for pid in "$@"; do while kill -0 "$pid" 2>/dev/null; do sleep 0.02; done; done
-}
-
-leader_port() { # base -> client port of the leader
-  local base=$1
-  for _ in $(seq 1 250); do
-    for i in 0 1 2; do
-      local port=$((base + 10 * i))
-      if etcdctl --endpoints="127.0.0.1:$port" --dial-timeout=300ms --command-timeout=500ms endpoint status -w json 2>/dev/null \
-        | python3 -c 'import json,sys; s=json.load(sys.stdin)[0]["Status"]; sys.exit(0 if s["header"]["member_id"]==s["leader"] else 1)' 2>/dev/null; then
-        echo "$port"; return 0
-      fi
-    done
-    sleep 0.02
-  done
-  return 1
-}
-
 machine_line
 echo "etcd: $(etcd --version | head -1); etcdlite: $lite_bin"
 for round in $(seq 1 "$rounds"); do
