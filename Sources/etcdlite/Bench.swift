@@ -6,7 +6,7 @@ import Foundation
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure latency and throughput of an etcd-compatible endpoint.",
-        subcommands: [Put.self, Range.self, TxnPut.self, TxnMixed.self, Delete.self,
+        subcommands: [Put.self, Range.self, TxnPut.self, TxnMixed.self, Delete.self, Apiserver.self,
                       WatchLatency.self, LeaseKeepAlive.self, LeaseExpiry.self])
 
     struct Common: ParsableArguments {
@@ -30,7 +30,7 @@ struct Bench: AsyncParsableCommand {
 
     struct WatchLatency: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "watch-latency", abstract: "Put-to-event latency with many watchers of one key.")
+            commandName: "watch-latency", abstract: "Put-to-event latency with many watchers of one key.", aliases: ["watch"])
         @OptionGroup var common: Common
         @Option(help: "Watchers, spread over the streams.") var watchers = 1_000
         @Option(help: "Watch streams (one connection each).") var streams = 10
@@ -232,5 +232,30 @@ struct Bench: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "DeleteRange of single keys.")
         @OptionGroup var options: KVOptions
         func run() async throws { try await options.run(.delete) }
+    }
+
+    struct Apiserver: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "kube-apiserver's mix: creates and compare-and-swap updates through Txn, gets, paginated lists at a pinned revision, count-only ranges, events on one lease, one shared watch.")
+        @Option(help: "Endpoints (host:port, comma-separated).") var endpoints = "127.0.0.1:2379"
+        @Option(help: "Connections.") var conns = 2
+        @Option(help: "Concurrent clients.") var clients = 16
+        @Option(help: "Seconds to run.") var duration = 10.0
+        @Option(help: "Objects (pods) created and updated.") var objects = 1_000
+        @Option(help: "Object size in bytes.") var valSize = 1_024
+        @Flag(inversion: .prefixedNo, help: "Keep one watch stream on every change open (as the apiserver's watch cache does).") var watch = true
+        @Flag(help: "Print the result as JSON.") var json = false
+
+        func run() async throws {
+            var bench = ApiserverBench(endpoints: try endpoints.split(separator: ",").map { try Endpoint(String($0)) })
+            bench.conns = conns
+            bench.clients = clients
+            bench.duration = duration
+            bench.objects = objects
+            bench.valueSize = valSize
+            bench.watch = watch
+            let result = try await bench.run()
+            print(json ? try KVOptions.json(result) : result.text)
+        }
     }
 }

@@ -94,6 +94,41 @@ import Testing
     }
 }
 
+/// The apiserver mix against etcdlite and etcd: every kind of request answered, and the shared
+/// watch sees exactly the writes that succeeded.
+@Suite(.serialized, .timeLimit(.minutes(3))) struct ApiserverBenchTests {
+    struct Result: Decodable {
+        struct PerKind: Decodable { var kind: String; var requests: Int }
+        var operations: Int
+        var kinds: [PerKind]
+        var watchEvents: Int
+        var writes: Int
+        var errors: [String: Int]
+    }
+
+    static func check(_ endpoint: String) throws {
+        let out = try BenchTests.bench(["apiserver", "--endpoints", endpoint, "--duration", "2", "--objects", "100", "--clients", "8", "--json"])
+        #expect(out.status == 0, "\(out.stderr)")
+        let result = try JSONDecoder().decode(Result.self, from: Data(out.stdout.utf8))
+        #expect(result.errors.isEmpty, "\(result.errors)")
+        #expect(Set(result.kinds.map(\.kind)) == ["create", "update", "get", "list", "count", "event"], "\(result.kinds)")
+        #expect(result.writes > 0 && result.watchEvents == result.writes, "watch \(result.watchEvents) of \(result.writes) writes")
+    }
+
+    @Test func againstAMember() throws {
+        let member = try ServerProcess(executable: etcdliteBinary())
+        defer { member.stop(); member.dataDir.cleanup() }
+        try Self.check(member.endpoint)
+    }
+
+    @Test(.enabled(if: etcdInstalled, "needs etcd (apt-get install etcd-server)"))
+    func againstEtcd() throws {
+        let etcd = try ServerProcess(executable: which("etcd")!)
+        defer { etcd.stop(); etcd.dataDir.cleanup() }
+        try Self.check(etcd.endpoint)
+    }
+}
+
 /// `etcdlite bench txn-mixed --check` against real members: etcdlite's and etcd's histories are
 /// linearizable (the checker itself is tested on histories that are not).
 @Suite(.serialized, .timeLimit(.minutes(3))) struct LinearizabilityCheckTests {

@@ -21,14 +21,27 @@ enum RangeQuery {
 
         init(_ condition: (String) -> String) {
             latestRows = "SELECT r.key, r.create_rev, r.mod_rev, r.version, r.lease, r.value FROM latest l JOIN revs r ON r.id = l.id WHERE \(condition("l.key")) ORDER BY l.key LIMIT ?3"
-            // SQLite returns the bare columns of the row holding max(mod_rev) in each group.
+            // At an older revision: each distinct key of the range (a skip scan of the revs_by_key
+            // index, one seek per key), then that key's newest revision at or below ?4 (one more
+            // seek) — never a walk through every revision the range ever had, whose cost grows
+            // with history (kube-apiserver's paginated lists read at a pinned revision).
+            let keys = """
+                WITH RECURSIVE k(key) AS (
+                  SELECT (SELECT key FROM revs WHERE \(condition("key")) ORDER BY key LIMIT 1)
+                  UNION ALL
+                  SELECT (SELECT key FROM revs WHERE key > k.key AND \(condition("key")) ORDER BY key LIMIT 1) FROM k WHERE k.key IS NOT NULL)
+                """
+            let newest = "r.id = (SELECT id FROM revs WHERE key = k.key AND mod_rev <= ?4 ORDER BY mod_rev DESC LIMIT 1)"
             historicalRows = """
-                SELECT r.key, r.create_rev, max(r.mod_rev), r.version, r.lease, r.value FROM revs r
-                WHERE \(condition("r.key")) AND r.mod_rev <= ?4
-                GROUP BY r.key HAVING r.tombstone = 0 ORDER BY r.key LIMIT ?3
+                \(keys)
+                SELECT r.key, r.create_rev, r.mod_rev, r.version, r.lease, r.value FROM k JOIN revs r ON \(newest)
+                WHERE k.key IS NOT NULL AND r.tombstone = 0 ORDER BY r.key LIMIT ?3
                 """
             latestCount = "SELECT count(*) FROM latest WHERE \(condition("key"))"
-            historicalCount = "SELECT count(*) FROM (SELECT tombstone, max(mod_rev) FROM revs WHERE \(condition("key")) AND mod_rev <= ?4 GROUP BY key HAVING tombstone = 0)"
+            historicalCount = """
+                \(keys)
+                SELECT count(*) FROM k JOIN revs r ON \(newest) WHERE k.key IS NOT NULL AND r.tombstone = 0
+                """
             deleteLatest = "DELETE FROM latest WHERE \(condition("key"))"
         }
     }

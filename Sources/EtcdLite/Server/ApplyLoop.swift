@@ -98,6 +98,7 @@ final class ApplyLoop: @unchecked Sendable {
     /// after `compactionInterval` entries or `compactionBytes` bytes (it is held in memory).
     private var appliedSinceCompaction = 0
     private var appliedBytesSinceCompaction = 0
+    private var appliedSinceWALCheck = 0
     private let compactionInterval: Int
     private let compactionBytes = 4 << 20
     private let logger: Logger
@@ -459,6 +460,11 @@ final class ApplyLoop: @unchecked Sendable {
         if !events.isEmpty { onEvents(events, machine.state.currentRevision) }
         for (completion, result) in answered { completion?(result) }
         appliedSinceCompaction += entries.count
+        appliedSinceWALCheck += entries.count
+        if appliedSinceWALCheck >= 1_000 {
+            appliedSinceWALCheck = 0
+            try? machine.backend.restartWALIfLarge()  // an optimization: a failure leaves the WAL as it was
+        }
         // Not while a snapshot is on its way: the entries after it must still be there when the
         // peer has installed it (etcd holds compaction for in-flight snapshots too).
         if sendingSnapshot.isEmpty && (appliedSinceCompaction >= compactionInterval || appliedBytesSinceCompaction >= compactionBytes) {

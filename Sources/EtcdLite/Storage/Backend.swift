@@ -18,6 +18,8 @@ final class Backend: Sendable {
         // the entries after the recorded applied index are re-applied from the log.
         try writer.execute("PRAGMA synchronous=NORMAL")
         try writer.execute("PRAGMA cache_size=-8192")
+        // A WAL that was restarted is cut back to this size on disk.
+        try writer.execute("PRAGMA journal_size_limit=\(Self.walLimit)")
         try writer.execute("BEGIN IMMEDIATE")
         for statement in Schema.statements { try writer.execute(statement) }
         try writer.execute("COMMIT")
@@ -85,6 +87,22 @@ final class Backend: Sendable {
             if fdatasync(fd) != 0 { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
         }
     }
+
+    /// SQLite's WAL only restarts from its beginning when no reader still uses it; under a steady
+    /// stream of reads that never happens by itself (checkpoint starvation) and the WAL grows
+    /// without bound, slowing every read. Past `walLimit` bytes the writer checkpoints and waits for
+    /// the readers of the WAL to finish (RESTART), so that the next writes start it over.
+    func restartWALIfLarge() throws {
+        var info = stat()
+        guard stat(path + "-wal", &info) == 0, Int64(info.st_size) > Self.walLimit else { return }
+        // Waits at most 50 ms for the readers (a long one, such as a snapshot copy, is not waited
+        // for: the next check tries again); then the usual 30 s again.
+        try writer.execute("PRAGMA busy_timeout=50")
+        defer { try? writer.execute("PRAGMA busy_timeout=30000") }
+        try writer.execute("PRAGMA wal_checkpoint(RESTART)")
+    }
+
+    static let walLimit: Int64 = 64 << 20
 
     func closeReaders() {
         readers.withLock { $0.removeAll() }
