@@ -44,6 +44,9 @@ enum GoFlags {
         "experimental-memory-mlock", "socket-reuse-port", "socket-reuse-address", "pre-vote",
     ]
 
+    /// Boolean flags that etcd turns on by default.
+    static let trueByDefault: Set<String> = ["strict-reconfig-check"]
+
     static func normalize(_ argument: String) -> [String] {
         guard argument.hasPrefix("-"), argument != "-", argument != "--" else { return [argument] }
         var flag = argument.drop { $0 == "-" }
@@ -55,7 +58,8 @@ enum GoFlags {
         if booleans.contains(String(flag)) {
             switch value?.lowercased() {
             case nil, "true", "1", "t": return ["--\(flag)"]
-            default: return []
+            // A flag that defaults to true is turned off by its --no- form.
+            default: return trueByDefault.contains(String(flag)) ? ["--no-\(flag)"] : []
             }
         }
         if flag.count == 1 { return [argument] }

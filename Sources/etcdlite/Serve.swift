@@ -44,7 +44,7 @@ struct Serve: AsyncParsableCommand {
     @Flag var peerClientCertAuth = false
     @Flag var experimentalInitialCorruptCheck = false
     @Flag var enableV2 = false
-    @Flag var strictReconfigCheck = false
+    @Flag(inversion: .prefixedNo, help: "Refuse membership changes that could cost quorum (etcd's default).") var strictReconfigCheck = true
 
     func run() async throws {
         let config = try makeConfig()
@@ -99,6 +99,8 @@ struct Serve: AsyncParsableCommand {
         if let v = value(initialCluster, "initial-cluster") { config.initialCluster = v }
         if let v = value(initialClusterState, "initial-cluster-state") { config.initialClusterState = v }
         if let v = value(initialClusterToken, "initial-cluster-token") { config.initialClusterToken = v }
+        config.strictReconfigCheck = strictReconfigCheck
+        if let v = ProcessInfo.processInfo.environment["ETCD_STRICT_RECONFIG_CHECK"] { config.strictReconfigCheck = v.lowercased() != "false" }
         if let v: Int64 = try number(quotaBackendBytes, "quota-backend-bytes") { config.quotaBackendBytes = v }
         if let v: Int = try number(maxTxnOps, "max-txn-ops") { config.maxTxnOps = v }
         if let v: Int = try number(maxRequestBytes, "max-request-bytes") { config.maxRequestBytes = v }

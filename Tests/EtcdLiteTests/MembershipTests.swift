@@ -155,6 +155,20 @@ import Testing
         #expect(try leader.etcdctl(["put", "k", "v"]).status == 0)
     }
 
+    /// `--strict-reconfig-check=false` (etcd's flag, on by default) lets a change through that
+    /// could cost quorum.
+    @Test func strictReconfigCheckCanBeTurnedOff() throws {
+        for strict in [true, false] {
+            let member = try Self.start("solo", extra: strict ? [] : ["--strict-reconfig-check=false"])
+            defer { member.process.stop(); member.process.dataDir.cleanup() }
+            try member.process.waitUntilServing()
+            #expect(try member.process.etcdctl(["member", "add", "v1", "--peer-urls=http://127.0.0.1:7"]).status == 0)
+            let second = try member.process.etcdctl(["member", "add", "v2", "--peer-urls=http://127.0.0.1:8", "--command-timeout=2s"])
+            #expect(second.stderr.contains("re-configuration failed due to not enough started members") == strict,
+                    "strict \(strict): \(second.stderr.suffix(300))")
+        }
+    }
+
     /// etcd's answers to membership requests it refuses, side by side with etcd 3.4.
     @Test(.enabled(if: etcdInstalled, "needs etcd (apt-get install etcd-server)"))
     func membershipRefusalsAreEtcds() throws {
@@ -192,6 +206,10 @@ import Testing
                 try step(["member", "remove", id])
             }
             lines.append(normalize(try Self.memberList(member.process).joined(separator: " | ")))
+            // A second voter that never starts is allowed (restoring a cluster); a third is not:
+            // two of three would be down.
+            try step(["member", "add", "v1", "--peer-urls=http://127.0.0.1:7"])
+            try step(["member", "add", "v2", "--peer-urls=http://127.0.0.1:8"])
             return lines
         }
         let expected = try session(which("etcd")!)

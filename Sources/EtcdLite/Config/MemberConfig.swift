@@ -13,6 +13,9 @@ public struct MemberConfig: Sendable {
     public var initialCluster = ""
     public var initialClusterState = "new"
     public var initialClusterToken = "etcd-cluster"
+    /// Refuse membership changes that could cost quorum (etcd's --strict-reconfig-check, on by
+    /// default).
+    public var strictReconfigCheck = true
     /// 0 means etcd's default of 2 GiB; negative disables the quota.
     public var quotaBackendBytes: Int64 = 0
     public var maxTxnOps = 128

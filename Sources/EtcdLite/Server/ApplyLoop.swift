@@ -84,6 +84,7 @@ final class ApplyLoop: @unchecked Sendable {
     /// Received snapshot images not installed (yet): removed after the batch that delivered them.
     private var receivedImages: [String] = []
     private let onInstalled: @Sendable (Int64) -> Void
+    private let strictReconfigCheck: Bool
     /// Reads waiting for their ReadIndex answer, by context; then for the apply to reach it.
     private var readsByContext: [UInt64: (reads: [ReadCompletion], asked: Date)] = [:]
     private var readsWaitingForApply: [(index: LogIndex, reads: [ReadCompletion])] = []
@@ -130,6 +131,7 @@ final class ApplyLoop: @unchecked Sendable {
         self.transport = transport
         self.onRemoved = onRemoved
         self.onInstalled = onInstalled
+        strictReconfigCheck = config.strictReconfigCheck
         members = Mutex(machine.membership)
         requestTimeout = 5 + 2 * Double(config.electionTimeoutMilliseconds) / 1000
         electionTimeout = Double(config.electionTimeoutMilliseconds) / 1000
@@ -732,6 +734,10 @@ extension ApplyLoop {
         nextRequestID += 1
         if raft.role == .leader {
             if let error = proposeMembership(request, proposer: memberID, requestID: requestID) { return completion(.failure(error)) }
+            // (Checked on the member asked, as etcd does, before any leader is needed; what only
+            // the leader knows — connections, a learner's progress — it checks again.)
+        } else if let error = checkMembership(request, leaderChecks: false) {
+            return completion(.failure(error))
         } else if raft.leader != .none, let body = try? request.encoded() {
             var frame = ByteWriter()
             frame.u8(AppFrame.forward)
@@ -826,30 +832,31 @@ extension ApplyLoop {
     /// etcd's checks before a membership change (with --strict-reconfig-check, its default):
     /// the applied membership allows it, enough members have started to keep a quorum, the voters
     /// are connected, and a learner to promote has caught up (90% of the leader's log).
-    private func checkMembership(_ request: InternalRequest) -> EtcdError? {
+    /// `leaderChecks`: also what only the leader can tell (voters connected, a learner's progress).
+    private func checkMembership(_ request: InternalRequest, leaderChecks: Bool = true) -> EtcdError? {
         let membership = machine.membership
         let voters = membership.voters
         let started = voters.filter(Membership.isStarted).count
         switch request {
         case .memberAdd(let m):
             // etcd's order: the strict checks first, then the membership's own.
-            if !m.isLearner {
+            if strictReconfigCheck && !m.isLearner {
                 // A second member for a one-member cluster is allowed (etcd: restoring a cluster).
                 let size = voters.count + 1
                 if !(started == 1 && size == 2) && started < size / 2 + 1 { return .notEnoughStartedMembers }
             }
-            if !votersConnected(voters) { return .unhealthy }
+            if strictReconfigCheck && leaderChecks && !votersConnected(voters) { return .unhealthy }
             if membership.removed.contains(m.id) { return .memberNotFound }  // etcd's ErrIDRemoved
             if membership[m.id] != nil { return .memberExists }
             if membership.peerURLsInUse(m.peerUrls) { return .peerURLExists }
             if m.isLearner && membership.learners.count >= 1 { return .tooManyLearners }
         case .memberRemove(let m):
-            if membership[m.id]?.isLearner != true {
+            if strictReconfigCheck && membership[m.id]?.isLearner != true {
                 let rest = voters.filter { $0.id != m.id }
                 if rest.filter(Membership.isStarted).count < rest.count / 2 + 1 { return .notEnoughStartedMembers }
                 // Removing a member that is down costs no quorum; otherwise what stays connected
                 // must still be a quorum without it.
-                if m.id == memberID || isConnected(m.id) {
+                if leaderChecks && (m.id == memberID || isConnected(m.id)) {
                     let connected = voters.filter { $0.id == memberID || isConnected($0.id) }.count
                     if connected - 1 < 1 + (voters.count - 1) / 2 { return .unhealthy }
                 }
@@ -858,11 +865,13 @@ extension ApplyLoop {
         case .memberPromote(let m):
             guard let member = membership[m.id] else { return .memberNotFound }
             guard member.isLearner else { return .memberNotLearner }
-            let leaderMatch = raft.matchIndex(of: raft.id)?.value ?? 0
-            let learnerMatch = raft.matchIndex(of: NodeID(m.id))?.value ?? 0
-            if Double(learnerMatch) < Double(leaderMatch) * 0.9 { return .learnerNotReady }
+            if leaderChecks {
+                let leaderMatch = raft.matchIndex(of: raft.id)?.value ?? 0
+                let learnerMatch = raft.matchIndex(of: NodeID(m.id))?.value ?? 0
+                if Double(learnerMatch) < Double(leaderMatch) * 0.9 { return .learnerNotReady }
+            }
             let size = voters.count + 1
-            if started + 1 < size / 2 + 1 { return .notEnoughStartedMembers }
+            if strictReconfigCheck && started + 1 < size / 2 + 1 { return .notEnoughStartedMembers }
         default:
             return EtcdError(.internal, "etcdserver: not a membership change")
         }
