@@ -27,6 +27,8 @@ public final class EtcdLiteServer: Sendable {
     let removedFromCluster: NIOLockedValueBox<Bool>
     let lessor = Lessor()
     let leaseIDs: LeaseIDGenerator
+    /// Threads for reads of key ranges (see `range`).
+    let readers: NIOThreadPool
     let watchHub: WatchHub
     let metrics = MemberMetrics()
     private let leaseClock = OwnedTask()
@@ -81,6 +83,8 @@ public final class EtcdLiteServer: Sendable {
         clusterID = meta.clusterID!
 
         leaseIDs = LeaseIDGenerator(memberID: memberID)
+        readers = NIOThreadPool(numberOfThreads: max(4, 2 * ProcessInfo.processInfo.activeProcessorCount))
+        readers.start()
         let machine = try StateMachine(backend: backend, lessor: lessor)
         if machine.membership.removed.contains(memberID) {
             throw ConfigError("the member has been permanently removed from the cluster")
@@ -154,6 +158,7 @@ public final class EtcdLiteServer: Sendable {
     /// Stops the apply loop after what is queued; the store is closed when the server is released.
     public func close() {
         leaseClock.cancel()
+        readers.shutdownGracefully { _ in }
         loop.stop()
         loop.transport.close()
         backend.closeReaders()
@@ -199,7 +204,16 @@ public final class EtcdLiteServer: Sendable {
         // One member: everything acknowledged is applied, so the committed state is linearizable.
         // With peers, a linearizable read waits for ReadIndex and the apply to reach it.
         if !status.alone && !request.serializable { try await loop.linearizableRead() }
-        var response = try backend.read { try Applier.range(request, $0) }
+        var response: Etcdserverpb_RangeResponse
+        if request.rangeEnd.isEmpty {
+            response = try backend.read { try Applier.range(request, $0) }
+        } else {
+            // A range of keys may read and encode megabytes (a kube-apiserver list): it runs on the
+            // reader threads, so that it does not hold one of the few task threads that every
+            // other request needs (single-key reads stay on the task).
+            let backend = self.backend
+            response = try await readers.runIfActive { try backend.read { try Applier.range(request, $0) } }
+        }
         fill(&response.header)
         return response
     }
