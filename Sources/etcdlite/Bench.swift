@@ -6,7 +6,7 @@ import Foundation
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure latency and throughput of an etcd-compatible endpoint.",
-        subcommands: [Put.self, Range.self, TxnPut.self, TxnMixed.self, Delete.self, Apiserver.self,
+        subcommands: [Put.self, Range.self, TxnPut.self, TxnMixed.self, Delete.self, Apiserver.self, WatchGet.self,
                       WatchLatency.self, LeaseKeepAlive.self, LeaseExpiry.self])
 
     struct Common: ParsableArguments {
@@ -256,6 +256,32 @@ struct Bench: AsyncParsableCommand {
             bench.watch = watch
             let result = try await bench.run()
             print(json ? try KVOptions.json(result) : result.text)
+        }
+    }
+
+    struct WatchGet: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "watch-get", abstract: "Gets of a key while many watchers replay its history (etcd's watch-get).")
+        @OptionGroup var common: Common
+        @Option(help: "Watchers, from the key's first revision.") var watchers = 1_000
+        @Option(help: "Watch streams (one connection each).") var streams = 4
+        @Option(help: "Revisions of the key written first.") var revisions = 1_000
+        @Option(help: "Gets to time.") var gets = 1_000
+        @Option(help: "Gets in flight.") var clients = 8
+
+        func run() async throws {
+            var bench = WatchGetBench(endpoint: try common.endpoint())
+            bench.watchers = watchers
+            bench.streams = streams
+            bench.revisions = revisions
+            bench.gets = gets
+            bench.clients = clients
+            let r = try await bench.run()
+            try common.report(r, text: String(format: """
+                watch-get: %d gets (%.0f/s) while %d watchers replay %d revisions
+                get: %@
+                events: %d of %d; errors: %@
+                """, r.gets, r.getsPerSecond, r.watchers, revisions, r.getLatency.text, r.eventsReceived, r.eventsExpected, "\(r.errors)"))
         }
     }
 }

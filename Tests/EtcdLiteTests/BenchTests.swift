@@ -18,6 +18,13 @@ import Testing
         var errors: [String: Int]
     }
 
+    /// Starts one member of `executable` and runs `body` with its endpoint.
+    static func withServer(_ executable: String, _ body: (String) throws -> Void) throws {
+        let server = try ServerProcess(executable: executable)
+        defer { server.stop(); server.dataDir.cleanup() }
+        try body(server.endpoint)
+    }
+
     static func bench(_ arguments: [String]) throws -> CommandResult {
         try run(etcdliteBinary(), ["bench"] + arguments, timeout: 60)
     }
@@ -115,18 +122,34 @@ import Testing
         #expect(result.writes > 0 && result.watchEvents == result.writes, "watch \(result.watchEvents) of \(result.writes) writes")
     }
 
-    @Test func againstAMember() throws {
-        let member = try ServerProcess(executable: etcdliteBinary())
-        defer { member.stop(); member.dataDir.cleanup() }
-        try Self.check(member.endpoint)
-    }
+    @Test func againstAMember() throws { try BenchTests.withServer(etcdliteBinary(), Self.check) }
 
     @Test(.enabled(if: etcdInstalled, "needs etcd (apt-get install etcd-server)"))
-    func againstEtcd() throws {
-        let etcd = try ServerProcess(executable: which("etcd")!)
-        defer { etcd.stop(); etcd.dataDir.cleanup() }
-        try Self.check(etcd.endpoint)
+    func againstEtcd() throws { try BenchTests.withServer(which("etcd")!, Self.check) }
+}
+
+/// `watch-get`: every get answered while every watcher receives the whole history.
+@Suite(.serialized, .timeLimit(.minutes(3))) struct WatchGetBenchTests {
+    struct Result: Decodable {
+        var eventsExpected: Int
+        var eventsReceived: Int
+        var gets: Int
+        var errors: [String: Int]
     }
+
+    static func check(_ endpoint: String) throws {
+        let out = try BenchTests.bench(["watch-get", "--endpoints", endpoint, "--watchers", "50", "--streams", "2",
+                                        "--revisions", "100", "--gets", "200", "--json"])
+        #expect(out.status == 0, "\(out.stderr)")
+        let result = try JSONDecoder().decode(Result.self, from: Data(out.stdout.utf8))
+        #expect(result.gets == 200 && result.errors.isEmpty, "\(result.errors)")
+        #expect(result.eventsExpected == 5_000 && result.eventsReceived == 5_000, "\(result.eventsReceived) events")
+    }
+
+    @Test func againstAMember() throws { try BenchTests.withServer(etcdliteBinary(), Self.check) }
+
+    @Test(.enabled(if: etcdInstalled, "needs etcd (apt-get install etcd-server)"))
+    func againstEtcd() throws { try BenchTests.withServer(which("etcd")!, Self.check) }
 }
 
 /// `etcdlite bench txn-mixed --check` against real members: etcdlite's and etcd's histories are
