@@ -180,7 +180,13 @@ import Testing
             var lines: [String] = []
             // IDs and ports differ between the two runs.
             func normalize(_ text: String) -> String {
-                text.replacingOccurrences(of: member.peerURL, with: "PEER")
+                // member add lists the cluster in member ID order, and IDs differ: sort it.
+                let lines = text.split(separator: "\n", omittingEmptySubsequences: false).map { line -> String in
+                    guard line.hasPrefix("ETCD_INITIAL_CLUSTER=\"") else { return String(line) }
+                    let list = line.dropFirst("ETCD_INITIAL_CLUSTER=\"".count).dropLast()
+                    return "ETCD_INITIAL_CLUSTER=\"" + list.split(separator: ",").sorted().joined(separator: ",") + "\""
+                }
+                return lines.joined(separator: "\n").replacingOccurrences(of: member.peerURL, with: "PEER")
                     .replacingOccurrences(of: member.process.endpoint, with: "CLIENT")
                     .replacingOccurrences(of: #" *\b[0-9a-f]{10,16}\b"#, with: " ID", options: .regularExpression)
             }

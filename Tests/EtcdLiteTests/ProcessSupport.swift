@@ -87,6 +87,8 @@ final class ServerProcess: @unchecked Sendable {
     private(set) var process = Process()
     private(set) var clientPort: Int
     let dataDir: TempDir
+    /// A data directory this object made is removed with it (one passed in belongs to the caller).
+    private let ownsDataDir: Bool
     let logPath: String
     var endpoint: String { "127.0.0.1:\(clientPort)" }
 
@@ -94,6 +96,7 @@ final class ServerProcess: @unchecked Sendable {
     /// ports if another process took them in the meantime).
     init(executable: String, name: String = "default", dataDir: TempDir? = nil, clientPort: Int? = nil, extra: [String] = []) throws {
         self.dataDir = dataDir ?? TempDir()
+        ownsDataDir = dataDir == nil
         logPath = self.dataDir.url.appendingPathComponent("server.log").path
         self.clientPort = clientPort ?? freePort()
         for attempt in 1...3 {
@@ -114,6 +117,7 @@ final class ServerProcess: @unchecked Sendable {
     /// not waited for (a member serves once a quorum is up).
     init(executable: String, name: String, clientPort: Int, peerPort: Int, initialCluster: String, extra: [String] = []) throws {
         dataDir = TempDir()
+        ownsDataDir = true
         logPath = dataDir.url.appendingPathComponent("server.log").path
         self.clientPort = clientPort
         try launch(executable: executable, name: name, extra: ["--initial-cluster", initialCluster] + extra, peerPort: peerPort)
@@ -190,7 +194,10 @@ final class ServerProcess: @unchecked Sendable {
         }
     }
 
-    deinit { kill() }
+    deinit {
+        kill()
+        if ownsDataDir { dataDir.cleanup() }
+    }
 }
 
 func etcdctlPath() throws -> String {
