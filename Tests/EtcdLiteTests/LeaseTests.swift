@@ -63,8 +63,9 @@ func outcome<T: Sendable>(_ body: () async throws -> T, _ text: (T) -> String) a
             record("grant", await outcome({ try await lease.leaseGrant(grant(100, 60)) }) { "\($0.id) \($0.ttl) \($0.error) rev=\($0.header.revision)" })
             record("grant again", await outcome({ try await lease.leaseGrant(grant(100, 60)) }) { "\($0.id)" })
             record("grant short", await outcome({ try await lease.leaseGrant(grant(101, 1)) }) { "\($0.id) \($0.ttl)" })
-            // Revoked at once: a 2 s lease would expire at a different moment on a loaded machine.
-            record("revoke short", await outcome({ try await lease.leaseRevoke(revoke(101)) }) { "rev=\($0.header.revision)" })
+            // Revoked at once, its answer not compared: on a loaded machine the 2 s lease may already
+            // have expired (either store then answers "requested lease not found").
+            _ = try? await lease.leaseRevoke(revoke(101))
             record("grant huge", await outcome({ try await lease.leaseGrant(grant(102, 9_000_000_001)) }) { "\($0.id) \($0.ttl)" })
             record("grant max", await outcome({ try await lease.leaseGrant(grant(103, 9_000_000_000)) }) { "\($0.id) \($0.ttl)" })
             let chosen = try await lease.leaseGrant(grant(0, 30))
