@@ -29,6 +29,19 @@ import Testing
         return (result.status == 0 ? id : nil, result)
     }
 
+    /// A member "a" with `keys` keys written, and a learner "b" added to it (not started yet).
+    static func memberWithLearner(keys: Int, extra: [String] = [])
+        throws -> (first: Member, id: String?, added: CommandResult, peerPort: Int, peerURL: String) {
+        let first = try start("a", extra: extra)
+        try first.process.waitUntilServing()
+        for n in 0..<keys { #expect(try first.process.etcdctl(["put", "k\(n)", "v\(n)"]).status == 0) }
+        let peerPort = freePort()
+        let peerURL = "http://127.0.0.1:\(peerPort)"
+        let (id, added) = try add("b", peerURL: peerURL, learner: true, through: first.process)
+        #expect(added.status == 0, "\(added.stderr)")
+        return (first, id, added, peerPort, peerURL)
+    }
+
     /// Member list lines: "id, status, name, peer URLs, client URLs, is learner".
     static func memberList(_ member: ServerProcess) throws -> [String] {
         try member.etcdctl(["member", "list"]).stdout.split(separator: "\n").map(String.init)
@@ -51,15 +64,8 @@ import Testing
     /// One member grows to two: the new one joins as a learner (refusing what etcd's learners
     /// refuse), catches up from the log, is promoted, and then takes writes.
     @Test func aLearnerJoinsCatchesUpAndIsPromoted() throws {
-        let first = try Self.start("a")
+        let (first, id, added, peerPort, peerURL) = try Self.memberWithLearner(keys: 30)
         defer { first.process.stop() }
-        try first.process.waitUntilServing()
-        for n in 0..<30 { #expect(try first.process.etcdctl(["put", "k\(n)", "v\(n)"]).status == 0) }
-
-        let peerPort = freePort()
-        let peerURL = "http://127.0.0.1:\(peerPort)"
-        let (id, added) = try Self.add("b", peerURL: peerURL, learner: true, through: first.process)
-        #expect(added.status == 0, "\(added.stderr)")
         #expect(added.stdout.contains("ETCD_INITIAL_CLUSTER_STATE=\"existing\""), "\(added.stdout)")
         guard let id else { return }
         // Before it starts: listed as unstarted, a learner, without a name.
@@ -312,14 +318,8 @@ import Testing
     }
 
     @Test func aLearnerAddedAfterCompactionStartsFromASnapshot() throws {
-        let first = try MembershipTests.start("a", extra: Self.compactOften)
+        let (first, id, _, peerPort, peerURL) = try MembershipTests.memberWithLearner(keys: 300, extra: Self.compactOften)
         defer { first.process.stop() }
-        try first.process.waitUntilServing()
-        for n in 0..<300 { #expect(try first.process.etcdctl(["put", "k\(n)", "v\(n)"]).status == 0) }
-        let peerPort = freePort()
-        let peerURL = "http://127.0.0.1:\(peerPort)"
-        let (id, added) = try MembershipTests.add("b", peerURL: peerURL, learner: true, through: first.process)
-        #expect(added.status == 0, "\(added.stderr)")
         let second = try MembershipTests.start("b", initialCluster: "\(first.initial),b=\(peerURL)", existing: true, peerPort: peerPort,
                                                extra: Self.compactOften)
         defer { second.process.stop() }

@@ -25,6 +25,14 @@ enum InternalRequest: Sendable {
     case memberPromote(Etcdserverpb_Member)
     case memberUpdate(Etcdserverpb_Member)
 
+    /// Whether applying it changes what MemberList shows without a Raft configuration change.
+    var changesMembers: Bool {
+        switch self {
+        case .memberAttributes, .memberUpdate: true
+        default: false
+        }
+    }
+
     private var tag: UInt8 {
         switch self {
         case .put: 1

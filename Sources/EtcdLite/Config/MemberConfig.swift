@@ -114,6 +114,12 @@ public struct MemberConfig: Sendable {
         return seconds <= 0 ? nil : .periodic(seconds: seconds)
     }
 
+    /// Where a URL of etcd's flags points: its host (`localhost` as 127.0.0.1) and port.
+    static func address(_ text: String, defaultPort: Int) -> (host: String, port: Int)? {
+        guard let url = URLComponents(string: text), let host = url.host else { return nil }
+        return (host == "localhost" ? "127.0.0.1" : host, url.port ?? defaultPort)
+    }
+
     static func validateURL(_ text: String, flag: String) throws {
         guard let url = URLComponents(string: text), let scheme = url.scheme, ["http", "https", "unix", "unixs"].contains(scheme),
               url.host != nil || scheme.hasPrefix("unix")

@@ -282,10 +282,11 @@ final class ApplyLoop: @unchecked Sendable {
         var reads: [ReadCompletion] = []
         var entries: [[UInt8]] = []
         var proposals: [(id: UInt64, request: InternalRequest, completion: Completion?)] = []
+        let received = Date()
         for work in batch {
             switch work {
             case .message(let m):
-                lastHeard[m.from.value] = Date()
+                lastHeard[m.from.value] = received
                 if m.kind == .snapshot, let data = m.snapshot?.data, !data.isEmpty { receivedImages.append(String(decoding: data, as: UTF8.self)) }
                 raft.step(m)
             case .snapshotSent(let peer, let delivered):
@@ -437,16 +438,13 @@ final class ApplyLoop: @unchecked Sendable {
                 continue
             }
             appliedBytesSinceCompaction += entry.data.count
-            if proposer == memberID, let waiter = waiters.removeValue(forKey: requestID) {
+            let waiter = proposer == memberID ? waiters.removeValue(forKey: requestID) : nil
+            let request = try waiter?.request ?? InternalRequest(encoded: reader.rest())
+            if request.changesMembers { membershipChanged = true }
+            let result = try machine.apply(request, index: entry.index.value)
+            if let waiter {
                 proposedAt[requestID] = nil
-                if case .memberAttributes = waiter.request { membershipChanged = true }
-                if case .memberUpdate = waiter.request { membershipChanged = true }
-                answered.append((waiter.completion, try machine.apply(waiter.request, index: entry.index.value)))
-            } else {
-                let request = try InternalRequest(encoded: reader.rest())
-                if case .memberAttributes = request { membershipChanged = true }
-                if case .memberUpdate = request { membershipChanged = true }
-                _ = try machine.apply(request, index: entry.index.value)
+                answered.append((waiter.completion, result))
             }
             requests += 1
         }
@@ -632,10 +630,9 @@ final class ApplyLoop: @unchecked Sendable {
 
     func status() -> StoreStatus {
         let sizes = (try? machine.backend.sizes()) ?? (size: 0, inUse: 0)
-        let conf = raft.confState
         return StoreStatus(state: machine.state, logIndex: raft.lastIndex.value, dbSize: sizes.size, dbSizeInUse: sizes.inUse,
                            alarms: machine.alarms, raftTerm: raft.term.value, leader: raft.leader.value,
-                           alone: conf.voters == [raft.id] && conf.learners.isEmpty, isLearner: conf.learners.contains(raft.id))
+                           alone: !hasPeers, isLearner: raft.confState.learners.contains(raft.id))
     }
 }
 
@@ -721,10 +718,7 @@ extension ApplyLoop {
         let membership = machine.membership
         members.withLock { $0 = membership }
         transport.removed.withLockedValue { $0 = membership.removed }
-        for member in membership.members.values where member.id != memberID {
-            guard let url = member.peerUrls.first.flatMap(URLComponents.init(string:)), let host = url.host else { continue }
-            transport.setPeer(member.id, host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
-        }
+        for member in membership.members.values where member.id != memberID { transport.setPeer(member) }
         for id in membership.removed { transport.removePeer(id) }
     }
 
@@ -732,10 +726,10 @@ extension ApplyLoop {
     fileprivate func askMembershipChange(_ request: InternalRequest, _ completion: @escaping Completion) {
         let requestID = nextRequestID
         nextRequestID += 1
+        // Checked on the member asked, as etcd does, before any leader is needed; what only the
+        // leader knows (connections, a learner's progress) the leader checks when it proposes.
         if raft.role == .leader {
             if let error = proposeMembership(request, proposer: memberID, requestID: requestID) { return completion(.failure(error)) }
-            // (Checked on the member asked, as etcd does, before any leader is needed; what only
-            // the leader knows — connections, a learner's progress — it checks again.)
         } else if let error = checkMembership(request, leaderChecks: false) {
             return completion(.failure(error))
         } else if raft.leader != .none, let body = try? request.encoded() {

@@ -12,9 +12,9 @@ extension EtcdLiteServer {
         let methods = makeMethods()
         var listeners: [ClientListener] = []
         for text in config.listenClientURLs {
-            guard let url = URLComponents(string: text), let host = url.host else { throw ConfigError("invalid URL \(text)") }
+            guard let address = MemberConfig.address(text, defaultPort: 2379) else { throw ConfigError("invalid URL \(text)") }
             listeners.append(ClientListener(
-                host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2379,
+                host: address.host, port: address.port,
                 group: MultiThreadedEventLoopGroup.singleton, methods: methods
             ) { [self] in HTTPHandler(server: self, methods: methods) })
         }
@@ -29,9 +29,9 @@ extension EtcdLiteServer {
         // Peers are listened for even by a lone member: a member may be added to it.
         do {
             for text in config.listenPeerURLs {
-                guard let url = URLComponents(string: text), let host = url.host else { throw ConfigError("invalid URL \(text)") }
-                let port = try await loop.transport.listen(host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
-                logger.info("listening for peers", metadata: ["address": "\(host):\(port)"])
+                guard let address = MemberConfig.address(text, defaultPort: 2380) else { throw ConfigError("invalid URL \(text)") }
+                let port = try await loop.transport.listen(host: address.host, port: address.port)
+                logger.info("listening for peers", metadata: ["address": "\(address.host):\(port)"])
             }
         } catch {
             for listener in listeners { await listener.shutdown(grace: .zero) }

@@ -66,7 +66,7 @@ public final class EtcdLiteServer: Sendable {
                 m.peerUrls = member.peerURLs
                 return m
             }
-        } else if try existing && (meta.memberID == nil || Membership.load(backend.writer).members.isEmpty) {
+        } else if try meta.memberID == nil || Membership.load(backend.writer).members.isEmpty {
             let cluster = try Self.fetchCluster(config, logger: logger)
             guard let me = cluster.members.first(where: { Set($0.peerUrls) == Set(config.initialAdvertisePeerURLs) }) else {
                 throw ConfigError("error validating peerURLs: cluster \(String(cluster.clusterID, radix: 16)) has no member with peer URLs \(config.initialAdvertisePeerURLs) (add it with member add first)")
@@ -110,10 +110,7 @@ public final class EtcdLiteServer: Sendable {
                 return (try? list.serializedBytes()) ?? []
             }
         }
-        for peer in joining where peer.id != memberID {
-            guard let url = peer.peerUrls.first.flatMap(URLComponents.init(string:)), let host = url.host else { continue }
-            transport.setPeer(peer.id, host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380)
-        }
+        for peer in joining where peer.id != memberID { transport.setPeer(peer) }
         let stop = StopSignal()
         stopRequested = stop
         let removed = NIOLockedValueBox(false)
@@ -204,16 +201,12 @@ public final class EtcdLiteServer: Sendable {
         // One member: everything acknowledged is applied, so the committed state is linearizable.
         // With peers, a linearizable read waits for ReadIndex and the apply to reach it.
         if !status.alone && !request.serializable { try await loop.linearizableRead() }
-        var response: Etcdserverpb_RangeResponse
-        if request.rangeEnd.isEmpty {
-            response = try backend.read { try Applier.range(request, $0) }
-        } else {
-            // A range of keys may read and encode megabytes (a kube-apiserver list): it runs on the
-            // reader threads, so that it does not hold one of the few task threads that every
-            // other request needs (single-key reads stay on the task).
-            let backend = self.backend
-            response = try await readers.runIfActive { try backend.read { try Applier.range(request, $0) } }
-        }
+        let backend = self.backend
+        let read: @Sendable () throws -> Etcdserverpb_RangeResponse = { try backend.read { try Applier.range(request, $0) } }
+        // A range of keys may read and encode megabytes (a kube-apiserver list): it runs on the
+        // reader threads, so that it does not hold one of the few task threads that every other
+        // request needs (single-key reads stay on the task).
+        var response = request.rangeEnd.isEmpty ? try read() : try await readers.runIfActive(read)
         fill(&response.header)
         return response
     }
@@ -369,10 +362,9 @@ extension EtcdLiteServer {
         let own = Set(config.initialAdvertisePeerURLs)
         for member in try config.initialClusterMembers() {
             for text in member.peerURLs where !own.contains(text) {
-                guard let url = URLComponents(string: text), let host = url.host else { continue }
+                guard let address = MemberConfig.address(text, defaultPort: 2380) else { continue }
                 do {
-                    let reply = try PeerTransport.fetchMembers(host: host == "localhost" ? "127.0.0.1" : host, port: url.port ?? 2380,
-                                                               group: MultiThreadedEventLoopGroup.singleton)
+                    let reply = try PeerTransport.fetchMembers(host: address.host, port: address.port, group: MultiThreadedEventLoopGroup.singleton)
                     let list = try Etcdserverpb_MemberListResponse(serializedBytes: reply.members)
                     return (reply.clusterID, list.members)
                 } catch {
