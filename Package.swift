@@ -88,11 +88,24 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
+        // `etcdlite verify`: members as processes under faults, and the checks of what clients saw.
+        .target(
+            name: "EtcdLiteVerify",
+            dependencies: [
+                "EtcdLiteBench",
+                "EtcdLiteClient",
+                "EtcdLiteProto",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
         .executableTarget(
             name: "EtcdLiteMain",
             dependencies: [
                 "EtcdLite",
                 "EtcdLiteBench",
+                "EtcdLiteVerify",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -114,6 +127,7 @@ let package = Package(
                 "Raft",
                 "EtcdLiteBench",
                 "EtcdLiteClient",
+                "EtcdLiteVerify",
                 "EtcdLiteProto",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2Posix", package: "grpc-swift-nio-transport"),

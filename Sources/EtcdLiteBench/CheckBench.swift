@@ -69,47 +69,52 @@ public struct LinearizabilityBench: Sendable {
     }
 
     static func perform(_ input: KVLinearizability.Input, key: String, on connection: GRPCClientConnection) async -> KVLinearizability.Output {
+        (try? await perform(input, key: key) { try await connection.unary($0, $1) })?.output ?? .unknown
+    }
+
+    /// One operation of the KV model as etcd requests, through `unary` (path, request → answer):
+    /// its outcome and the revision of the answer's header. Errors are thrown: the caller decides
+    /// what an unknown outcome is.
+    public static func perform(_ input: KVLinearizability.Input, key: String, serializable: Bool = false,
+                               unary: (String, [UInt8]) async throws -> [UInt8]) async throws -> (output: KVLinearizability.Output, revision: Int64) {
         let k = Data(key.utf8)
-        do {
-            switch input {
-            case .put(let v):
-                var put = Etcdserverpb_PutRequest()
-                put.key = k
-                put.value = Data(v.utf8)
-                _ = try await connection.unary("/etcdserverpb.KV/Put", try put.serializedBytes())
-                return .ok
-            case .get:
-                var range = Etcdserverpb_RangeRequest()
-                range.key = k
-                let response = try Etcdserverpb_RangeResponse(serializedBytes: try await connection.unary("/etcdserverpb.KV/Range", try range.serializedBytes()))
-                return .value(response.kvs.first.map { String(decoding: $0.value, as: UTF8.self) })
-            case .delete:
-                var delete = Etcdserverpb_DeleteRangeRequest()
-                delete.key = k
-                let response = try Etcdserverpb_DeleteRangeResponse(serializedBytes: try await connection.unary("/etcdserverpb.KV/DeleteRange", try delete.serializedBytes()))
-                return .deleted(Int(response.deleted))
-            case .compareAndSwap(let expected, let new):
-                var compare = Etcdserverpb_Compare()
-                compare.key = k
-                compare.result = .equal
-                if let expected {
-                    compare.target = .value
-                    compare.value = Data(expected.utf8)
-                } else {
-                    compare.target = .version
-                    compare.version = 0
-                }
-                var put = Etcdserverpb_PutRequest()
-                put.key = k
-                put.value = Data(new.utf8)
-                var txn = Etcdserverpb_TxnRequest()
-                txn.compare = [compare]
-                txn.success = [Etcdserverpb_RequestOp.with { $0.requestPut = put }]
-                let response = try Etcdserverpb_TxnResponse(serializedBytes: try await connection.unary("/etcdserverpb.KV/Txn", try txn.serializedBytes()))
-                return .swapped(response.succeeded)
+        switch input {
+        case .put(let v):
+            var put = Etcdserverpb_PutRequest()
+            put.key = k
+            put.value = Data(v.utf8)
+            let response = try Etcdserverpb_PutResponse(serializedBytes: try await unary("/etcdserverpb.KV/Put", try put.serializedBytes()))
+            return (.ok, response.header.revision)
+        case .get:
+            var range = Etcdserverpb_RangeRequest()
+            range.key = k
+            range.serializable = serializable
+            let response = try Etcdserverpb_RangeResponse(serializedBytes: try await unary("/etcdserverpb.KV/Range", try range.serializedBytes()))
+            return (.value(response.kvs.first.map { String(decoding: $0.value, as: UTF8.self) }), response.header.revision)
+        case .delete:
+            var delete = Etcdserverpb_DeleteRangeRequest()
+            delete.key = k
+            let response = try Etcdserverpb_DeleteRangeResponse(serializedBytes: try await unary("/etcdserverpb.KV/DeleteRange", try delete.serializedBytes()))
+            return (.deleted(Int(response.deleted)), response.header.revision)
+        case .compareAndSwap(let expected, let new):
+            var compare = Etcdserverpb_Compare()
+            compare.key = k
+            compare.result = .equal
+            if let expected {
+                compare.target = .value
+                compare.value = Data(expected.utf8)
+            } else {
+                compare.target = .version
+                compare.version = 0
             }
-        } catch {
-            return .unknown
+            var put = Etcdserverpb_PutRequest()
+            put.key = k
+            put.value = Data(new.utf8)
+            var txn = Etcdserverpb_TxnRequest()
+            txn.compare = [compare]
+            txn.success = [Etcdserverpb_RequestOp.with { $0.requestPut = put }]
+            let response = try Etcdserverpb_TxnResponse(serializedBytes: try await unary("/etcdserverpb.KV/Txn", try txn.serializedBytes()))
+            return (.swapped(response.succeeded), response.header.revision)
         }
     }
 
@@ -118,7 +123,17 @@ public struct LinearizabilityBench: Sendable {
         let operations = Mutex<[KVLinearizability.Operation]>([])
     }
 
-    static func prefixEnd(_ key: Data) -> Data {
+    /// A Watch create request for every key under `prefix` from `revision`, with prev_kv.
+    public static func watchPrefix(_ prefix: String, from revision: Int64) -> [UInt8] {
+        var create = Etcdserverpb_WatchRequest()
+        create.createRequest.key = Data(prefix.utf8)
+        create.createRequest.rangeEnd = prefixEnd(Data(prefix.utf8))
+        create.createRequest.startRevision = revision
+        create.createRequest.prevKv = true
+        return (try? create.serializedBytes()) ?? []
+    }
+
+    public static func prefixEnd(_ key: Data) -> Data {
         var bytes = [UInt8](key)
         while let last = bytes.last {
             if last < 0xFF {

@@ -35,8 +35,13 @@ public final class GRPCClientConnection: Sendable {
 
     public var eventLoop: EventLoop { channel.eventLoop }
 
-    public static func connect(host: String, port: Int, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> GRPCClientConnection {
+    /// Whether the connection is still open.
+    public var isActive: Bool { channel.isActive }
+
+    public static func connect(host: String, port: Int, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                               connectTimeout: TimeAmount = .seconds(10)) async throws -> GRPCClientConnection {
         let channel = try await ClientBootstrap(group: group)
+            .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -94,6 +99,28 @@ public final class GRPCClientConnection: Sendable {
         }
     }
 
+    /// One request, one response, or `DEADLINE_EXCEEDED` (code 4) after `timeout`: the call is
+    /// cancelled (RST_STREAM), as a gRPC client's deadline does.
+    public func unary(_ path: String, _ request: [UInt8], timeout: TimeAmount) async throws -> [UInt8] {
+        let observer = UnaryObserver()
+        let loop = eventLoop
+        return try await withCheckedThrowingContinuation { continuation in
+            observer.continuation = continuation
+            let call = start(path, messages: [request], endRequest: true, observer: observer)
+            loop.execute {
+                // On the loop, after the open above (which runs there too, in order).
+                let deadline = loop.scheduleTask(in: timeout) {
+                    guard observer.continuation != nil else { return }
+                    observer.timedOut = true
+                    call.cancel()
+                    // A call whose stream never opened is not in the handler's table: answer it here.
+                    observer.closed(ClientStatus(code: 4, message: "context deadline exceeded"))
+                }
+                observer.deadline = deadline
+            }
+        }
+    }
+
     fileprivate func send(_ call: ClientCall, _ messages: [[UInt8]], end: Bool) {
         let handler = self.handler
         if eventLoop.inEventLoop {
@@ -131,12 +158,20 @@ public final class ClientCall: Sendable {
 private final class UnaryObserver: ClientCallObserver, @unchecked Sendable {
     var continuation: CheckedContinuation<[UInt8], any Error>?
     var response: [UInt8]?
+    var timedOut = false
+    var deadline: Scheduled<Void>?
 
     func received(_ message: [UInt8]) { response = message }
 
     func closed(_ status: ClientStatus) {
         guard let continuation else { return }
         self.continuation = nil
+        deadline?.cancel()
+        deadline = nil
+        if timedOut {
+            continuation.resume(throwing: ClientStatus(code: 4, message: "context deadline exceeded"))
+            return
+        }
         if status.code == 0, let response {
             continuation.resume(returning: response)
         } else {

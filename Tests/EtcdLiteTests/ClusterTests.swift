@@ -186,6 +186,37 @@ import Testing
         #expect(value.isEmpty, "the key went with the lease")
     }
 
+    /// A keep-alive is answered only when the renewal reached the cluster: a leader cut off from
+    /// both followers, or a follower cut off from a quorum, does not promise a renewal (found by
+    /// `etcdlite verify`: a follower used to answer at once and pass the renewal on later, and a
+    /// cut-off leader renewed only its own clock, so kept-alive leases expired up to 5 s early).
+    @Test func aKeepAliveIsAnsweredOnlyWhenAQuorumRenewedTheLease() throws {
+        let members = try Self.startCluster(3)
+        defer { for m in members { kill(m.process.processIdentifier, SIGCONT); m.stop() } }
+        let leader = try Self.requireLeader(members)
+        let followers = members.filter { $0 !== leader }
+        let grant = try leader.etcdctl(["lease", "grant", "30"]).stdout
+        guard let id = grant.split(separator: " ").dropFirst().first.map(String.init) else {
+            Issue.record("no lease: \(grant)")
+            return
+        }
+        #expect(try followers[0].etcdctl(["lease", "keep-alive", "--once", id]).status == 0)
+        // The leader alone.
+        for f in followers { kill(f.process.processIdentifier, SIGSTOP) }
+        let alone = try leader.etcdctl(["--command-timeout=3s", "lease", "keep-alive", "--once", id])
+        #expect(alone.status != 0, "a leader without a quorum renewed: \(alone.stdout)")
+        for f in followers { kill(f.process.processIdentifier, SIGCONT) }
+        #expect(Self.waitForLeader(followers[0]) != 0)
+        // A follower alone.
+        let lonely = followers[0]
+        for m in members where m !== lonely { kill(m.process.processIdentifier, SIGSTOP) }
+        let cutOff = try lonely.etcdctl(["--command-timeout=3s", "lease", "keep-alive", "--once", id])
+        #expect(cutOff.status != 0, "a follower without a leader renewed: \(cutOff.stdout)")
+        for m in members { kill(m.process.processIdentifier, SIGCONT) }
+        #expect(Self.waitForLeader(lonely) != 0)
+        #expect(try lonely.etcdctl(["lease", "keep-alive", "--once", id]).status == 0)
+    }
+
     /// The same etcdctl session against a 3-member etcd 3.4 and a 3-member etcdlite, through all
     /// three endpoints: outputs must match once ids, ports and timings are normalised (and
     /// member lines sorted, as member IDs, hence their order, differ).

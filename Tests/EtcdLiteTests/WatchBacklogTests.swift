@@ -60,7 +60,11 @@ func createRequest(_ key: String, _ end: String, prevKV: Bool = false) -> [UInt8
         let stream = Task { try await server.watch(requests, reader.writer, CallContext(headers: HPACKHeaders())) }
         defer { stream.cancel() }
         input.yield(createRequest("s", "t", prevKV: true))
-        _ = await reader.wait { $0.contains(where: \.created) }
+        // The writes must come after the watcher exists (on a loaded machine the answer may take a
+        // while: writing before it came made the watcher start at revision 3, not 2).
+        let created = await reader.wait(timeout: .seconds(90)) { $0.contains(where: \.created) }
+        let wasCreated = created.contains(where: \.created)
+        try #require(wasCreated, "the watch was not created")
         // 3,000 writes of 200 bytes each: far more than the stream may queue. The client stops
         // reading during the first thousand (so its queue overflows whatever the machine's speed),
         // then reads slowly.
@@ -74,7 +78,11 @@ func createRequest(_ key: String, _ end: String, prevKV: Bool = false) -> [UInt8
         let writing = ContinuousClock.now - started
         let seen = await reader.wait { $0.flatMap(\.events).count >= writes }
         let events = seen.flatMap(\.events)
-        #expect(events.map(\.kv.modRevision) == Array(2...Int64(writes + 1)), "in order, no gaps, no duplicates")
+        let revisions = events.map(\.kv.modRevision)
+        // On a failure, say where the sequence breaks rather than printing 3,000 numbers.
+        let firstBreak = zip(revisions, Int64(2)...).first { $0 != $1 }
+        #expect(revisions == Array(2...Int64(writes + 1)),
+                "in order, no gaps, no duplicates: \(revisions.count) events, first \(revisions.first ?? -1), last \(revisions.last ?? -1), first break \(String(describing: firstBreak)), \(seen.count) responses, stats \(server.watchHub.stats)")
         for (n, event) in events.enumerated() {
             #expect(event.kv.value.starts(with: Data("\(n)".utf8)))
             if n >= 10 { #expect(event.prevKv.modRevision == event.kv.modRevision - 10) }

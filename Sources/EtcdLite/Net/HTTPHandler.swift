@@ -176,8 +176,9 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
             streamTask = Task {
                 var failure: GRPCStatus?
                 do { try await handler(inbound, writer, callContext) } catch { failure = GRPCStatus(error) }
+                let outcome = failure
                 loop.eventLoop.execute {
-                    if let failure, failure.code != 1 { loop.value.writeStreamError(failure) }
+                    if let outcome, outcome.code != 1 { loop.value.writeStreamError(outcome) }
                     loop.value.streamTask = nil
                     loop.value.endStream(head)
                 }

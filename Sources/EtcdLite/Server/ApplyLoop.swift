@@ -16,9 +16,13 @@ final class ApplyLoop: @unchecked Sendable {
     typealias Completion = @Sendable (Result<InternalResponse, EtcdError>) -> Void
 
     typealias ReadCompletion = @Sendable (Result<Void, EtcdError>) -> Void
+    typealias RenewCompletion = @Sendable (Result<Int64, EtcdError>) -> Void
 
     private enum Work {
         case proposal(data: [UInt8], request: InternalRequest, completion: Completion?)
+        /// A proposal only the leader makes (lease expiry): dropped, not forwarded, by a member
+        /// that no longer leads — its clocks are not the cluster's.
+        case leaderProposal(data: [UInt8], request: InternalRequest)
         /// Runs on the loop's thread between batches (defragment, snapshots of the writer).
         case local(() -> Void)
         /// A Raft message from a peer, or news that one could not be reached.
@@ -31,6 +35,8 @@ final class ApplyLoop: @unchecked Sendable {
         /// A membership change (add, remove, promote) asked of this member: proposed here when it
         /// leads, otherwise forwarded to the leader.
         case membership(InternalRequest, Completion)
+        /// A lease keep-alive: renewed by the leader (here, or asked over the peer link).
+        case renew(Int64, RenewCompletion)
         /// Bytes from a peer's server (`AppFrame`).
         case app(from: UInt64, [UInt8])
         /// A peer refused us as removed from the cluster.
@@ -87,6 +93,8 @@ final class ApplyLoop: @unchecked Sendable {
     private let strictReconfigCheck: Bool
     /// Reads waiting for their ReadIndex answer, by context; then for the apply to reach it.
     private var readsByContext: [UInt64: (reads: [ReadCompletion], asked: Date)] = [:]
+    /// Keep-alives sent to the leader, by request ID.
+    private var renewals: [UInt64: (completion: RenewCompletion, asked: Date)] = [:]
     private var readsWaitingForApply: [(index: LogIndex, reads: [ReadCompletion])] = []
     private var nextReadContext: UInt64 = 1
     /// Leadership transfers under way: the target, when to give up, who waits.
@@ -219,6 +227,12 @@ final class ApplyLoop: @unchecked Sendable {
         enqueue(.proposal(data: data, request: request, completion: nil))
     }
 
+    /// Proposes without waiting, only if this member still leads when the loop takes it up.
+    func proposeAsLeader(_ request: InternalRequest) {
+        guard let data = try? request.encoded() else { return }
+        enqueue(.leaderProposal(data: data, request: request))
+    }
+
     /// Runs `body` on the loop's thread, with the writer connection, after earlier proposals.
     func onLoop<T: Sendable>(_ body: @escaping (StateMachine) throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { continuation in
@@ -240,6 +254,7 @@ final class ApplyLoop: @unchecked Sendable {
             if case .local(let body) = work { body() }
             if case .read(let completion) = work { completion(.failure(.stopped)) }
             if case .transfer(_, let completion) = work { completion(.failure(.stopped)) }
+            if case .renew(_, let completion) = work { completion(.failure(.stopped)) }
             return
         }
         queue.append(work)
@@ -283,6 +298,17 @@ final class ApplyLoop: @unchecked Sendable {
         var entries: [[UInt8]] = []
         var proposals: [(id: UInt64, request: InternalRequest, completion: Completion?)] = []
         let received = Date()
+        /// An entry is `proposer u64 | request ID u64 | request`.
+        func propose(_ data: [UInt8], _ request: InternalRequest, _ completion: Completion?) {
+            let requestID = nextRequestID
+            nextRequestID += 1
+            var entry = ByteWriter()
+            entry.u64(memberID)
+            entry.u64(requestID)
+            entry.bytes += data
+            entries.append(entry.bytes)
+            proposals.append((requestID, request, completion))
+        }
         for work in batch {
             switch work {
             case .message(let m):
@@ -307,21 +333,33 @@ final class ApplyLoop: @unchecked Sendable {
                 }
                 raft.transferLeadership(to: target)
                 transfers.append((target, Date().addingTimeInterval(2 * electionTimeout), completion))
+            case .leaderProposal(let data, let request):
+                guard raft.role == .leader else { continue }
+                propose(data, request, nil)
             case .proposal(let data, let request, let completion):
-                let requestID = nextRequestID
-                nextRequestID += 1
-                var entry = ByteWriter()
-                entry.u64(memberID)
-                entry.u64(requestID)
-                entry.bytes += data
-                entries.append(entry.bytes)
-                proposals.append((requestID, request, completion))
+                propose(data, request, completion)
             case .local(let body):
                 locals.append(body)
             case .membership(let request, let completion):
                 askMembershipChange(request, completion)
             case .app(let from, let bytes):
                 receiveApp(from: from, bytes)
+            case .renew(let lease, let completion):
+                if raft.role == .leader {
+                    let ttl = machine.lessor.renew(lease) ?? 0
+                    if ttl > 0 && hasPeers { reads.append { completion($0.map { ttl }) } } else { completion(.success(ttl)) }
+                } else if raft.leader != .none {
+                    let requestID = nextRequestID
+                    nextRequestID += 1
+                    renewals[requestID] = (completion, received)
+                    var frame = ByteWriter()
+                    frame.u8(AppFrame.renew)
+                    frame.u64(requestID)
+                    frame.u64(UInt64(bitPattern: lease))
+                    transport.sendApp(to: raft.leader.value, frame.bytes)
+                } else {
+                    completion(.failure(.noLeader))
+                }
             case .removedByPeer:
                 if removedSince == nil { removedSince = .distantPast }
             }
@@ -597,6 +635,10 @@ final class ApplyLoop: @unchecked Sendable {
             answerMembership(queued.proposer, queued.requestID, .requestTimedOut)
             return true
         }
+        for (id, renewal) in renewals where renewal.asked < deadline {
+            renewals[id] = nil
+            renewal.completion(.failure(.requestTimedOut))
+        }
         for (context, waiting) in readsByContext where waiting.asked < deadline {
             readsByContext[context] = nil
             for read in waiting.reads { read(.failure(.requestTimedOut)) }
@@ -613,6 +655,15 @@ final class ApplyLoop: @unchecked Sendable {
     func linearizableRead() async throws {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, Error>) in
             enqueue(.read { result in continuation.resume(with: result.mapError { $0 }) })
+        }
+    }
+
+    /// Renews a lease on the leader, which answers its TTL (0: unknown or expired) once a quorum
+    /// confirmed that it still leads: a renewal is never promised unless the leader whose clocks
+    /// count made it (etcd's followers forward keep-alives to the leader too).
+    func renewAtLeader(_ lease: Int64) async throws -> Int64 {
+        try await withCheckedThrowingContinuation { continuation in
+            enqueue(.renew(lease) { continuation.resume(with: $0.mapError { $0 }) })
         }
     }
 
@@ -665,11 +716,15 @@ struct BootstrapError: Error, CustomStringConvertible {
 // MARK: - Membership
 
 /// Requests between the members' servers, carried in the peer transport's application frames:
-/// `1 | request ID u64 | InternalRequest` (a membership change forwarded to the leader) and
-/// `2 | request ID u64 | code u8 | message` (the leader refused it).
+/// `1 | request ID u64 | InternalRequest` (a membership change forwarded to the leader),
+/// `2 | request ID u64 | code u8 | message` (the leader refused it),
+/// `3 | request ID u64 | lease ID u64` (a keep-alive for the leader) and
+/// `4 | request ID u64 | code u8 | TTL u64 or message` (its answer: code 0 and the TTL, or an error).
 private enum AppFrame {
     static let forward: UInt8 = 1
     static let refused: UInt8 = 2
+    static let renew: UInt8 = 3
+    static let renewed: UInt8 = 4
 }
 
 extension ApplyLoop {
@@ -753,6 +808,39 @@ extension ApplyLoop {
             guard let request = try? InternalRequest(encoded: reader.rest()) else { return }
             if let error = proposeMembership(request, proposer: peer, requestID: requestID) {
                 answerMembership(peer, requestID, error)
+            }
+        case AppFrame.renew:
+            guard let raw = try? reader.u64() else { return }
+            let lease = Int64(bitPattern: raw)
+            let transport = self.transport
+            @Sendable func answer(_ result: Result<Int64, EtcdError>) {
+                var frame = ByteWriter()
+                frame.u8(AppFrame.renewed)
+                frame.u64(requestID)
+                switch result {
+                case .success(let ttl):
+                    frame.u8(0)
+                    frame.u64(UInt64(bitPattern: ttl))
+                case .failure(let error):
+                    frame.u8(UInt8(error.code.rawValue))
+                    frame.bytes += Array(error.message.utf8)
+                }
+                transport.sendApp(to: peer, frame.bytes)
+            }
+            guard raft.role == .leader else { return answer(.failure(.notLeader)) }
+            let ttl = machine.lessor.renew(lease) ?? 0
+            if ttl > 0 {
+                enqueue(.read { answer($0.map { ttl }) })
+            } else {
+                answer(.success(0))
+            }
+        case AppFrame.renewed:
+            guard let code = try? reader.u8(), let renewal = renewals.removeValue(forKey: requestID) else { return }
+            if code == 0, let raw = try? reader.u64() {
+                renewal.completion(.success(Int64(bitPattern: raw)))
+            } else {
+                let message = String(decoding: reader.rest(), as: UTF8.self)
+                renewal.completion(.failure(EtcdError(EtcdError.Code(rawValue: Int(code)) ?? .unknown, message)))
             }
         case AppFrame.refused:
             guard let code = try? reader.u8(), let waiter = waiters.removeValue(forKey: requestID) else { return }

@@ -32,15 +32,29 @@ extension EtcdLiteServer {
     }
 
     /// One keep-alive: renews the lease and answers its TTL; an unknown or expired lease gets TTL 0.
-    public func leaseKeepAlive(_ request: Etcdserverpb_LeaseKeepAliveRequest) -> Etcdserverpb_LeaseKeepAliveResponse {
+    /// Only the leader's clocks count: a follower asks the leader (as etcd's followers forward
+    /// keep-alives to it), and the leader answers once a quorum confirmed it still leads
+    /// (ReadIndex). That puts any later leader's election, and its restart of every clock, after
+    /// the renewal: a client is never promised a renewal the cluster did not make.
+    public func leaseKeepAlive(_ request: Etcdserverpb_LeaseKeepAliveRequest) async throws -> Etcdserverpb_LeaseKeepAliveResponse {
         var response = Etcdserverpb_LeaseKeepAliveResponse()
         response.id = request.id
-        response.ttl = lessor.renew(request.id) ?? 0
-        let status = self.status
+        if status.alone {
+            response.ttl = lessor.renew(request.id) ?? 0
+        } else {
+            response.ttl = try await loop.renewAtLeader(request.id)
+        }
         response.header = header(revision: status.state.currentRevision)
-        // Only the leader's clocks count: a follower passes the renewal on through the log.
-        if !status.alone && status.leader != memberID && response.ttl > 0 { loop.proposeDetached(.leaseRenew(request)) }
         return response
+    }
+
+    /// A LeaseKeepAlive stream: each request answered in turn.
+    func leaseKeepAliveStream(_ requests: AsyncStream<[UInt8]>, _ writer: ResponseWriter) async throws {
+        for await bytes in requests {
+            let request = try Etcdserverpb_LeaseKeepAliveRequest(serializedBytes: bytes)
+            let response = try await leaseKeepAlive(request)
+            try await writer.write([try response.serializedBytes()])
+        }
     }
 
     /// The remaining and granted TTL, and the attached keys when asked; an unknown lease is TTL -1.
@@ -79,7 +93,7 @@ extension EtcdLiteServer {
         for id in lessor.expired(limit: Self.leaseRevokeBatch) {
             var revoke = Etcdserverpb_LeaseRevokeRequest()
             revoke.id = id
-            loop.proposeDetached(.leaseRevoke(revoke))
+            loop.proposeAsLeader(.leaseRevoke(revoke))
         }
     }
 

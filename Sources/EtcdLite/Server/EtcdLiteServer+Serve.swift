@@ -87,7 +87,7 @@ extension EtcdLiteServer {
         m.unary("/etcdserverpb.Lease/LeaseRevoke") { (r: Etcdserverpb_LeaseRevokeRequest, _) in try await self.leaseRevoke(r) }
         m.unary("/etcdserverpb.Lease/LeaseTimeToLive") { (r: Etcdserverpb_LeaseTimeToLiveRequest, _) in try self.leaseTimeToLive(r) }
         m.unary("/etcdserverpb.Lease/LeaseLeases") { (_: Etcdserverpb_LeaseLeasesRequest, _) in self.leaseLeases() }
-        m.streamingDirect("/etcdserverpb.Lease/LeaseKeepAlive") { (r: Etcdserverpb_LeaseKeepAliveRequest, _) in self.leaseKeepAlive(r) }
+        m.streaming("/etcdserverpb.Lease/LeaseKeepAlive") { requests, writer, _ in try await self.leaseKeepAliveStream(requests, writer) }
         m.streaming("/etcdserverpb.Watch/Watch") { requests, writer, context in try await self.watch(requests, writer, context) }
         m.unary("/etcdserverpb.Cluster/MemberList") { (r: Etcdserverpb_MemberListRequest, _) in try await self.memberList(r) }
         m.unary("/etcdserverpb.Cluster/MemberAdd") { (r: Etcdserverpb_MemberAddRequest, _) in try await self.memberAdd(r) }

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Every test: the unit and process tests, then a short round of `etcdlite verify` (three members
+# under every kind of fault), on its own because it keeps both cores busy for two minutes.
+# Differential tests need etcd: apt-get install etcd-server etcd-client curl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+swift build --build-tests 2>&1 | tail -n 20
+swift test --skip-build "$@"
+ETCDLITE_VERIFY_SECONDS="${ETCDLITE_VERIFY_SECONDS:-100}" swift test --skip-build --filter VerifyRunTests
