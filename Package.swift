@@ -1,6 +1,11 @@
 // swift-tools-version:6.1
 import PackageDescription
 
+/// ETCDLITE_FUZZ=1 (scripts/fuzz.sh): our modules get libFuzzer's coverage instrumentation and
+/// the EtcdLiteFuzz executable exists; never set for the normal build.
+let fuzzing = Context.environment["ETCDLITE_FUZZ"] == "1"
+let fuzzFlags: [SwiftSetting] = fuzzing ? [.unsafeFlags(["-sanitize=fuzzer"])] : []
+
 let package = Package(
     name: "etcdlite",
     platforms: [.macOS(.v15)],
@@ -54,7 +59,9 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
-            ]
+            ],
+            // Storage failpoints (Log/Failpoints.swift) exist in debug builds, which the tests run.
+            swiftSettings: [.define("ETCDLITE_FAILPOINTS", .when(configuration: .debug))]
         ),
         // The consensus core: pure and deterministic (no I/O, clocks or system randomness).
         .target(
@@ -138,7 +145,22 @@ let package = Package(
                 .product(name: "NIOHTTP2", package: "swift-nio-http2"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
                 .product(name: "Crypto", package: "swift-crypto"),
-            ]
+            ],
+            // Inputs for FuzzRegressionTests and the seeds of scripts/fuzz.sh.
+            exclude: ["fuzz-regressions"]
         ),
     ]
 )
+
+for target in package.targets where ["EtcdLite", "EtcdLiteProto"].contains(target.name) {
+    target.swiftSettings = (target.swiftSettings ?? []) + fuzzFlags
+}
+if fuzzing {
+    // libFuzzer's targets: request decoding and validation, gateway JSON, peer messages, log records.
+    package.targets.append(.executableTarget(
+        name: "EtcdLiteFuzz",
+        dependencies: ["EtcdLite"],
+        swiftSettings: [.unsafeFlags(["-sanitize=fuzzer", "-parse-as-library"])],
+        linkerSettings: [.unsafeFlags(["-sanitize=fuzzer"])]
+    ))
+}

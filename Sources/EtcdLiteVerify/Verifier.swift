@@ -12,6 +12,9 @@ public struct Verifier: Sendable {
     public enum Fault: String, CaseIterable, Codable, Sendable {
         case kill, killLeader = "kill-leader", pause, pauseLeader = "pause-leader", partition,
              partitionLeader = "partition-leader", asymmetric, bridge, wipe
+        /// A member restarted with its log's fdatasync failing after a few syncs (it must stop),
+        /// or slow (200 ms each); debug builds only (the failpoints are not in release binaries).
+        case fsyncFail = "fsync-fail", fsyncSlow = "fsync-slow"
     }
 
     public var binary: String
@@ -50,6 +53,10 @@ public struct Verifier: Sendable {
         public var expiringLeasesChecked = 0
         public var hashMismatches = 0
         public var unhealthyAfterHeal = 0
+        /// Failpoint faults the binary could not arm (a release build).
+        public var failpointsUnavailable = 0
+        /// Members whose failing fdatasync stopped them, as it must.
+        public var stoppedOnSyncFailure = 0
         public var errors: [String: Int] = [:]
         /// The first violations found, in words (a counterexample for linearizability).
         public var violations: [String] = []
@@ -62,7 +69,8 @@ public struct Verifier: Sendable {
             case members, seconds, seed, faultsInjected, operations, operationsChecked, unknownOutcomes,
                  linearizabilityAnomalies, undecidedKeys, serializableReadsChecked, phantomReads, acknowledgedWrites,
                  acknowledgedWritesLost, readBacksPerMember, watchers, watchStreams, watchEventsChecked, watchViolations,
-                 leaseViolations, expiringLeasesChecked, hashMismatches, unhealthyAfterHeal, errors, violations, passed
+                 leaseViolations, expiringLeasesChecked, hashMismatches, unhealthyAfterHeal, failpointsUnavailable, stoppedOnSyncFailure,
+                 errors, violations, passed
         }
 
         public func encode(to encoder: any Encoder) throws {
@@ -89,6 +97,8 @@ public struct Verifier: Sendable {
             try c.encode(expiringLeasesChecked, forKey: .expiringLeasesChecked)
             try c.encode(hashMismatches, forKey: .hashMismatches)
             try c.encode(unhealthyAfterHeal, forKey: .unhealthyAfterHeal)
+            try c.encode(failpointsUnavailable, forKey: .failpointsUnavailable)
+            try c.encode(stoppedOnSyncFailure, forKey: .stoppedOnSyncFailure)
             try c.encode(errors, forKey: .errors)
             try c.encode(violations, forKey: .violations)
             try c.encode(passed, forKey: .passed)
@@ -124,6 +134,8 @@ public struct Verifier: Sendable {
             expiringLeasesChecked = try c.decode(Int.self, forKey: .expiringLeasesChecked)
             hashMismatches = try c.decode(Int.self, forKey: .hashMismatches)
             unhealthyAfterHeal = try c.decode(Int.self, forKey: .unhealthyAfterHeal)
+            failpointsUnavailable = try c.decode(Int.self, forKey: .failpointsUnavailable)
+            stoppedOnSyncFailure = try c.decode(Int.self, forKey: .stoppedOnSyncFailure)
             errors = try c.decode([String: Int].self, forKey: .errors)
             violations = try c.decode([String].self, forKey: .violations)
         }
@@ -188,10 +200,10 @@ public struct Verifier: Sendable {
                 if fault == .bridge && cluster.count < 3 { continue }
                 let held = Double.random(in: 2...5, using: &random)
                 log("fault \(fault.rawValue) for \(String(format: "%.1f", held)) s")
-                let heal = try await checked("injecting \(fault.rawValue)") { try await inject(fault, cluster, &random) }
+                let heal = try await checked("injecting \(fault.rawValue)") { try await inject(fault, cluster, &random, &report) }
                 report.faultsInjected[fault.rawValue, default: 0] += 1
                 try await Task.sleep(for: .seconds(held))
-                try await heal()
+                try await heal(&report)
                 if !(await cluster.waitHealthy(timeout: 30)) {
                     report.unhealthyAfterHeal += 1
                     report.violations.append("not healthy 30 s after healing \(fault.rawValue)")
@@ -375,7 +387,8 @@ public struct Verifier: Sendable {
     }
 
     /// Starts a fault; returns what heals it.
-    private func inject(_ fault: Fault, _ cluster: VerifyCluster, _ random: inout SeededGenerator) async throws -> () async throws -> Void {
+    private func inject(_ fault: Fault, _ cluster: VerifyCluster, _ random: inout SeededGenerator,
+                        _ report: inout Report) async throws -> (inout Report) async throws -> Void {
         let n = cluster.count
         let any = Int.random(in: 0..<n, using: &random)
         let leader = await cluster.leader() ?? any
@@ -383,11 +396,24 @@ public struct Verifier: Sendable {
         case .kill, .killLeader:
             let target = fault == .kill ? any : leader
             cluster.kill(target)
-            return { try cluster.restart(target) }
+            return { _ in try cluster.restart(target) }
         case .pause, .pauseLeader:
             let target = fault == .pause ? any : leader
             cluster.pause(target)
-            return { cluster.resume(target) }
+            return { _ in cluster.resume(target) }
+        case .fsyncFail, .fsyncSlow:
+            cluster.kill(any)
+            let logged = cluster.logSize(any)
+            let spec = fault == .fsyncFail ? "fail-after:\(Int.random(in: 5...60, using: &random))" : "slow:200"
+            // The expected crash needs no backtrace (it takes the runtime seconds).
+            try cluster.restart(any, environment: ["ETCDLITE_FAILPOINT_LOG_SYNC": spec, "SWIFT_BACKTRACE": "enable=no"])
+            if !(await cluster.failpointArmed(any, after: logged)) { report.failpointsUnavailable += 1 }
+            return { report in
+                // A failing sync must have stopped the member (after the syncs it was allowed).
+                if fault == .fsyncFail && !cluster.isRunning(any) { report.stoppedOnSyncFailure += 1 }
+                cluster.kill(any)
+                try cluster.restart(any)
+            }
         case .partition, .partitionLeader:
             // A minority (the leader alone, or a random minority) cut from the rest, both ways.
             let minority: Set<Int>
@@ -400,13 +426,13 @@ public struct Verifier: Sendable {
             var links = Set<LinkTable.Link>()
             for a in 0..<n { for b in 0..<n where a != b && minority.contains(a) != minority.contains(b) { links.insert(.init(from: a, to: b)) } }
             cluster.links.block(links)
-            return { cluster.links.healAll() }
+            return { _ in cluster.links.healAll() }
         case .asymmetric:
             // One member's messages to the others are lost; it still hears them.
             var links = Set<LinkTable.Link>()
             for b in 0..<n where b != any { links.insert(.init(from: any, to: b)) }
             cluster.links.block(links)
-            return { cluster.links.healAll() }
+            return { _ in cluster.links.healAll() }
         case .bridge:
             // Two halves that cannot talk, and one member that talks to both.
             let bridge = any
@@ -415,10 +441,10 @@ public struct Verifier: Sendable {
             var links = Set<LinkTable.Link>()
             for a in others { for b in others where a != b && half.contains(a) != half.contains(b) { links.insert(.init(from: a, to: b)) } }
             cluster.links.block(links)
-            return { cluster.links.healAll() }
+            return { _ in cluster.links.healAll() }
         case .wipe:
             try await cluster.replace(any)
-            return {}
+            return { _ in }
         }
     }
 }
@@ -578,6 +604,7 @@ extension Verifier.Report {
             "watch: \(watchers) watchers, \(watchStreams) streams, \(watchEventsChecked) events checked, \(watchViolations) violations",
             "leases: \(expiringLeasesChecked) expiring leases checked, \(leaseViolations) violations",
             "unhealthy after a heal: \(unhealthyAfterHeal)",
+            "fdatasync failpoints: \(stoppedOnSyncFailure) members stopped on a failed sync\(failpointsUnavailable > 0 ? ", \(failpointsUnavailable) faults not armed (a release binary has no failpoints)" : "")",
             "client errors: \(list(errors))",
         ]
         if !violations.isEmpty { lines.append("violations:\n" + violations.map { "- " + $0 }.joined(separator: "\n")) }

@@ -14,7 +14,7 @@ final class VerifyCluster: @unchecked Sendable {
         let peerPort: Int
         let proxyPort: Int
         var generation = 0
-        var process: Process?
+        var process: ChildProcess?
         var paused = false
         var name: String { "m\(index)" }
         var clientURL: String { "http://127.0.0.1:\(clientPort)" }
@@ -57,13 +57,11 @@ final class VerifyCluster: @unchecked Sendable {
         try await waitForMemberIDs()
     }
 
-    private func launch(_ i: Int, initialCluster: String, state: String) throws {
+    private func launch(_ i: Int, initialCluster: String, state: String, environment: [String: String] = [:]) throws {
         let slot = slots[i]
         let dir = dataDir(i)
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = [
+        let arguments = [
             "--name", slot.name, "--data-dir", dir.appendingPathComponent("data").path,
             "--listen-client-urls", slot.clientURL, "--advertise-client-urls", slot.clientURL,
             "--listen-peer-urls", "http://127.0.0.1:\(slot.peerPort)",
@@ -71,15 +69,9 @@ final class VerifyCluster: @unchecked Sendable {
             "--initial-cluster", initialCluster, "--initial-cluster-state", state,
             "--initial-cluster-token", token,
         ]
-        let logURL = dir.appendingPathComponent("member.log")
-        if !FileManager.default.fileExists(atPath: logURL.path) {
-            FileManager.default.createFile(atPath: logURL.path, contents: nil)
-        }
-        let handle = try FileHandle(forWritingTo: logURL)
-        handle.seekToEndOfFile()
-        process.standardOutput = handle
-        process.standardError = handle
-        try process.run()
+        let process = try ChildProcess(executable: binary, arguments: arguments,
+                                       environment: ProcessInfo.processInfo.environment.merging(environment) { $1 },
+                                       log: dir.appendingPathComponent("member.log").path)
         slots[i].process = process
         slots[i].paused = false
     }
@@ -110,28 +102,45 @@ final class VerifyCluster: @unchecked Sendable {
 
     func kill(_ i: Int) {
         guard let process = slots[i].process, process.isRunning else { return }
-        if slots[i].paused { Foundation.kill(process.processIdentifier, SIGCONT) }
-        Foundation.kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
+        if slots[i].paused { process.signal(SIGCONT) }
+        process.signal(SIGKILL)
+        _ = process.waitForExit(timeout: 10)
         slots[i].paused = false
     }
 
-    /// Starts a stopped member again on its data.
-    func restart(_ i: Int) throws {
+    /// Starts a stopped member again on its data (with failpoints armed by `environment`).
+    func restart(_ i: Int, environment: [String: String] = [:]) throws {
         guard !isRunning(i) else { return }
         let initial = slots.map { "\($0.name)=\($0.advertisedPeerURL)" }.joined(separator: ",")
-        try launch(i, initialCluster: initial, state: "new")
+        try launch(i, initialCluster: initial, state: "new", environment: environment)
+    }
+
+    /// The size of the member's log (to read what a restart writes after it).
+    func logSize(_ i: Int) -> Int {
+        (try? FileManager.default.attributesOfItem(atPath: dataDir(i).appendingPathComponent("member.log").path)[.size] as? Int) ?? 0
+    }
+
+    /// Whether the member's log after `offset` says a failpoint is armed, once it serves (debug
+    /// builds only have them).
+    func failpointArmed(_ i: Int, after offset: Int) async -> Bool {
+        for _ in 0..<100 {
+            let log = (try? Data(contentsOf: dataDir(i).appendingPathComponent("member.log"))) ?? Data()
+            let since = String(decoding: log.dropFirst(offset), as: UTF8.self)
+            if since.contains("ready to serve client requests") { return since.contains("failpoint armed") }
+            try? await Task.sleep(for: .milliseconds(100))
+        }
+        return false
     }
 
     func pause(_ i: Int) {
         guard let process = slots[i].process, process.isRunning, !slots[i].paused else { return }
-        Foundation.kill(process.processIdentifier, SIGSTOP)
+        process.signal(SIGSTOP)
         slots[i].paused = true
     }
 
     func resume(_ i: Int) {
         guard let process = slots[i].process, slots[i].paused else { return }
-        Foundation.kill(process.processIdentifier, SIGCONT)
+        process.signal(SIGCONT)
         slots[i].paused = false
     }
 
@@ -186,7 +195,7 @@ final class VerifyCluster: @unchecked Sendable {
         for i in 0..<count {
             resume(i)
             if let process = slots[i].process, process.isRunning {
-                process.terminate()
+                process.signal(SIGTERM)
             }
         }
         for i in 0..<count {

@@ -94,7 +94,15 @@ public final class RaftLogStore: LogStorage {
         segmentSize = end
     }
 
-    private func replay(_ record: RecordSegments.Record, path: String, segment position: Int) throws {
+    /// One record of a segment, decoded.
+    enum LogRecord {
+        case entry(Entry)
+        case hardState(HardState)
+        case snapshot(Point, discarded: Bool)
+    }
+
+    /// Decodes a record's payload; a record that is not one of ours names the file and offset.
+    static func decode(_ record: RecordSegments.Record, path: String) throws -> LogRecord {
         var reader = ByteReader(record.payload)
         func corrupt(_ reason: String) -> LogCorruptionError { LogCorruptionError(file: path, offset: record.offset, reason: reason) }
         do {
@@ -103,25 +111,36 @@ public final class RaftLogStore: LogStorage {
                 let term = Term(try reader.u64())
                 let index = LogIndex(try reader.u64())
                 guard let kind = Entry.Kind(rawValue: try reader.u8()) else { throw corrupt("unknown entry kind") }
-                let entry = Entry(term: term, index: index, kind: kind, data: reader.rest())
-                segments[position].maxIndex = max(segments[position].maxIndex, index)
-                guard index > point.index else { return }  // compacted
-                if index > lastIndex.next {
-                    throw corrupt("entry \(index) after \(lastIndex): entries are missing")
-                }
-                if index <= lastIndex { log.removeSubrange(Int(index.value - point.index.value - 1)...) }
-                log.append(entry)
+                return .entry(Entry(term: term, index: index, kind: kind, data: reader.rest()))
             case .hardState:
-                hardState = HardState(term: Term(try reader.u64()), vote: NodeID(try reader.u64()), commit: LogIndex(try reader.u64()))
+                return .hardState(HardState(term: Term(try reader.u64()), vote: NodeID(try reader.u64()), commit: LogIndex(try reader.u64())))
             case .snapshot:
-                let (_, discarded) = try Self.decodeSnapshot(record, path)
-                // A snapshot installed from the leader replaced every entry written before it.
-                if discarded { log.removeAll() }
+                let (point, discarded) = try decodeSnapshot(record, path)
+                return .snapshot(point, discarded: discarded)
             case nil:
                 throw corrupt("unknown record kind \(record.payload.first ?? 0)")
             }
         } catch is ByteReader.Truncated {
             throw corrupt("record too short for its kind")
+        }
+    }
+
+    private func replay(_ record: RecordSegments.Record, path: String, segment position: Int) throws {
+        switch try Self.decode(record, path: path) {
+        case .entry(let entry):
+            let index = entry.index
+            segments[position].maxIndex = max(segments[position].maxIndex, index)
+            guard index > point.index else { return }  // compacted
+            if index > lastIndex.next {
+                throw LogCorruptionError(file: path, offset: record.offset, reason: "entry \(index) after \(lastIndex): entries are missing")
+            }
+            if index <= lastIndex { log.removeSubrange(Int(index.value - point.index.value - 1)...) }
+            log.append(entry)
+        case .hardState(let state):
+            hardState = state
+        case .snapshot(_, let discarded):
+            // A snapshot installed from the leader replaced every entry written before it.
+            if discarded { log.removeAll() }
         }
     }
 

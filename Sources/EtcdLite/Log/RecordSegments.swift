@@ -23,7 +23,11 @@ enum RecordSegments {
 
     /// Reads the records of one segment. Returns them and where the valid data ends.
     static func read(path: String, isLast: Bool) throws -> (records: [Record], end: Int) {
-        let file = try Data(contentsOf: URL(fileURLWithPath: path), options: .alwaysMapped)
+        try read(try Data(contentsOf: URL(fileURLWithPath: path), options: .alwaysMapped), path: path, isLast: isLast)
+    }
+
+    /// Reads the records of a segment's bytes (`path` names it in errors).
+    static func read(_ file: Data, path: String, isLast: Bool) throws -> (records: [Record], end: Int) {
         var records: [Record] = []
         var offset = 0
         func zeroFrom(_ start: Int) -> Bool { start >= file.count || isZero(file, from: start) }
@@ -81,6 +85,7 @@ enum RecordSegments {
                 written += n
             }
         }
+        try Failpoints.beforeLogSync()
         if fdatasync(fd) != 0 { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
     }
 

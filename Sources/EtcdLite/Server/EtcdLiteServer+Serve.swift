@@ -38,6 +38,7 @@ extension EtcdLiteServer {
             close()
             throw error
         }
+        if let armed = Failpoints.armed { logger.warning("failpoint armed", metadata: ["log-sync": "\(armed)"]) }
         logger.info("ready to serve client requests", metadata: ["listen-client-urls": "\(config.listenClientURLs)", "ports": "\(ports)"])
         onListening(ports)
         let retention = try config.autoCompactionRetentionValue()
