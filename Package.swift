@@ -127,6 +127,17 @@ let package = Package(
             path: "Benchmarks/RaftCore",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
         ),
+        // The store's hot paths (MVCC apply, Range, protobuf): swift package benchmark --target StoreCore
+        .executableTarget(
+            name: "StoreCore",
+            dependencies: [
+                "EtcdLite", "EtcdLiteProto",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "Benchmark", package: "benchmark"),
+            ],
+            path: "Benchmarks/StoreCore",
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        ),
         .testTarget(
             name: "EtcdLiteTests",
             dependencies: [

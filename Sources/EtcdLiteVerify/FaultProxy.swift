@@ -142,6 +142,11 @@ private final class ProxyFrontHandler: ChannelInboundHandler, @unchecked Sendabl
             .whenComplete { [self] result in
                 switch result {
                 case .success(let channel):
+                    // The peer may have gone while we connected.
+                    guard front.isActive else {
+                        channel.close(promise: nil)
+                        return
+                    }
                     back = channel
                     links.register(key, link: link, channels: [front, channel])
                     // Blocked meanwhile: cut at once.

@@ -151,23 +151,29 @@ final class VerifyCluster: @unchecked Sendable {
         kill(i)
         let helper = (0..<count).first { $0 != i && isRunning($0) && !slots[$0].paused }
         guard let helper else { throw VerifyError("no member to replace m\(i) through") }
-        var members: [Etcdserverpb_Member] = []
-        // The member stopped may have led: the list waits for a new leader.
-        try await retry(seconds: 20) { members = try await self.memberList(via: helper) }
-        guard let old = members.first(where: { $0.peerUrls.contains(slots[i].advertisedPeerURL) }) else {
-            throw VerifyError("m\(i) is not in the member list")
-        }
-        var remove = Etcdserverpb_MemberRemoveRequest()
-        remove.id = old.id
-        try await retry(seconds: 20) {
-            _ = try await self.call(helper, "/etcdserverpb.Cluster/MemberRemove", remove, as: Etcdserverpb_MemberRemoveResponse.self)
+        do {
+            var members: [Etcdserverpb_Member] = []
+            // The member stopped may have led: the list waits for a new leader.
+            try await retry("MemberList", via: helper, seconds: 20) { members = try await self.memberList(via: helper) }
+            guard let old = members.first(where: { $0.peerUrls.contains(slots[i].advertisedPeerURL) }) else {
+                throw VerifyError("m\(i) is not in the member list")
+            }
+            var remove = Etcdserverpb_MemberRemoveRequest()
+            remove.id = old.id
+            try await retry("MemberRemove", via: helper, seconds: 20) {
+                _ = try await self.call(helper, "/etcdserverpb.Cluster/MemberRemove", remove, as: Etcdserverpb_MemberRemoveResponse.self)
+            }
+        } catch {
+            // Not removed: the member comes back on its data, and the cluster is whole again.
+            try restart(i)
+            throw ReplaceFailed(description: "replacing m\(i): \(error)")
         }
         try? FileManager.default.removeItem(at: dataDir(i))
         slots[i].generation += 1
         var add = Etcdserverpb_MemberAddRequest()
         add.peerUrls = [slots[i].advertisedPeerURL]
         var added = Etcdserverpb_MemberAddResponse()
-        try await retry(seconds: 20) {
+        try await retry("MemberAdd", via: helper, seconds: 20) {
             added = try await self.call(helper, "/etcdserverpb.Cluster/MemberAdd", add, as: Etcdserverpb_MemberAddResponse.self)
         }
         links.setSlot(added.member.id, i)
@@ -178,14 +184,19 @@ final class VerifyCluster: @unchecked Sendable {
         try launch(i, initialCluster: initial, state: "existing")
     }
 
-    private func retry(seconds: Double, _ body: () async throws -> Void) async throws {
+    /// A member replacement that failed before the member was removed (it was restarted).
+    struct ReplaceFailed: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    private func retry(_ step: String, via helper: Int, seconds: Double, _ body: () async throws -> Void) async throws {
         let deadline = Date().addingTimeInterval(seconds)
         while true {
             do {
                 try await body()
                 return
             } catch {
-                if Date() > deadline { throw VerifyError("replacing a member: \(error)") }
+                if Date() > deadline { throw VerifyError("\(step) through m\(helper) failed for \(Int(seconds)) s: \(error)") }
                 try await Task.sleep(for: .milliseconds(300))
             }
         }

@@ -176,6 +176,10 @@ import Testing
             usleep(500_000)
         }
         #expect(try leader.etcdctl(["get", "leased", "--print-value-only"]).stdout == "1\n", "the leader kept the lease")
+        // The follower answers TimeToLive from the leader's clock (its own is never renewed).
+        let timeToLive = try follower.etcdctl(["lease", "timetolive", id]).stdout
+        let remaining = timeToLive.split(separator: "remaining(").last.flatMap { Int($0.prefix { $0.isNumber || $0 == "-" }) }
+        #expect(remaining.map { $0 >= 1 && $0 <= 3 } ?? false, "\(timeToLive)")
         // No more keep-alives: the leader revokes it.
         let deadline = Date().addingTimeInterval(10)
         var value = "1\n"

@@ -16,7 +16,26 @@ final class ApplyLoop: @unchecked Sendable {
     typealias Completion = @Sendable (Result<InternalResponse, EtcdError>) -> Void
 
     typealias ReadCompletion = @Sendable (Result<Void, EtcdError>) -> Void
-    typealias RenewCompletion = @Sendable (Result<Int64, EtcdError>) -> Void
+    typealias LeaseCompletion = @Sendable (Result<LeaseAnswer, EtcdError>) -> Void
+
+    /// What only the leader's lease clocks can answer.
+    enum LeaseQuestion: Sendable {
+        /// A keep-alive: renew, and the TTL (0: unknown or expired).
+        case renew(Int64)
+        /// The time left and the granted TTL (remaining -1: unknown).
+        case timeToLive(Int64)
+
+        var lease: Int64 {
+            switch self {
+            case .renew(let id), .timeToLive(let id): id
+            }
+        }
+    }
+
+    struct LeaseAnswer: Sendable {
+        var remaining: Int64
+        var granted: Int64
+    }
 
     private enum Work {
         case proposal(data: [UInt8], request: InternalRequest, completion: Completion?)
@@ -35,8 +54,10 @@ final class ApplyLoop: @unchecked Sendable {
         /// A membership change (add, remove, promote) asked of this member: proposed here when it
         /// leads, otherwise forwarded to the leader.
         case membership(InternalRequest, Completion)
-        /// A lease keep-alive: renewed by the leader (here, or asked over the peer link).
-        case renew(Int64, RenewCompletion)
+        /// A question for the leader's lease clocks: answered here when this member leads,
+        /// otherwise asked of the leader over the peer link (`forwarded`: asked by a peer, so
+        /// never passed on again).
+        case lease(LeaseQuestion, forwarded: Bool, LeaseCompletion)
         /// Bytes from a peer's server (`AppFrame`).
         case app(from: UInt64, [UInt8])
         /// A peer refused us as removed from the cluster.
@@ -93,8 +114,8 @@ final class ApplyLoop: @unchecked Sendable {
     private let strictReconfigCheck: Bool
     /// Reads waiting for their ReadIndex answer, by context; then for the apply to reach it.
     private var readsByContext: [UInt64: (reads: [ReadCompletion], asked: Date)] = [:]
-    /// Keep-alives sent to the leader, by request ID.
-    private var renewals: [UInt64: (completion: RenewCompletion, asked: Date)] = [:]
+    /// Lease questions sent to the leader, by request ID.
+    private var leaseQuestions: [UInt64: (completion: LeaseCompletion, asked: Date)] = [:]
     private var readsWaitingForApply: [(index: LogIndex, reads: [ReadCompletion])] = []
     private var nextReadContext: UInt64 = 1
     /// Leadership transfers under way: the target, when to give up, who waits.
@@ -254,7 +275,7 @@ final class ApplyLoop: @unchecked Sendable {
             if case .local(let body) = work { body() }
             if case .read(let completion) = work { completion(.failure(.stopped)) }
             if case .transfer(_, let completion) = work { completion(.failure(.stopped)) }
-            if case .renew(_, let completion) = work { completion(.failure(.stopped)) }
+            if case .lease(_, _, let completion) = work { completion(.failure(.stopped)) }
             return
         }
         queue.append(work)
@@ -288,6 +309,13 @@ final class ApplyLoop: @unchecked Sendable {
             condition.unlock()
             process(batch)
         }
+        // Nobody will answer these any more.
+        for (_, question) in leaseQuestions { question.completion(.failure(.stopped)) }
+        leaseQuestions.removeAll()
+        for (_, waiting) in readsByContext { for read in waiting.reads { read(.failure(.stopped)) } }
+        readsByContext.removeAll()
+        for waiting in readsWaitingForApply { for read in waiting.reads { read(.failure(.stopped)) } }
+        readsWaitingForApply.removeAll()
         done.signal()
     }
 
@@ -344,18 +372,20 @@ final class ApplyLoop: @unchecked Sendable {
                 askMembershipChange(request, completion)
             case .app(let from, let bytes):
                 receiveApp(from: from, bytes)
-            case .renew(let lease, let completion):
+            case .lease(let question, let forwarded, let completion):
                 if raft.role == .leader {
-                    let ttl = machine.lessor.renew(lease) ?? 0
-                    if ttl > 0 && hasPeers { reads.append { completion($0.map { ttl }) } } else { completion(.success(ttl)) }
+                    answerAsLeader(question, forwarded: forwarded, completion, reads: &reads)
+                } else if forwarded {
+                    completion(.failure(.notLeader))
                 } else if raft.leader != .none {
                     let requestID = nextRequestID
                     nextRequestID += 1
-                    renewals[requestID] = (completion, received)
+                    leaseQuestions[requestID] = (completion, received)
                     var frame = ByteWriter()
-                    frame.u8(AppFrame.renew)
+                    frame.u8(AppFrame.leaseQuestion)
                     frame.u64(requestID)
-                    frame.u64(UInt64(bitPattern: lease))
+                    if case .renew = question { frame.u8(0) } else { frame.u8(1) }
+                    frame.u64(UInt64(bitPattern: question.lease))
                     transport.sendApp(to: raft.leader.value, frame.bytes)
                 } else {
                     completion(.failure(.noLeader))
@@ -635,9 +665,9 @@ final class ApplyLoop: @unchecked Sendable {
             answerMembership(queued.proposer, queued.requestID, .requestTimedOut)
             return true
         }
-        for (id, renewal) in renewals where renewal.asked < deadline {
-            renewals[id] = nil
-            renewal.completion(.failure(.requestTimedOut))
+        for (id, question) in leaseQuestions where question.asked < deadline {
+            leaseQuestions[id] = nil
+            question.completion(.failure(.requestTimedOut))
         }
         for (context, waiting) in readsByContext where waiting.asked < deadline {
             readsByContext[context] = nil
@@ -658,12 +688,41 @@ final class ApplyLoop: @unchecked Sendable {
         }
     }
 
-    /// Renews a lease on the leader, which answers its TTL (0: unknown or expired) once a quorum
-    /// confirmed that it still leads: a renewal is never promised unless the leader whose clocks
-    /// count made it (etcd's followers forward keep-alives to the leader too).
-    func renewAtLeader(_ lease: Int64) async throws -> Int64 {
+    /// Asks the leader's lease clocks (here, or over the peer link), which answer once a quorum
+    /// confirmed that this leader still leads: a renewal is never promised, nor a lease declared
+    /// gone, but by the leader whose clocks count (etcd's followers forward keep-alives and
+    /// TimeToLive to it too).
+    func askLeader(_ question: LeaseQuestion) async throws -> LeaseAnswer {
         try await withCheckedThrowingContinuation { continuation in
-            enqueue(.renew(lease) { continuation.resume(with: $0.mapError { $0 }) })
+            enqueue(.lease(question, forwarded: false) { continuation.resume(with: $0.mapError { $0 }) })
+        }
+    }
+
+    /// The leader's answer. A renewal is made first and confirmed after (ReadIndex), which puts
+    /// any later leader's election, and its restart of every clock, after it. A lease this leader
+    /// does not know yet (its apply was behind) is asked about again once the apply caught up.
+    private func answerAsLeader(_ question: LeaseQuestion, forwarded: Bool, _ completion: @escaping LeaseCompletion,
+                                reads: inout [ReadCompletion]) {
+        let lessor = machine.lessor
+        switch question {
+        case .renew(let lease):
+            let ttl = lessor.renew(lease) ?? 0
+            guard hasPeers else { return completion(.success(LeaseAnswer(remaining: ttl, granted: ttl))) }
+            reads.append { [self] result in
+                switch result {
+                case .failure(let error): completion(.failure(error))
+                case .success where ttl > 0: completion(.success(LeaseAnswer(remaining: ttl, granted: ttl)))
+                case .success where lessor.renew(lease) != nil: enqueue(.lease(question, forwarded: forwarded, completion))
+                case .success: completion(.success(LeaseAnswer(remaining: 0, granted: 0)))
+                }
+            }
+        case .timeToLive(let lease):
+            @Sendable func answer() -> LeaseAnswer {
+                guard let clock = lessor.timeToLive(lease) else { return LeaseAnswer(remaining: -1, granted: 0) }
+                return LeaseAnswer(remaining: clock.remaining, granted: clock.granted)
+            }
+            guard hasPeers else { return completion(.success(answer())) }
+            reads.append { completion($0.map { answer() }) }
         }
     }
 
@@ -718,13 +777,14 @@ struct BootstrapError: Error, CustomStringConvertible {
 /// Requests between the members' servers, carried in the peer transport's application frames:
 /// `1 | request ID u64 | InternalRequest` (a membership change forwarded to the leader),
 /// `2 | request ID u64 | code u8 | message` (the leader refused it),
-/// `3 | request ID u64 | lease ID u64` (a keep-alive for the leader) and
-/// `4 | request ID u64 | code u8 | TTL u64 or message` (its answer: code 0 and the TTL, or an error).
+/// `3 | request ID u64 | question u8 (0 renew, 1 time to live) | lease ID u64` (for the leader's
+/// lease clocks) and `4 | request ID u64 | code u8 | remaining u64 | granted u64, or message`
+/// (the answer: code 0 and the figures, or an error).
 private enum AppFrame {
     static let forward: UInt8 = 1
     static let refused: UInt8 = 2
-    static let renew: UInt8 = 3
-    static let renewed: UInt8 = 4
+    static let leaseQuestion: UInt8 = 3
+    static let leaseAnswer: UInt8 = 4
 }
 
 extension ApplyLoop {
@@ -809,38 +869,32 @@ extension ApplyLoop {
             if let error = proposeMembership(request, proposer: peer, requestID: requestID) {
                 answerMembership(peer, requestID, error)
             }
-        case AppFrame.renew:
-            guard let raw = try? reader.u64() else { return }
+        case AppFrame.leaseQuestion:
+            guard let kind = try? reader.u8(), let raw = try? reader.u64() else { return }
             let lease = Int64(bitPattern: raw)
             let transport = self.transport
-            @Sendable func answer(_ result: Result<Int64, EtcdError>) {
+            enqueue(.lease(kind == 0 ? .renew(lease) : .timeToLive(lease), forwarded: true) { result in
                 var frame = ByteWriter()
-                frame.u8(AppFrame.renewed)
+                frame.u8(AppFrame.leaseAnswer)
                 frame.u64(requestID)
                 switch result {
-                case .success(let ttl):
+                case .success(let answer):
                     frame.u8(0)
-                    frame.u64(UInt64(bitPattern: ttl))
+                    frame.u64(UInt64(bitPattern: answer.remaining))
+                    frame.u64(UInt64(bitPattern: answer.granted))
                 case .failure(let error):
                     frame.u8(UInt8(error.code.rawValue))
                     frame.bytes += Array(error.message.utf8)
                 }
                 transport.sendApp(to: peer, frame.bytes)
-            }
-            guard raft.role == .leader else { return answer(.failure(.notLeader)) }
-            let ttl = machine.lessor.renew(lease) ?? 0
-            if ttl > 0 {
-                enqueue(.read { answer($0.map { ttl }) })
-            } else {
-                answer(.success(0))
-            }
-        case AppFrame.renewed:
-            guard let code = try? reader.u8(), let renewal = renewals.removeValue(forKey: requestID) else { return }
-            if code == 0, let raw = try? reader.u64() {
-                renewal.completion(.success(Int64(bitPattern: raw)))
+            })
+        case AppFrame.leaseAnswer:
+            guard let code = try? reader.u8(), let question = leaseQuestions.removeValue(forKey: requestID) else { return }
+            if code == 0, let remaining = try? reader.u64(), let granted = try? reader.u64() {
+                question.completion(.success(LeaseAnswer(remaining: Int64(bitPattern: remaining), granted: Int64(bitPattern: granted))))
             } else {
                 let message = String(decoding: reader.rest(), as: UTF8.self)
-                renewal.completion(.failure(EtcdError(EtcdError.Code(rawValue: Int(code)) ?? .unknown, message)))
+                question.completion(.failure(EtcdError(EtcdError.Code(rawValue: Int(code)) ?? .unknown, message)))
             }
         case AppFrame.refused:
             guard let code = try? reader.u8(), let waiter = waiters.removeValue(forKey: requestID) else { return }

@@ -39,35 +39,58 @@ extension EtcdLiteServer {
     public func leaseKeepAlive(_ request: Etcdserverpb_LeaseKeepAliveRequest) async throws -> Etcdserverpb_LeaseKeepAliveResponse {
         var response = Etcdserverpb_LeaseKeepAliveResponse()
         response.id = request.id
+        // The header is read before the renewal, as etcd's is.
+        response.header = header(revision: status.state.currentRevision)
         if status.alone {
             response.ttl = lessor.renew(request.id) ?? 0
         } else {
-            response.ttl = try await loop.renewAtLeader(request.id)
+            response.ttl = try await askLeader(.renew(request.id)).remaining
         }
-        response.header = header(revision: status.state.currentRevision)
         return response
     }
 
     /// A LeaseKeepAlive stream: each request answered in turn.
     func leaseKeepAliveStream(_ requests: AsyncStream<[UInt8]>, _ writer: ResponseWriter) async throws {
         for await bytes in requests {
-            let request = try Etcdserverpb_LeaseKeepAliveRequest(serializedBytes: bytes)
+            let request: Etcdserverpb_LeaseKeepAliveRequest = try GRPCMethods.decode(bytes)
             let response = try await leaseKeepAlive(request)
             try await writer.write([try response.serializedBytes()])
         }
     }
 
-    /// The remaining and granted TTL, and the attached keys when asked; an unknown lease is TTL -1.
-    public func leaseTimeToLive(_ request: Etcdserverpb_LeaseTimeToLiveRequest) throws -> Etcdserverpb_LeaseTimeToLiveResponse {
+    /// Asks the leader's lease clocks; while there is no leader (or it just changed) asks again
+    /// until etcd's request timeout, as etcd's follower waits for a leader.
+    private func askLeader(_ question: ApplyLoop.LeaseQuestion) async throws -> ApplyLoop.LeaseAnswer {
+        let deadline = ContinuousClock.now + .seconds(5) + .milliseconds(2 * config.electionTimeoutMilliseconds)
+        while true {
+            do {
+                return try await loop.askLeader(question)
+            } catch let error as EtcdError where error == .noLeader || error == .notLeader {
+                guard ContinuousClock.now < deadline else { throw EtcdError.requestTimedOut }
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+    }
+
+    /// The remaining and granted TTL (from the leader, whose clocks count), and the attached keys
+    /// when asked; an unknown lease is TTL -1.
+    public func leaseTimeToLive(_ request: Etcdserverpb_LeaseTimeToLiveRequest) async throws -> Etcdserverpb_LeaseTimeToLiveResponse {
         var response = Etcdserverpb_LeaseTimeToLiveResponse()
         response.id = request.id
         response.header = header(revision: status.state.currentRevision)
-        guard let clock = lessor.timeToLive(request.id) else {
-            response.ttl = -1
-            return response
+        let answer: ApplyLoop.LeaseAnswer
+        if status.alone {
+            guard let clock = lessor.timeToLive(request.id) else {
+                response.ttl = -1
+                return response
+            }
+            answer = ApplyLoop.LeaseAnswer(remaining: clock.remaining, granted: clock.granted)
+        } else {
+            answer = try await askLeader(.timeToLive(request.id))
         }
-        response.ttl = clock.remaining
-        response.grantedTtl = clock.granted
+        response.ttl = answer.remaining
+        guard answer.remaining != -1 else { return response }
+        response.grantedTtl = answer.granted
         if request.keys {
             response.keys = try backend.withReader { try StateMachine.attachedKeys(request.id, $0) }
         }

@@ -86,7 +86,7 @@ extension EtcdLiteServer {
         }
         m.unary("/etcdserverpb.Lease/LeaseGrant") { (r: Etcdserverpb_LeaseGrantRequest, _) in try await self.leaseGrant(r) }
         m.unary("/etcdserverpb.Lease/LeaseRevoke") { (r: Etcdserverpb_LeaseRevokeRequest, _) in try await self.leaseRevoke(r) }
-        m.unary("/etcdserverpb.Lease/LeaseTimeToLive") { (r: Etcdserverpb_LeaseTimeToLiveRequest, _) in try self.leaseTimeToLive(r) }
+        m.unary("/etcdserverpb.Lease/LeaseTimeToLive") { (r: Etcdserverpb_LeaseTimeToLiveRequest, _) in try await self.leaseTimeToLive(r) }
         m.unary("/etcdserverpb.Lease/LeaseLeases") { (_: Etcdserverpb_LeaseLeasesRequest, _) in self.leaseLeases() }
         m.streaming("/etcdserverpb.Lease/LeaseKeepAlive") { requests, writer, _ in try await self.leaseKeepAliveStream(requests, writer) }
         m.streaming("/etcdserverpb.Watch/Watch") { requests, writer, context in try await self.watch(requests, writer, context) }
