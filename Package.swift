@@ -99,6 +99,7 @@ let package = Package(
         .target(
             name: "EtcdLiteVerify",
             dependencies: [
+                "Raft",
                 "EtcdLiteBench",
                 "EtcdLiteClient",
                 "EtcdLiteProto",

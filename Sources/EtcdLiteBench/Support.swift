@@ -4,7 +4,7 @@ import Synchronization
 
 /// Monotonic nanoseconds (CLOCK_MONOTONIC), comparable across this process's threads.
 @inline(__always)
-func monotonicNanos() -> UInt64 {
+public func monotonicNanos() -> UInt64 {
     var spec = timespec()
     clock_gettime(CLOCK_MONOTONIC, &spec)
     return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)

@@ -3,6 +3,7 @@ import EtcdLiteClient
 import EtcdLiteProto
 import Foundation
 import NIOCore
+import Raft
 import Synchronization
 
 /// `etcdlite verify`: real members on loopback, concurrent clients, faults on a schedule, then a
@@ -65,79 +66,18 @@ public struct Verifier: Sendable {
                 && leaseViolations == 0 && hashMismatches == 0 && unhealthyAfterHeal == 0
         }
 
-        private enum CodingKeys: String, CodingKey {
-            case members, seconds, seed, faultsInjected, operations, operationsChecked, unknownOutcomes,
-                 linearizabilityAnomalies, undecidedKeys, serializableReadsChecked, phantomReads, acknowledgedWrites,
-                 acknowledgedWritesLost, readBacksPerMember, watchers, watchStreams, watchEventsChecked, watchViolations,
-                 leaseViolations, expiringLeasesChecked, hashMismatches, unhealthyAfterHeal, failpointsUnavailable, stoppedOnSyncFailure,
-                 errors, violations, passed
-        }
-
-        public func encode(to encoder: any Encoder) throws {
-            var c = encoder.container(keyedBy: CodingKeys.self)
-            try c.encode(members, forKey: .members)
-            try c.encode(seconds, forKey: .seconds)
-            try c.encode(seed, forKey: .seed)
-            try c.encode(faultsInjected, forKey: .faultsInjected)
-            try c.encode(operations, forKey: .operations)
-            try c.encode(operationsChecked, forKey: .operationsChecked)
-            try c.encode(unknownOutcomes, forKey: .unknownOutcomes)
-            try c.encode(linearizabilityAnomalies, forKey: .linearizabilityAnomalies)
-            try c.encode(undecidedKeys, forKey: .undecidedKeys)
-            try c.encode(serializableReadsChecked, forKey: .serializableReadsChecked)
-            try c.encode(phantomReads, forKey: .phantomReads)
-            try c.encode(acknowledgedWrites, forKey: .acknowledgedWrites)
-            try c.encode(acknowledgedWritesLost, forKey: .acknowledgedWritesLost)
-            try c.encode(readBacksPerMember, forKey: .readBacksPerMember)
-            try c.encode(watchers, forKey: .watchers)
-            try c.encode(watchStreams, forKey: .watchStreams)
-            try c.encode(watchEventsChecked, forKey: .watchEventsChecked)
-            try c.encode(watchViolations, forKey: .watchViolations)
-            try c.encode(leaseViolations, forKey: .leaseViolations)
-            try c.encode(expiringLeasesChecked, forKey: .expiringLeasesChecked)
-            try c.encode(hashMismatches, forKey: .hashMismatches)
-            try c.encode(unhealthyAfterHeal, forKey: .unhealthyAfterHeal)
-            try c.encode(failpointsUnavailable, forKey: .failpointsUnavailable)
-            try c.encode(stoppedOnSyncFailure, forKey: .stoppedOnSyncFailure)
-            try c.encode(errors, forKey: .errors)
-            try c.encode(violations, forKey: .violations)
-            try c.encode(passed, forKey: .passed)
-        }
-
         public init(members: Int, seconds: Double, seed: UInt64) {
             self.members = members
             self.seconds = seconds
             self.seed = seed
         }
 
-        public init(from decoder: any Decoder) throws {
-            let c = try decoder.container(keyedBy: CodingKeys.self)
-            members = try c.decode(Int.self, forKey: .members)
-            seconds = try c.decode(Double.self, forKey: .seconds)
-            seed = try c.decode(UInt64.self, forKey: .seed)
-            faultsInjected = try c.decode([String: Int].self, forKey: .faultsInjected)
-            operations = try c.decode([String: Int].self, forKey: .operations)
-            operationsChecked = try c.decode(Int.self, forKey: .operationsChecked)
-            unknownOutcomes = try c.decode(Int.self, forKey: .unknownOutcomes)
-            linearizabilityAnomalies = try c.decode(Int.self, forKey: .linearizabilityAnomalies)
-            undecidedKeys = try c.decode(Int.self, forKey: .undecidedKeys)
-            serializableReadsChecked = try c.decode(Int.self, forKey: .serializableReadsChecked)
-            phantomReads = try c.decode(Int.self, forKey: .phantomReads)
-            acknowledgedWrites = try c.decode(Int.self, forKey: .acknowledgedWrites)
-            acknowledgedWritesLost = try c.decode(Int.self, forKey: .acknowledgedWritesLost)
-            readBacksPerMember = try c.decode(Int.self, forKey: .readBacksPerMember)
-            watchers = try c.decode(Int.self, forKey: .watchers)
-            watchStreams = try c.decode(Int.self, forKey: .watchStreams)
-            watchEventsChecked = try c.decode(Int.self, forKey: .watchEventsChecked)
-            watchViolations = try c.decode(Int.self, forKey: .watchViolations)
-            leaseViolations = try c.decode(Int.self, forKey: .leaseViolations)
-            expiringLeasesChecked = try c.decode(Int.self, forKey: .expiringLeasesChecked)
-            hashMismatches = try c.decode(Int.self, forKey: .hashMismatches)
-            unhealthyAfterHeal = try c.decode(Int.self, forKey: .unhealthyAfterHeal)
-            failpointsUnavailable = try c.decode(Int.self, forKey: .failpointsUnavailable)
-            stoppedOnSyncFailure = try c.decode(Int.self, forKey: .stoppedOnSyncFailure)
-            errors = try c.decode([String: Int].self, forKey: .errors)
-            violations = try c.decode([String].self, forKey: .violations)
+        /// The report as one JSON object, with the verdict (`passed`) in it.
+        public func json() throws -> String {
+            let encoder = JSONEncoder()
+            guard var object = try JSONSerialization.jsonObject(with: encoder.encode(self)) as? [String: Any] else { return "{}" }
+            object["passed"] = passed
+            return String(decoding: try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]), as: UTF8.self)
         }
     }
 
@@ -166,7 +106,7 @@ public struct Verifier: Sendable {
         let prefix = "verify/\(seed)/"
         let recorder = Recorder()
         let startRevision = try await currentRevision(cluster)
-        let start = monotonicNow()
+        let start = monotonicNanos()
         let deadline = start + UInt64(duration * 1e9)
         let seed = self.seed
         let flags = RunFlags()
@@ -174,7 +114,7 @@ public struct Verifier: Sendable {
         let leases = LeaseClient(cluster: cluster, prefix: prefix, seed: seed ^ 0x1EA5E)
         let interval = Duration.milliseconds(max(1, 1_000 / max(1, rate)))
         let clients = self.clients
-        var random = SeededGenerator(seed: seed ^ 0xFA17)
+        var random = SeededRandom(seed: seed ^ 0xFA17)
 
         try await withThrowingTaskGroup(of: Void.self) { group in
             for client in 0..<clients {
@@ -194,7 +134,7 @@ public struct Verifier: Sendable {
 
             // The faults, one at a time, each healed before the next.
             var order: [Fault] = []
-            while monotonicNow() + 3_000_000_000 < deadline {
+            while monotonicNanos() + 3_000_000_000 < deadline {
                 if order.isEmpty { order = faults.shuffled(using: &random) }
                 let fault = order.removeFirst()
                 if fault == .bridge && cluster.count < 3 { continue }
@@ -218,7 +158,7 @@ public struct Verifier: Sendable {
                 }
                 try await Task.sleep(for: .seconds(Double.random(in: 0.5...1.5, using: &random)))
             }
-            while monotonicNow() < deadline { try await Task.sleep(for: .milliseconds(100)) }
+            while monotonicNanos() < deadline { try await Task.sleep(for: .milliseconds(100)) }
             // Clients and the lease client stop at the deadline; the watchers go on to the end.
             cluster.links.healAll()
             for i in 0..<cluster.count { cluster.resume(i) }
@@ -342,7 +282,7 @@ public struct Verifier: Sendable {
 
     /// Reads acknowledged puts back at their revisions on every member (serializable, local).
     private func readBack(_ cluster: VerifyCluster, _ writes: [AcknowledgedWrite], seed: UInt64) async throws -> (Int, [String]) {
-        var random = SeededGenerator(seed: seed ^ 0xBAC)
+        var random = SeededRandom(seed: seed ^ 0xBAC)
         let puts = writes.filter { $0.kind == .put }
         let sample = puts.count <= 500 ? puts : Array(puts.shuffled(using: &random).prefix(500))
         var problems: [String] = []
@@ -395,7 +335,7 @@ public struct Verifier: Sendable {
     }
 
     /// Starts a fault; returns what heals it.
-    private func inject(_ fault: Fault, _ cluster: VerifyCluster, _ random: inout SeededGenerator,
+    private func inject(_ fault: Fault, _ cluster: VerifyCluster, _ random: inout SeededRandom,
                         _ report: inout Report) async throws -> (inout Report) async throws -> Void {
         let n = cluster.count
         let any = Int.random(in: 0..<n, using: &random)
@@ -503,7 +443,7 @@ final class LeaseClient: @unchecked Sendable {
     func run(deadline: UInt64, keepUntil: @escaping @Sendable () -> Bool) async {
         var n = 0
         var lastShort = 0.0
-        while monotonicNow() < deadline && !Task.isCancelled {
+        while monotonicNanos() < deadline && !Task.isCancelled {
             if keptLease == 0 { await grantKept() }
             if keptLease != 0 { await keepAlive() }
             if now - lastShort > 3 {

@@ -3,6 +3,7 @@ import EtcdLiteClient
 import EtcdLiteProto
 import Foundation
 import NIOCore
+import Raft
 import Synchronization
 
 /// Everything the clients recorded.
@@ -33,11 +34,11 @@ final class MemberConnection: @unchecked Sendable {
     let cluster: VerifyCluster
     var member = -1
     var connection: GRPCClientConnection?
-    var generator: SeededGenerator
+    var generator: SeededRandom
 
     init(cluster: VerifyCluster, seed: UInt64) {
         self.cluster = cluster
-        generator = SeededGenerator(seed: seed)
+        generator = SeededRandom(seed: seed)
     }
 
     func get() async throws -> GRPCClientConnection {
@@ -66,19 +67,6 @@ final class MemberConnection: @unchecked Sendable {
     }
 }
 
-/// Deterministic randomness from `--seed` (SplitMix64).
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 enum KVClient {
     /// Runs one client until `deadline`: put, linearizable and serializable get, delete and
     /// compare-and-swap on a few keys of the current epoch (keys change every `epochSeconds`, which
@@ -86,12 +74,12 @@ enum KVClient {
     static func run(client: Int, cluster: VerifyCluster, recorder: Recorder, prefix: String, keys: Int,
                     epochSeconds: Double, interval: Duration, seed: UInt64, start: UInt64, deadline: UInt64) async {
         let member = MemberConnection(cluster: cluster, seed: seed)
-        var random = SeededGenerator(seed: seed ^ 0xABCD)
+        var random = SeededRandom(seed: seed ^ 0xABCD)
         var sequence = 0
         var lastSeen: [String: String?] = [:]
-        while monotonicNow() < deadline && !Task.isCancelled {
+        while monotonicNanos() < deadline && !Task.isCancelled {
             sequence += 1
-            let epoch = Int(Double(monotonicNow() - start) / 1e9 / epochSeconds)
+            let epoch = Int(Double(monotonicNanos() - start) / 1e9 / epochSeconds)
             let key = "\(prefix)e\(epoch)/k\(Int.random(in: 0..<keys, using: &random))"
             let value = "c\(client)-\(sequence)"
             let choice = Int.random(in: 0..<100, using: &random)
@@ -108,9 +96,9 @@ enum KVClient {
             }
             if case .put = input { recorder.state.withLock { _ = $0.attempted[key, default: []].insert(value) } }
             if case .compareAndSwap = input { recorder.state.withLock { _ = $0.attempted[key, default: []].insert(value) } }
-            let invoked = monotonicNow()
+            let invoked = monotonicNanos()
             let (output, revision) = await perform(input, key: key, serializable: serializable, on: member, recorder: recorder)
-            let returned = monotonicNow()
+            let returned = monotonicNanos()
             if case .value(let v) = output { lastSeen[key] = v }
             if serializable {
                 if case .value(let v) = output { recorder.state.withLock { $0.serializableReads.append((key, v)) } }
@@ -155,8 +143,6 @@ enum KVClient {
     }
 }
 
-func monotonicNow() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
-
 /// A watcher of the workload's prefix that moves between members: it opens a stream on a random
 /// member from the revision after the last event it saw, keeps it for a while (or until it
 /// breaks), and records each stream as a session.
@@ -171,14 +157,14 @@ final class Watcher: @unchecked Sendable {
         get { nextRevision.withLock { $0 } }
         set { nextRevision.withLock { $0 = newValue } }
     }
-    private var random: SeededGenerator
+    private var random: SeededRandom
 
     init(name: String, cluster: VerifyCluster, prefix: String, from: Int64, seed: UInt64) {
         self.name = name
         self.cluster = cluster
         self.prefix = prefix
         nextRevision = Mutex(from)
-        random = SeededGenerator(seed: seed)
+        random = SeededRandom(seed: seed)
     }
 
     /// Runs until `stop()` says so and the watcher has reached `through()` (or `giveUp` passes).

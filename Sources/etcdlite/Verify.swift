@@ -46,9 +46,7 @@ struct Verify: AsyncParsableCommand {
         }
         let report = try await verifier.run()
         if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.sortedKeys]
-            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            print(try report.json())
         } else {
             print(report.text)
         }

@@ -145,11 +145,13 @@ func outcome<T: Sendable>(_ body: () async throws -> T, _ text: (T) -> String) a
                 out.append("\(arguments.first!) \(arguments.dropFirst().first ?? ""): \(result.status) \(result.stdout) \(DifferentialTests.clean(result.stderr))")
             }
             return out.map { text in
-                // Remaining seconds tick; ids differ between servers.
-                sortedKeyLists(DifferentialTests.normalize(text.replacingOccurrences(of: String(id), with: "LEASEID")))
+                // Remaining seconds tick; ids differ between servers. The JSON lease id goes first:
+                // a random id of 14–16 decimal digits would otherwise pass for a hex id (HEXID).
+                let ids = text.replacingOccurrences(of: String(id), with: "LEASEID")
+                    .replacingOccurrences(of: #"\"id\":\d+"#, with: "\"id\":ID", options: .regularExpression)
+                return sortedKeyLists(DifferentialTests.normalize(ids))
                     .replacingOccurrences(of: #"remaining\(\d+s\)"#, with: "remaining(Ns)", options: .regularExpression)
                     .replacingOccurrences(of: #"\"ttl\":\d+"#, with: "\"ttl\":N", options: .regularExpression)
-                    .replacingOccurrences(of: #"\"id\":\d+"#, with: "\"id\":ID", options: .regularExpression)
             }
         }
         try expectSameAsEtcd(session)

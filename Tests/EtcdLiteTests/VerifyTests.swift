@@ -100,12 +100,12 @@ import Testing
 }
 
 /// `etcdlite verify` as users run it: three members under every kind of fault. It loads both
-/// cores for minutes, so it runs on its own after the other tests (scripts/test.sh sets
+/// cores for minutes, so it runs on its own after the other tests (scripts/verify-and-fuzz.sh sets
 /// ETCDLITE_VERIFY_SECONDS); timing-sensitive tests beside it would fail for want of CPU.
 @Suite(.serialized) struct VerifyRunTests {
     static let seconds = ProcessInfo.processInfo.environment["ETCDLITE_VERIFY_SECONDS"].flatMap(Double.init)
 
-    @Test(.enabled(if: seconds != nil, "run by scripts/test.sh on its own (ETCDLITE_VERIFY_SECONDS)"), .timeLimit(.minutes(10)))
+    @Test(.enabled(if: seconds != nil, "run by scripts/verify-and-fuzz.sh on its own (ETCDLITE_VERIFY_SECONDS)"), .timeLimit(.minutes(10)))
     func threeMembersUnderEveryFaultLoseNothingAndStayLinearizable() throws {
         // A different seed each day (printed with the report, so a failure can be replayed).
         let seed = Int(Date().timeIntervalSince1970 / 86_400) % 1_000 + 1

@@ -12,8 +12,8 @@ enum InternalRequest: Sendable {
     case leaseGrant(Etcdserverpb_LeaseGrantRequest)
     /// A client's revoke, or the leader's for an expired lease.
     case leaseRevoke(Etcdserverpb_LeaseRevokeRequest)
-    /// A keep-alive a follower received: every member (the leader, whose clocks count, among
-    /// them) renews the lease when it applies it.
+    /// A keep-alive a follower received, as earlier versions passed it through the log (followers
+    /// now ask the leader directly): kept so that such entries in an existing log still apply.
     case leaseRenew(Etcdserverpb_LeaseKeepAliveRequest)
     /// A member's name and client URLs, published by the member through the log after it starts
     /// (as etcd does): what MemberList shows of it.

@@ -187,18 +187,6 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             let message = pending.readBytes(length: length)!
             if let inbound = calls[id]!.inbound {
                 inbound.yield(message)
-            } else if case .streamingDirect(let handler) = calls[id]!.method {
-                switch handler(message, calls[id]!.context) {
-                case .success(let response):
-                    if !calls[id]!.headersSent {
-                        calls[id]!.headersSent = true
-                        writeHeaders(id)
-                    }
-                    writeMessages(id, [response], promise: nil)
-                case .failure(let status):
-                    fail(id, status)
-                    return
-                }
             } else if calls[id]!.message == nil {
                 calls[id]!.message = message
             } else {
@@ -216,10 +204,6 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         guard var call = calls[id] else { return }
         if let inbound = call.inbound {
             inbound.finish()
-            return
-        }
-        if case .streamingDirect = call.method {
-            finish(id, .ok)
             return
         }
         guard !call.started else { return }

@@ -23,9 +23,6 @@ enum GRPCMethod: Sendable {
     case unaryDirect(@Sendable ([UInt8], CallContext, @escaping @Sendable (Result<[UInt8], GRPCStatus>) -> Void) -> Void)
     /// Requests and responses as streams (server-streaming calls see one request).
     case streaming(@Sendable (AsyncStream<[UInt8]>, ResponseWriter, CallContext) async throws -> Void)
-    /// A bidirectional stream answered message by message on the connection's event loop, for
-    /// answers that need no I/O (lease keep-alives). The call ends when the client's side does.
-    case streamingDirect(@Sendable ([UInt8], CallContext) -> Result<[UInt8], GRPCStatus>)
 }
 
 /// Sends response messages of a streaming call; each write waits until the frames are handed to
@@ -94,19 +91,6 @@ struct GRPCMethods: Sendable {
         table[path] = .streaming(handler)
     }
 
-    mutating func streamingDirect<Request: Message, Response: Message>(
-        _ path: String, _ handler: @escaping @Sendable (Request, CallContext) -> Response
-    ) {
-        table[path] = .streamingDirect { bytes, context in
-            do {
-                let request: Request = try Self.decode(bytes)
-                return .success(try handler(request, context).serializedBytes())
-            } catch {
-                return .failure(GRPCStatus(error))
-            }
-        }
-    }
-
     /// Runs `check` before every method but `except` (etcd's interceptors: a learner refuses).
     mutating func guardAll(except: Set<String>, _ check: @escaping @Sendable () throws -> Void) {
         for (path, method) in table where !except.contains(path) {
@@ -125,11 +109,6 @@ struct GRPCMethods: Sendable {
                 table[path] = .streaming { requests, writer, context in
                     try check()
                     try await body(requests, writer, context)
-                }
-            case .streamingDirect(let body):
-                table[path] = .streamingDirect { bytes, context in
-                    do { try check() } catch { return .failure(GRPCStatus(error)) }
-                    return body(bytes, context)
                 }
             }
         }

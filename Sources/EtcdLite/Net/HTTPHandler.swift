@@ -149,16 +149,6 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
             handler(requests[0], callContext) { result in
                 loop.eventLoop.execute { loop.value.finishUnary(head, route, result.mapError { $0 }) }
             }
-        case .streamingDirect(let handler):
-            // Each request answered in turn; the call ends with the body (etcd's keepalive).
-            startStream(head)
-            for request in requests {
-                switch handler(request, callContext) {
-                case .success(let response): writeLine(route, response)
-                case .failure(let status): writeStreamError(status)
-                }
-            }
-            endStream(head)
         case .streaming(let handler):
             startStream(head)
             let (inbound, continuation) = AsyncStream.makeStream(of: [UInt8].self)

@@ -85,7 +85,7 @@ final class ApplyLoop: @unchecked Sendable {
     /// When each waiting proposal was made: unanswered after `requestTimeout`, it fails with
     /// etcd's `request timed out` (its entry may have been lost with a leader).
     private var proposedAt: [UInt64: Date] = [:]
-    private let requestTimeout: TimeInterval
+    let requestTimeout: TimeInterval
     /// The cluster's members as last applied (for MemberList and the request path).
     let members: Mutex<Membership>
     /// The connections to the other members.

@@ -61,7 +61,7 @@ extension EtcdLiteServer {
     /// Asks the leader's lease clocks; while there is no leader (or it just changed) asks again
     /// until etcd's request timeout, as etcd's follower waits for a leader.
     private func askLeader(_ question: ApplyLoop.LeaseQuestion) async throws -> ApplyLoop.LeaseAnswer {
-        let deadline = ContinuousClock.now + .seconds(5) + .milliseconds(2 * config.electionTimeoutMilliseconds)
+        let deadline = ContinuousClock.now + .seconds(loop.requestTimeout)
         while true {
             do {
                 return try await loop.askLeader(question)

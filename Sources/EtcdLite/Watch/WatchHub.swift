@@ -76,6 +76,8 @@ final class WatchHub: Sendable {
         var queue = CircularBuffer<Outbound>()
         var queuedBytes = 0
         var waiter: CheckedContinuation<Void, Never>?
+        /// The waiter to resume once the lock is released (`signal`).
+        var wake: CheckedContinuation<Void, Never>?
         var signaled = false
         var closed = false
         /// A progress request waits until every watcher has caught up.
@@ -94,11 +96,12 @@ final class WatchHub: Sendable {
             signal()
         }
 
+        /// Wakes the sender: its waiter is resumed by `withStream`/`withStreams` after the lock.
         mutating func signal() {
             signaled = true
             if let waiter {
                 self.waiter = nil
-                waiter.resume()
+                wake = waiter
             }
         }
     }
@@ -167,17 +170,41 @@ final class WatchHub: Sendable {
     }
 
     func closeStream(_ id: UInt64) {
-        state.withLock { state in
-            guard var stream = state.streams.removeValue(forKey: id) else { return }
-            stream.closed = true
-            stream.signal()
+        let waiter = state.withLock { state in state.streams.removeValue(forKey: id)?.waiter }
+        waiter?.resume()
+    }
+
+    /// Runs `body` under the lock, then resumes stream `id`'s sender if `body` woke it. A
+    /// continuation is never resumed under the lock: resuming takes the waiting task's status
+    /// lock, which a cancellation holds while its handler (`closeStream`) waits for ours.
+    private func withStream(_ id: UInt64, _ body: (inout State) -> Void) {
+        let wake = state.withLock { state -> CheckedContinuation<Void, Never>? in
+            body(&state)
+            defer { state.streams[id]?.wake = nil }
+            return state.streams[id]?.wake
         }
+        wake?.resume()
+    }
+
+    /// `withStream` for a change to every stream.
+    private func withStreams(_ body: (inout State) -> Void) {
+        let wakes = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            body(&state)
+            var wakes: [CheckedContinuation<Void, Never>] = []
+            for index in state.streams.indices {
+                guard let wake = state.streams.values[index].wake else { continue }
+                wakes.append(wake)
+                state.streams.values[index].wake = nil
+            }
+            return wakes
+        }
+        for wake in wakes { wake.resume() }
     }
 
     /// Registers a watcher, answering with `created` (and `canceled` with etcd's reason when the
     /// request cannot be served). Every create is answered, in order.
     func create(_ stream: UInt64, _ request: Etcdserverpb_WatchCreateRequest) {
-        state.withLock { state in
+        withStream(stream) { state in
             let revision = state.revision
             guard state.streams[stream] != nil else { return }
             var response = Etcdserverpb_WatchResponse()
@@ -227,7 +254,7 @@ final class WatchHub: Sendable {
     }
 
     func cancel(_ stream: UInt64, watchID: Int64) {
-        state.withLock { state in
+        withStream(stream) { state in
             let revision = state.revision
             guard state.streams[stream]?.watchers.removeValue(forKey: watchID) != nil else { return }
             var response = Etcdserverpb_WatchResponse()
@@ -242,7 +269,7 @@ final class WatchHub: Sendable {
     /// etcd 3.5's progress request: one response with watch ID -1 and the current revision for the
     /// whole stream, sent once every watcher on it has caught up.
     func requestProgress(_ stream: UInt64) {
-        state.withLock { state in
+        withStream(stream) { state in
             guard state.streams[stream] != nil else { return }
             state.streams[stream]!.progressPending = true
             answerPendingProgress(&state.streams[stream]!, revision: state.revision)
@@ -263,7 +290,7 @@ final class WatchHub: Sendable {
     /// The periodic notification: each synced watcher that asked for it and was sent nothing
     /// since the last one hears the current revision.
     func progressTick(_ stream: UInt64) {
-        state.withLock { state in
+        withStream(stream) { state in
             let revision = state.revision
             guard let watchers = state.streams[stream]?.watchers else { return }
             for (id, watcher) in watchers where watcher.progressNotify {
@@ -283,7 +310,7 @@ final class WatchHub: Sendable {
     /// Offers a committed batch's events (in revision order, ending at `revision`) to every synced
     /// watcher. A stream over its queue limit does not grow: its watchers fall back to history.
     func publish(_ events: [Mvccpb_Event], revision: Int64) {
-        state.withLock { state in
+        withStreams { state in
             let first = state.revision + 1
             state.revision = revision
             var shared: [SharedBody: [UInt8]] = [:]
@@ -298,7 +325,7 @@ final class WatchHub: Sendable {
     /// every synced watcher reads what it missed from the store's history (or learns it was
     /// compacted away), as a slow watcher does.
     func resync(revision: Int64) {
-        state.withLock { state in
+        withStreams { state in
             let first = state.revision + 1
             state.revision = revision
             for index in state.streams.indices {
@@ -423,7 +450,7 @@ final class WatchHub: Sendable {
     /// Hands over history read for `catchUp`: the events of revisions `from` through
     /// `readThrough`, or the compaction that makes them unreadable.
     func deliverHistory(_ stream: UInt64, _ catchUp: CatchUp, events: [Mvccpb_Event], readThrough: Int64, compactedAt: Int64?) {
-        state.withLock { state in
+        withStream(stream) { state in
             let revision = state.revision
             guard let watcher = state.streams[stream]?.watchers[catchUp.watcher.id], !watcher.synced,
                   watcher.nextRevision == catchUp.from else { return }  // cancelled or moved on meanwhile
