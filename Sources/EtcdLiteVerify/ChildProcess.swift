@@ -70,6 +70,25 @@ final class ChildProcess: Sendable {
         if isRunning { kill(pid, signal) }
     }
 
+    /// The exit code once it has exited normally (nil while it runs or after a signal).
+    var exitCode: Int32? {
+        guard !isRunning, let status = exited.withLock({ $0 }) else { return nil }
+        return status & 0x7f == 0 ? (status >> 8) & 0xff : nil
+    }
+
+    /// Runs a short command to its end (at most `timeout` seconds): its exit code (nil: killed
+    /// or a signal) and what it printed.
+    static func run(_ executable: String, _ arguments: [String], timeout: Double = 10) throws -> (code: Int32?, output: String) {
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("etcdlite-verify-cmd-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: output) }
+        let child = try ChildProcess(executable: executable, arguments: arguments, environment: ProcessInfo.processInfo.environment, log: output)
+        if !child.waitForExit(timeout: timeout) {
+            child.signal(SIGKILL)
+            _ = child.waitForExit(timeout: 5)
+        }
+        return (child.exitCode, (try? String(contentsOfFile: output, encoding: .utf8)) ?? "")
+    }
+
     /// Waits up to `timeout` seconds for it to exit; true when it has.
     func waitForExit(timeout: Double) -> Bool {
         let deadline = Date().addingTimeInterval(timeout)

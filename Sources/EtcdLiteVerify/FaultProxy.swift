@@ -4,10 +4,11 @@ import NIOPosix
 import Synchronization
 
 /// Which peer links are cut. Members advertise a proxy's port as their peer URL; every connection
-/// to a member therefore passes a proxy, which reads the connection's hello (`ELP1`/`ELS1`, cluster
+/// to a member therefore passes a proxy, which reads the connection's hello (`ELP1`/`ELS2`/`ELH1`, cluster
 /// ID, sender, receiver) to learn the sender, and refuses or cuts the links that are blocked. A
 /// link is directed: blocking `a → b` stops what `a` sends to `b` (each member sends on its own
-/// outbound connections), so one-way partitions are possible.
+/// outbound connections), so one-way partitions are possible. With members in network namespaces
+/// the kernel blocks the links instead (`NetworkNamespaces`).
 final class LinkTable: Sendable {
     struct Link: Hashable, Sendable {
         let from: Int
@@ -22,6 +23,9 @@ final class LinkTable: Sendable {
     }
 
     private let state = Mutex(State())
+    private let namespaces: NetworkNamespaces?
+
+    init(namespaces: NetworkNamespaces? = nil) { self.namespaces = namespaces }
 
     func setSlot(_ id: UInt64, _ slot: Int) { state.withLock { $0.slots[id] = slot } }
 
@@ -36,6 +40,7 @@ final class LinkTable: Sendable {
             return state.connections.values.filter { entry in entry.link.map { links.contains($0) } ?? false }.flatMap(\.channels)
         }
         for channel in cut { channel.close(promise: nil) }
+        namespaces?.block(links)
     }
 
     func healAll() { block([]) }
@@ -122,7 +127,7 @@ private final class ProxyFrontHandler: ChannelInboundHandler, @unchecked Sendabl
         deciding = false
         let magic = buffer.getBytes(at: buffer.readerIndex, length: 4) ?? []
         let senderID = buffer.getInteger(at: buffer.readerIndex + 12, endianness: .little, as: UInt64.self) ?? 0
-        let isPeer = magic == Array("ELP1".utf8) || magic == Array("ELS1".utf8)
+        let isPeer = ["ELP1", "ELS2", "ELH1"].contains { magic == Array($0.utf8) }
         let from = isPeer ? links.slot(of: senderID) : nil
         guard links.allows(from: from, to: slot, members: members) else {
             context.close(promise: nil)

@@ -16,12 +16,26 @@ public struct Verifier: Sendable {
         /// A member restarted with its log's fdatasync failing after a few syncs (it must stop),
         /// or slow (200 ms each); debug builds only (the failpoints are not in release binaries).
         case fsyncFail = "fsync-fail", fsyncSlow = "fsync-slow"
+        /// One member's outgoing traffic delayed, lost or reordered (`tc netem`), or squeezed
+        /// through a narrow queueing link (`tc tbf`): members in network namespaces only, netem
+        /// only where the kernel has it.
+        case delay, loss, reorder, slowLink = "slow-link"
+
+        var needsNamespaces: Bool { [.delay, .loss, .reorder, .slowLink].contains(self) }
+        var needsNetem: Bool { [.delay, .loss, .reorder].contains(self) }
+    }
+
+    /// Where the members run: each in a network namespace of its own (root with iproute2), or all
+    /// on 127.0.0.1 behind fault proxies; `auto` takes namespaces when it can.
+    public enum Network: String, CaseIterable, Sendable {
+        case auto, netns, proxy
     }
 
     public var binary: String
     public var members = 3
     public var duration = 60.0
     public var faults: [Fault] = Fault.allCases
+    public var network = Network.auto
     public var seed: UInt64 = 1
     public var clients = 6
     /// Operations per second per client (at most).
@@ -36,6 +50,10 @@ public struct Verifier: Sendable {
         public var seconds: Double
         public var seed: UInt64
         public var faultsInjected: [String: Int] = [:]
+        /// `netns` or `proxy`.
+        public var network = ""
+        /// Faults asked for that this machine cannot make, with why.
+        public var faultsUnavailable: [String: String] = [:]
         public var operations: [String: Int] = [:]
         public var operationsChecked = 0
         public var unknownOutcomes = 0
@@ -53,6 +71,8 @@ public struct Verifier: Sendable {
         public var leaseViolations = 0
         public var expiringLeasesChecked = 0
         public var hashMismatches = 0
+        /// Member starts whose `--experimental-initial-corrupt-check` compared hashes with peers and passed.
+        public var startupHashChecksPassed = 0
         public var unhealthyAfterHeal = 0
         /// Failpoint faults the binary could not arm (a release build).
         public var failpointsUnavailable = 0
@@ -85,13 +105,34 @@ public struct Verifier: Sendable {
         let started = Date()
         let directory = self.directory ?? FileManager.default.temporaryDirectory.appendingPathComponent("etcdlite-verify-\(getpid())-\(seed)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        let cluster = try VerifyCluster(binary: binary, directory: directory, members: members, token: "verify-\(seed)", log: log)
         var report = Report(members: members, seconds: duration, seed: seed)
+        let namespaces: NetworkNamespaces?
+        switch network {
+        case .proxy: namespaces = nil
+        case .netns: namespaces = try NetworkNamespaces(members: members)
+        case .auto: namespaces = NetworkNamespaces.available() ? try NetworkNamespaces(members: members) : nil
+        }
+        defer { namespaces?.tearDown() }
+        report.network = namespaces == nil ? "proxy" : "netns"
+        var runner = self
+        runner.faults = faults.filter { fault in
+            if fault.needsNamespaces && namespaces == nil {
+                report.faultsUnavailable[fault.rawValue] = "needs members in network namespaces (root, iproute2)"
+            } else if fault.needsNetem && namespaces?.hasNetem == false {
+                report.faultsUnavailable[fault.rawValue] = "this kernel has no netem queueing discipline"
+            } else {
+                return true
+            }
+            return false
+        }
+        for (fault, why) in report.faultsUnavailable.sorted(by: { $0.key < $1.key }) { log("fault \(fault) not available: \(why)") }
+        let cluster = try VerifyCluster(binary: binary, directory: directory, members: members, token: "verify-\(seed)",
+                                        namespaces: namespaces, log: log)
         do {
             try await cluster.start()
             guard await cluster.waitHealthy(timeout: 30) else { throw VerifyError("the cluster did not become healthy") }
-            log("cluster of \(members) healthy; running \(Int(duration)) s with faults \(faults.map(\.rawValue).joined(separator: ","))")
-            try await exercise(cluster, &report)
+            log("cluster of \(members) healthy (\(report.network)); running \(Int(duration)) s with faults \(runner.faults.map(\.rawValue).joined(separator: ","))")
+            try await runner.exercise(cluster, &report)
         } catch {
             await cluster.stopAll()
             throw error
@@ -139,6 +180,7 @@ public struct Verifier: Sendable {
                 let fault = order.removeFirst()
                 if fault == .bridge && cluster.count < 3 { continue }
                 let held = Double.random(in: 2...5, using: &random)
+                let leaderBefore = await cluster.leader()
                 log("fault \(fault.rawValue) for \(String(format: "%.1f", held)) s")
                 let heal: (inout Report) async throws -> Void
                 do {
@@ -151,6 +193,8 @@ public struct Verifier: Sendable {
                 }
                 report.faultsInjected[fault.rawValue, default: 0] += 1
                 try await Task.sleep(for: .seconds(held))
+                let leaderDuring = await cluster.leader()
+                log("healing \(fault.rawValue); leader before m\(leaderBefore.map(String.init) ?? "?"), now m\(leaderDuring.map(String.init) ?? "?")")
                 try await heal(&report)
                 if !(await cluster.waitHealthy(timeout: 30)) {
                     report.unhealthyAfterHeal += 1
@@ -220,6 +264,11 @@ public struct Verifier: Sendable {
         let hashProblems = try await checked("comparing hashes") { try await compareHashes(cluster, revision: finalRevision) }
         report.hashMismatches = hashProblems.count
         problems += hashProblems
+        // Every start of a member compared its store with its peers' (a refusal is a mismatch).
+        let startups = cluster.startupHashChecks()
+        report.startupHashChecksPassed = startups.passed
+        report.hashMismatches += startups.refused.count
+        problems += startups.refused
         report.violations += problems.prefix(20)
         report.watchers = watchers.count
         for watcher in watchers {
@@ -393,6 +442,17 @@ public struct Verifier: Sendable {
         case .wipe:
             try await cluster.replace(any)
             return { _ in }
+        case .delay, .loss, .reorder, .slowLink:
+            guard let namespaces = cluster.namespaces else { return { _ in } }
+            let discipline: [String]
+            switch fault {
+            case .delay: discipline = ["netem", "delay", "\(Int.random(in: 20...150, using: &random))ms", "20ms"]
+            case .loss: discipline = ["netem", "loss", "\(Int.random(in: 5...30, using: &random))%"]
+            case .reorder: discipline = ["netem", "delay", "10ms", "reorder", "25%", "50%"]
+            default: discipline = ["tbf", "rate", "256kbit", "burst", "16kbit", "latency", "300ms"]
+            }
+            try namespaces.shape(any, discipline)
+            return { _ in namespaces.unshape(any) }
         }
     }
 }
@@ -555,11 +615,12 @@ extension Verifier.Report {
         }
         var lines = [
             "verify: \(members) members, \(String(format: "%.0f", seconds)) s, seed \(seed): \(passed ? "PASSED" : "FAILED")",
+            "network: \(network)" + (faultsUnavailable.isEmpty ? "" : "; not available here: " + faultsUnavailable.sorted { $0.key < $1.key }.map { "\($0.key) (\($0.value))" }.joined(separator: ", ")),
             "faults injected: \(list(faultsInjected))",
             "operations: \(list(operations))",
             "linearizability: \(operationsChecked) operations checked (\(unknownOutcomes) with unknown outcome), \(linearizabilityAnomalies) anomalies, \(undecidedKeys) keys undecided",
             "serializable reads: \(serializableReadsChecked) checked, \(phantomReads) returned a value never written",
-            "durability: \(acknowledgedWrites) acknowledged writes, \(acknowledgedWritesLost) lost; \(readBacksPerMember) read back on every member; \(hashMismatches) hash mismatches",
+            "durability: \(acknowledgedWrites) acknowledged writes, \(acknowledgedWritesLost) lost; \(readBacksPerMember) read back on every member; \(hashMismatches) hash mismatches; \(startupHashChecksPassed) start-up hash checks passed",
             "watch: \(watchers) watchers, \(watchStreams) streams, \(watchEventsChecked) events checked, \(watchViolations) violations",
             "leases: \(expiringLeasesChecked) expiring leases checked, \(leaseViolations) violations",
             "unhealthy after a heal: \(unhealthyAfterHeal)",

@@ -6,37 +6,55 @@ import NIOPosix
 import SwiftProtobuf
 import Synchronization
 
-/// N etcdlite members as processes on 127.0.0.1, each behind a fault proxy on its peer URL.
+/// N etcdlite members as processes: on 127.0.0.1, each behind a fault proxy on its peer URL, or
+/// each in a network namespace of its own (`NetworkNamespaces`).
 final class VerifyCluster: @unchecked Sendable {
     struct Slot {
         let index: Int
+        /// Where the member listens for clients and peers.
+        let host: String
         let clientPort: Int
         let peerPort: Int
-        let proxyPort: Int
+        /// The peer URL it advertises (a proxy's, or its own in a namespace).
+        let advertisedPeerURL: String
         var generation = 0
         var process: ChildProcess?
         var paused = false
         var name: String { "m\(index)" }
-        var clientURL: String { "http://127.0.0.1:\(clientPort)" }
-        var advertisedPeerURL: String { "http://127.0.0.1:\(proxyPort)" }
+        var clientURL: String { "http://\(host):\(clientPort)" }
     }
 
     let binary: String
     let directory: URL
     let token: String
-    let links = LinkTable()
+    let links: LinkTable
+    /// The members' namespaces (nil: proxies on 127.0.0.1).
+    let namespaces: NetworkNamespaces?
     private(set) var slots: [Slot] = []
     private var proxies: [FaultProxy] = []
+    private var proxyPorts: [Int] = []
     private let log: @Sendable (String) -> Void
 
-    init(binary: String, directory: URL, members: Int, token: String, log: @escaping @Sendable (String) -> Void) throws {
+    init(binary: String, directory: URL, members: Int, token: String, namespaces: NetworkNamespaces?,
+         log: @escaping @Sendable (String) -> Void) throws {
         self.binary = binary
         self.directory = directory
         self.token = token
         self.log = log
-        var ports = try freePorts(3 * members)
-        for i in 0..<members {
-            slots.append(Slot(index: i, clientPort: ports.removeFirst(), peerPort: ports.removeFirst(), proxyPort: ports.removeFirst()))
+        self.namespaces = namespaces
+        links = LinkTable(namespaces: namespaces)
+        if let namespaces {
+            for i in 0..<members {
+                let host = namespaces.address(i)
+                slots.append(Slot(index: i, host: host, clientPort: 2379, peerPort: 2380, advertisedPeerURL: "http://\(host):2380"))
+            }
+        } else {
+            var ports = try freePorts(3 * members)
+            for i in 0..<members {
+                let client = ports.removeFirst(), peer = ports.removeFirst(), proxy = ports.removeFirst()
+                proxyPorts.append(proxy)
+                slots.append(Slot(index: i, host: "127.0.0.1", clientPort: client, peerPort: peer, advertisedPeerURL: "http://127.0.0.1:\(proxy)"))
+            }
         }
     }
 
@@ -48,8 +66,8 @@ final class VerifyCluster: @unchecked Sendable {
 
     /// Starts the proxies and every member (`--initial-cluster-state new`).
     func start() async throws {
-        for slot in slots {
-            proxies.append(try await FaultProxy.start(slot: slot.index, listenPort: slot.proxyPort, targetPort: slot.peerPort,
+        for (slot, port) in zip(slots, proxyPorts) {
+            proxies.append(try await FaultProxy.start(slot: slot.index, listenPort: port, targetPort: slot.peerPort,
                                                      members: count, links: links))
         }
         let initial = slots.map { "\($0.name)=\($0.advertisedPeerURL)" }.joined(separator: ",")
@@ -64,12 +82,15 @@ final class VerifyCluster: @unchecked Sendable {
         let arguments = [
             "--name", slot.name, "--data-dir", dir.appendingPathComponent("data").path,
             "--listen-client-urls", slot.clientURL, "--advertise-client-urls", slot.clientURL,
-            "--listen-peer-urls", "http://127.0.0.1:\(slot.peerPort)",
+            "--listen-peer-urls", "http://\(slot.host):\(slot.peerPort)",
             "--initial-advertise-peer-urls", slot.advertisedPeerURL,
             "--initial-cluster", initialCluster, "--initial-cluster-state", state,
             "--initial-cluster-token", token,
+            // Every (re)start compares the member's store with its peers' before it serves.
+            "--experimental-initial-corrupt-check",
         ]
-        let process = try ChildProcess(executable: binary, arguments: arguments,
+        let command = namespaces?.command(i, binary, arguments) ?? (executable: binary, arguments: arguments)
+        let process = try ChildProcess(executable: command.executable, arguments: command.arguments,
                                        environment: ProcessInfo.processInfo.environment.merging(environment) { $1 },
                                        log: dir.appendingPathComponent("member.log").path)
         slots[i].process = process
@@ -113,6 +134,23 @@ final class VerifyCluster: @unchecked Sendable {
         guard !isRunning(i) else { return }
         let initial = slots.map { "\($0.name)=\($0.advertisedPeerURL)" }.joined(separator: ",")
         try launch(i, initialCluster: initial, state: "new", environment: environment)
+    }
+
+    /// What the members' start-up corruption checks said, in every member log of the run: how
+    /// many passed, and each refusal to start on a hash that differed from a peer's.
+    func startupHashChecks() -> (passed: Int, refused: [String]) {
+        var passed = 0
+        var refused: [String] = []
+        let generations = (try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? []
+        for name in generations.sorted() {
+            let path = directory.appendingPathComponent(name).appendingPathComponent("member.log").path
+            guard let log = try? String(contentsOfFile: path, encoding: .utf8) else { continue }
+            for line in log.split(separator: "\n") {
+                if line.contains("initial corruption checking passed") { passed += 1 }
+                if line.contains("found different hash values from remote peer") { refused.append("\(name): \(line)") }
+            }
+        }
+        return (passed, refused)
     }
 
     /// The size of the member's log (to read what a restart writes after it).
@@ -220,7 +258,7 @@ final class VerifyCluster: @unchecked Sendable {
     // MARK: - Calls to members
 
     func connect(_ i: Int) async throws -> GRPCClientConnection {
-        try await GRPCClientConnection.connect(host: "127.0.0.1", port: slots[i].clientPort, connectTimeout: .seconds(1))
+        try await GRPCClientConnection.connect(host: slots[i].host, port: slots[i].clientPort, connectTimeout: .seconds(1))
     }
 
     func call<Request: SwiftProtobuf.Message, Response: SwiftProtobuf.Message>(

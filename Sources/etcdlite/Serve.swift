@@ -42,7 +42,8 @@ struct Serve: AsyncParsableCommand {
     @Option var authTokenTtl: String?
     @Flag var clientCertAuth = false
     @Flag var peerClientCertAuth = false
-    @Flag var experimentalInitialCorruptCheck = false
+    @Flag(help: "Compare the store's hash with the peers' before serving clients; refuse to start on a mismatch.")
+    var experimentalInitialCorruptCheck = false
     @Flag var enableV2 = false
     @Flag(inversion: .prefixedNo, help: "Refuse membership changes that could cost quorum (etcd's default).") var strictReconfigCheck = true
 
@@ -67,6 +68,9 @@ struct Serve: AsyncParsableCommand {
             try await server.serve()
         } catch let error as MemberRemovedError {
             logger.warning("stopped serving", metadata: ["error": "\(error)"])
+            throw ExitCode(1)
+        } catch let error as DataInconsistencyError {
+            logger.critical("failed to start", metadata: ["error": "\(error)"])
             throw ExitCode(1)
         }
         logger.info("stopped serving")
@@ -100,6 +104,8 @@ struct Serve: AsyncParsableCommand {
         if let v = value(initialClusterState, "initial-cluster-state") { config.initialClusterState = v }
         if let v = value(initialClusterToken, "initial-cluster-token") { config.initialClusterToken = v }
         config.strictReconfigCheck = strictReconfigCheck
+        config.initialCorruptCheck = experimentalInitialCorruptCheck
+            || (ProcessInfo.processInfo.environment["ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK"]?.lowercased() == "true")
         if let v = ProcessInfo.processInfo.environment["ETCD_STRICT_RECONFIG_CHECK"] { config.strictReconfigCheck = v.lowercased() != "false" }
         if let v: Int64 = try number(quotaBackendBytes, "quota-backend-bytes") { config.quotaBackendBytes = v }
         if let v: Int = try number(maxTxnOps, "max-txn-ops") { config.maxTxnOps = v }

@@ -8,8 +8,10 @@ struct Verify: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run members on loopback under faults and check what clients saw.",
         discussion: """
-            Starts --members etcdlite members (this binary) on 127.0.0.1, each behind a fault-injecting \
-            TCP proxy on its peer URL; runs concurrent clients (put, linearizable and serializable get, \
+            Starts --members etcdlite members (this binary), each in a network namespace of its own when \
+            run as root with iproute2 (partitions as blackhole routes, delay/loss/reordering with tc netem \
+            where the kernel has it, a narrow link with tc tbf), otherwise on 127.0.0.1 behind a \
+            fault-injecting TCP proxy on its peer URL; runs concurrent clients (put, linearizable and serializable get, \
             delete, compare-and-swap Txn), two watchers that move between members, and leases (short ones \
             that must expire, one kept alive); injects one fault at a time, heals it, and at the end checks \
             the recorded history. Exit status 1 when any check fails.
@@ -24,6 +26,8 @@ struct Verify: AsyncParsableCommand {
     @Option(help: "Operations per second per client (at most).") var rate = 60
     @Option(help: "The etcdlite binary to run as members (default: this one).") var binary: String?
     @Option(help: "Directory for the members' data (default: a new one under the temporary directory).") var dataDir: String?
+    @Option(help: "Where members run: netns (network namespaces, root only), proxy (127.0.0.1 behind TCP proxies), or auto.")
+    var network = "auto"
     @Flag(help: "Print the report as one JSON object.") var json = false
 
     func run() async throws {
@@ -34,6 +38,10 @@ struct Verify: AsyncParsableCommand {
         verifier.clients = clients
         verifier.rate = rate
         verifier.directory = dataDir.map { URL(fileURLWithPath: $0) }
+        guard let network = Verifier.Network(rawValue: network) else {
+            throw ValidationError("--network: \(network) is not one of \(Verifier.Network.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        verifier.network = network
         if faults != "all" {
             verifier.faults = try faults.split(separator: ",").map { name in
                 guard let fault = Verifier.Fault(rawValue: String(name)) else { throw ValidationError("unknown fault \(name)") }

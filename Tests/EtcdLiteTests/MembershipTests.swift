@@ -247,6 +247,16 @@ import Testing
         (try? String(contentsOfFile: member.logPath, encoding: .utf8)) ?? ""
     }
 
+    /// Whether every member's HashKV agrees (waiting up to 10 s for them to catch up).
+    static func storesAreEqual(_ members: [ServerProcess]) -> Bool {
+        let endpoints = "--endpoints=" + members.map(\.endpoint).joined(separator: ",")
+        return MembershipTests.eventually(10) {
+            let hashes = try members[0].etcdctlRaw([endpoints, "endpoint", "hashkv", "-w", "json"]).stdout
+            let values = hashes.matches(of: /"hash":(\d+)/).map { String($0.1) }
+            return values.count == members.count && Set(values).count == 1
+        }
+    }
+
     @Test func aPausedFollowerBehindACompactionCatchesUpFromASnapshot() throws {
         let members = try ClusterTests.startCluster(3, extra: Self.compactOften)
         defer { for m in members { kill(m.process.processIdentifier, SIGCONT); m.stop() } }
@@ -287,24 +297,32 @@ import Testing
         // It carries on from the log afterwards, and every store hashes the same.
         #expect(try paused.etcdctl(["put", "after", "snapshot"]).status == 0)
         #expect(try leader.etcdctl(["get", "after", "--print-value-only"]).stdout == "snapshot\n")
-        let endpoints = "--endpoints=" + members.map(\.endpoint).joined(separator: ",")
-        #expect(MembershipTests.eventually(10) {
-            let hashes = try leader.etcdctlRaw([endpoints, "endpoint", "hashkv", "-w", "json"]).stdout
-            let values = hashes.matches(of: /"hash":(\d+)/).map { String($0.1) }
-            return values.count == 3 && Set(values).count == 1
-        }, "the three stores are equal")
+        #expect(Self.storesAreEqual(members), "the three stores are equal")
+    }
+
+    /// Three members compacting often; a follower killed after 20 writes (`early…`) and 400 more
+    /// made without it (`k…`): restarted, it is behind the leader's log start. Every member gets
+    /// `environment`.
+    static func followerBehindCompaction(environment: [String: String] = [:]) throws -> (members: [ServerProcess], leader: ServerProcess, follower: ServerProcess) {
+        let members = try ClusterTests.startCluster(3, extra: compactOften, environment: environment)
+        do {
+            let leader = try ClusterTests.requireLeader(members)
+            let follower = members.first { $0 !== leader }!
+            for n in 0..<20 { #expect(try leader.etcdctl(["put", "early\(n)", "v"]).status == 0) }
+            follower.kill()
+            for n in 0..<400 { #expect(try leader.etcdctl(["put", "k\(n)", "v\(n)"]).status == 0) }
+            return (members, leader, follower)
+        } catch {
+            for m in members { m.stop() }
+            throw error
+        }
     }
 
     /// kill -9 of a follower, 400 writes, restart on its data: it comes back behind the
     /// leader's log start and catches up from a snapshot.
     @Test func aRestartedFollowerBehindACompactionCatchesUpFromASnapshot() throws {
-        let members = try ClusterTests.startCluster(3, extra: Self.compactOften)
+        let (members, _, follower) = try Self.followerBehindCompaction()
         defer { for m in members { m.stop() } }
-        let leader = try ClusterTests.requireLeader(members)
-        let follower = members.first { $0 !== leader }!
-        for n in 0..<20 { #expect(try leader.etcdctl(["put", "early\(n)", "v"]).status == 0) }
-        follower.kill()
-        for n in 0..<400 { #expect(try leader.etcdctl(["put", "k\(n)", "v\(n)"]).status == 0) }
         try follower.restart()
         #expect(MembershipTests.eventually(20) { Self.keys(follower, "k") == 400 }, "the restarted member has every write")
         #expect(Self.keys(follower, "early") == 20)
@@ -315,6 +333,44 @@ import Testing
         try follower.restart()
         try follower.waitUntilServing()
         #expect(Self.keys(follower, "k") == 400 && Self.keys(follower, "after") == 1)
+    }
+
+    /// Every member sends its first snapshot image with one byte flipped after its checksums were
+    /// taken (a failpoint of debug builds): the receiver refuses it, naming the file and offset,
+    /// and the leader's next image gets through.
+    @Test func aSnapshotDamagedOnTheWayIsRefusedAndSentAgain() throws {
+        let (members, _, follower) = try Self.followerBehindCompaction(environment: ["ETCDLITE_FAILPOINT_SNAPSHOT": "corrupt-send:1"])
+        defer { for m in members { m.stop() } }
+        try #require(Self.log(members[0]).contains("failpoint armed"), "a debug build (failpoints compiled in)")
+        try follower.restart()
+        #expect(MembershipTests.eventually(30) { Self.keys(follower, "k") == 400 }, "the restarted member has every write")
+        let log = Self.log(follower)
+        #expect(log.contains("received a damaged snapshot image; refused"), "\(log.suffix(3000))")
+        let refusal = log.firstMatch(of: /snapshot image (\S+incoming-\S+\.db) corrupted at offset (\d+): block checksum mismatch/)
+        #expect(refusal != nil, "the refusal names the file and the offset")
+        #expect(log.contains("installed a snapshot from the leader"))
+        // Nothing of the refused image is left behind, and the stores agree.
+        if let refusal { #expect(!FileManager.default.fileExists(atPath: String(refusal.1))) }
+        #expect(Self.storesAreEqual(members), "the three stores are equal")
+    }
+
+    /// An image that checked out on arrival and was damaged on the receiver's disk before it was
+    /// installed (a failpoint flips one byte): the member stops with an error naming the file and
+    /// offset, having installed nothing of it; restarted, it catches up from a good image.
+    @Test func aSnapshotDamagedOnDiskStopsTheMemberBeforeItIsInstalled() throws {
+        let (members, _, follower) = try Self.followerBehindCompaction()
+        defer { for m in members { m.stop() } }
+        try follower.restart(environment: ["ETCDLITE_FAILPOINT_SNAPSHOT": "corrupt-install", "SWIFT_BACKTRACE": "enable=no"])
+        #expect(MembershipTests.eventually(30) { !follower.process.isRunning }, "the member stopped")
+        let log = Self.log(follower)
+        try #require(log.contains("failpoint armed"), "a debug build (failpoints compiled in)")
+        #expect(log.firstMatch(of: /snapshot image \S+incoming-\S+\.db corrupted at offset \d+: block checksum mismatch/) != nil, "\(log.suffix(3000))")
+        #expect(!log.contains("installed a snapshot from the leader"))
+        // Restarted without the fault: its own store was left as it was, the next image installs.
+        try follower.restart()
+        #expect(MembershipTests.eventually(30) { Self.keys(follower, "k") == 400 }, "the restarted member has every write")
+        #expect(Self.keys(follower, "early") == 20)
+        #expect(Self.log(follower).contains("installed a snapshot from the leader"))
     }
 
     @Test func aLearnerAddedAfterCompactionStartsFromASnapshot() throws {

@@ -124,3 +124,53 @@ import Testing
         #expect(inboxB.messages.withLock { $0.first } == Self.sample)
     }
 }
+
+/// The block checksums of snapshot images: the same however the bytes are cut, and a damaged
+/// byte named by its block's offset.
+@Suite struct SnapshotImageTests {
+    @Test func blockChecksumsDoNotDependOnHowTheBytesArrive() {
+        var random = SystemRandomNumberGenerator()
+        let image = (0..<(SnapshotImage.blockSize * 2 + 12_345)).map { _ in UInt8.random(in: 0...255, using: &random) }
+        var whole = SnapshotImage.BlockChecksums()
+        image.withUnsafeBytes { whole.add($0) }
+        let expected = whole.finish()
+        #expect(expected.count == 3)
+        #expect(expected[0] == CRC32C.checksum(Array(image[0..<SnapshotImage.blockSize])))
+        #expect(expected[2] == CRC32C.checksum(Array(image[(2 * SnapshotImage.blockSize)...])))
+        for _ in 0..<5 {
+            var pieces = SnapshotImage.BlockChecksums()
+            var start = 0
+            while start < image.count {
+                let end = min(image.count, start + Int.random(in: 1...300_000))
+                image[start..<end].withUnsafeBytes { pieces.add($0) }
+                start = end
+            }
+            #expect(pieces.finish() == expected)
+        }
+        var damaged = image
+        damaged[SnapshotImage.blockSize + 7] ^= 1
+        var sums = SnapshotImage.BlockChecksums()
+        damaged.withUnsafeBytes { sums.add($0) }
+        #expect(SnapshotImage.firstMismatch(sums.finish(), expected) == SnapshotImage.blockSize)
+        #expect(SnapshotImage.firstMismatch(Array(expected.prefix(2)), expected) == 2 * SnapshotImage.blockSize)
+        #expect(SnapshotImage.decode(SnapshotImage.encode(expected)) == expected)
+    }
+
+    @Test func anImageChangedOnDiskFailsItsCheckWithTheOffset() throws {
+        let dir = TempDir()
+        let path = dir.url.appendingPathComponent("incoming-1.db").path
+        let image = [UInt8](repeating: 7, count: SnapshotImage.blockSize + 100)
+        var sums = SnapshotImage.BlockChecksums()
+        image.withUnsafeBytes { sums.add($0) }
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(image)))
+        #expect(FileManager.default.createFile(atPath: SnapshotImage.sidecarPath(path), contents: Data(SnapshotImage.encode(sums.finish()))))
+        try SnapshotImage.verify(path)
+        var damaged = image
+        damaged[SnapshotImage.blockSize + 50] = 8
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(damaged)))
+        let error = #expect(throws: SnapshotCorruptionError.self) { try SnapshotImage.verify(path) }
+        #expect(error?.description == "snapshot image \(path) corrupted at offset \(SnapshotImage.blockSize): block checksum mismatch")
+        SnapshotImage.remove(path)
+        #expect(!FileManager.default.fileExists(atPath: SnapshotImage.sidecarPath(path)))
+    }
+}

@@ -115,15 +115,16 @@ final class ServerProcess: @unchecked Sendable {
 
     /// A member of a cluster: its ports and `--initial-cluster` are chosen by the caller, and it is
     /// not waited for (a member serves once a quorum is up).
-    init(executable: String, name: String, clientPort: Int, peerPort: Int, initialCluster: String, extra: [String] = []) throws {
+    init(executable: String, name: String, clientPort: Int, peerPort: Int, initialCluster: String, extra: [String] = [],
+         environment: [String: String] = [:]) throws {
         dataDir = TempDir()
         ownsDataDir = true
         logPath = dataDir.url.appendingPathComponent("server.log").path
         self.clientPort = clientPort
-        try launch(executable: executable, name: name, extra: ["--initial-cluster", initialCluster] + extra, peerPort: peerPort)
+        try launch(executable: executable, name: name, extra: ["--initial-cluster", initialCluster] + extra, peerPort: peerPort, environment: environment)
     }
 
-    private func launch(executable: String, name: String, extra: [String], peerPort: Int? = nil) throws {
+    private func launch(executable: String, name: String, extra: [String], peerPort: Int? = nil, environment: [String: String] = [:]) throws {
         let peerPort = peerPort ?? freePort()
         let client = "http://127.0.0.1:\(clientPort)"
         let peer = "http://127.0.0.1:\(peerPort)"
@@ -134,6 +135,7 @@ final class ServerProcess: @unchecked Sendable {
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
         ] + (extra.contains("--initial-cluster") ? [] : ["--initial-cluster", "\(name)=\(peer)"]) + extra
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = FileHandle(forWritingAtPath: logPath)!
         process.standardOutput = log
@@ -142,13 +144,15 @@ final class ServerProcess: @unchecked Sendable {
         try process.run()
     }
 
-    /// Starts the same command again (same flags, same data directory), appending to its log.
-    func restart() throws {
+    /// Starts the same command again (same flags, same data directory), appending to its log;
+    /// `environment` is added to the test's own, `addingArguments` to the flags (from then on).
+    func restart(environment: [String: String] = [:], addingArguments: [String] = []) throws {
         guard !process.isRunning, let executable = process.executableURL else { return }
-        let arguments = process.arguments ?? []
+        let arguments = (process.arguments ?? []) + addingArguments
         process = Process()
         process.executableURL = executable
         process.arguments = arguments
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         let log = FileHandle(forWritingAtPath: logPath)!
         log.seekToEndOfFile()
         process.standardOutput = log

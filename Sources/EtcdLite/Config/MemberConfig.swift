@@ -16,6 +16,9 @@ public struct MemberConfig: Sendable {
     /// Refuse membership changes that could cost quorum (etcd's --strict-reconfig-check, on by
     /// default).
     public var strictReconfigCheck = true
+    /// Compare the store's hash with the peers' before serving clients (etcd's
+    /// --experimental-initial-corrupt-check).
+    public var initialCorruptCheck = false
     /// 0 means etcd's default of 2 GiB; negative disables the quota.
     public var quotaBackendBytes: Int64 = 0
     public var maxTxnOps = 128

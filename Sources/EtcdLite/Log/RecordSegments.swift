@@ -134,6 +134,7 @@ enum RecordSegments {
 struct ByteWriter {
     var bytes: [UInt8] = []
     mutating func u8(_ v: UInt8) { bytes.append(v) }
+    mutating func u32le(_ v: UInt32) { for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
     mutating func u64(_ v: UInt64) { for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * i))) } }
     mutating func ids(_ set: Set<UInt64>) {
         u64(UInt64(set.count))

@@ -14,6 +14,9 @@ import Raft
 ///
 /// A member joining a running cluster asks a peer for the cluster's members first: hello `ELQ1`
 /// (the rest zero), answered with one frame `cluster ID u64 | MemberListResponse` and a close.
+/// A member checking its store against its peers' at start-up asks each for the hash of its
+/// history up to a revision: hello `ELH1` (cluster ID, sender, revision), answered with one frame
+/// `HashAnswer` and a close.
 ///
 /// Messages to a peer queue while its connection is being made, bounded in bytes: past the bound,
 /// or when the connection fails or breaks, the queued messages are dropped and the peer is reported
@@ -26,8 +29,9 @@ public final class PeerTransport: Sendable {
 
     static let magic: [UInt8] = Array("ELP1".utf8)
     static let queryMagic: [UInt8] = Array("ELQ1".utf8)
+    static let hashQueryMagic: [UInt8] = Array("ELH1".utf8)
     static let removedReply: [UInt8] = Array("ELRM".utf8)
-    static let snapshotMagic: [UInt8] = Array("ELS1".utf8)
+    static let snapshotMagic: [UInt8] = Array("ELS2".utf8)
     static let snapshotReceived: [UInt8] = Array("ELOK".utf8)
     static let appFrameTag: UInt8 = 0xF0
     static let helloSize = 4 + 24
@@ -57,6 +61,10 @@ public final class PeerTransport: Sendable {
         /// Where received snapshot images are written.
         var snapshotDirectory = ""
         var removedByPeer: @Sendable () -> Void = {}
+        /// HashKV at a revision, for a peer's start-up check (run off the event loop).
+        var hashKV: @Sendable (Int64) -> HashAnswer = { _ in HashAnswer(status: .unavailable) }
+        /// A received image whose checksums did not match (it was refused).
+        var snapshotRefused: @Sendable (SnapshotCorruptionError) -> Void = { _ in }
     }
 
     public init(memberID: UInt64, clusterID: UInt64, group: any EventLoopGroup,
@@ -131,8 +139,9 @@ public final class PeerTransport: Sendable {
         link.enqueue(frame)
     }
 
-    /// Streams a snapshot to its receiver on a connection of its own: hello `ELS1`, the message
-    /// frame, the image's size (u64) and bytes; the receiver answers `ELOK` once the image is on its
+    /// Streams a snapshot to its receiver on a connection of its own: hello `ELS2`, the message
+    /// frame, the image's size (u64) and bytes, then a CRC-32C (u32) of every 1 MiB block of them
+    /// (`SnapshotImage`); the receiver answers `ELOK` once the image checked out and is on its
     /// disk. Blocks (run it on a thread of its own); returns whether the receiver has it.
     func sendSnapshot(_ message: Message, image: URL) -> Bool {
         guard let address = addresses.withLockedValue({ $0[message.to.value] }),
@@ -161,9 +170,21 @@ public final class PeerTransport: Sendable {
             head.u64(size)
             try channel.writeAndFlush(channel.allocator.buffer(bytes: head.bytes)).wait()
             // One chunk in flight at a time: a slow receiver slows the sender, memory stays flat.
-            while let chunk = try handle.read(upToCount: 1 << 20), !chunk.isEmpty {
-                try channel.writeAndFlush(channel.allocator.buffer(bytes: chunk)).wait()
+            var sums = SnapshotImage.BlockChecksums()
+            let corruptAt = Failpoints.corruptOutgoingSnapshot(size: size)
+            var sent: UInt64 = 0
+            while let chunk = try handle.read(upToCount: SnapshotImage.blockSize), !chunk.isEmpty {
+                chunk.withUnsafeBytes { sums.add($0) }
+                var buffer = channel.allocator.buffer(bytes: chunk)
+                if let at = corruptAt, at >= sent, at < sent + UInt64(chunk.count) {
+                    let index = buffer.readerIndex + Int(at - sent)
+                    buffer.setInteger(buffer.getInteger(at: index, as: UInt8.self)! ^ 0xFF, at: index)
+                }
+                sent += UInt64(chunk.count)
+                try channel.writeAndFlush(buffer).wait()
             }
+            guard sent == size else { return false }  // the image changed under us
+            try channel.writeAndFlush(channel.allocator.buffer(bytes: SnapshotImage.encode(sums.finish()))).wait()
             // The receiver answers once the image is synced; give it a minute.
             channel.eventLoop.scheduleTask(in: .seconds(60)) { channel.close(promise: nil) }
             try channel.closeFuture.wait()
@@ -176,6 +197,27 @@ public final class PeerTransport: Sendable {
     /// Asks the member listening at `host:port` for the cluster's ID and members (a member joining
     /// with `--initial-cluster-state existing`). Blocks; not for an event loop.
     static func fetchMembers(host: String, port: Int, group: any EventLoopGroup) throws -> (clusterID: UInt64, members: [UInt8]) {
+        var reader = try ask(host: host, port: port, group: group, hello: queryMagic + [UInt8](repeating: 0, count: 24))
+        guard let clusterID = try? reader.u64() else { throw FrameDecoder.Refused(description: "no member list from \(host):\(port)") }
+        return (clusterID, reader.rest())
+    }
+
+    /// Asks the member listening at `host:port` for the hash of its store's history up to
+    /// `revision` (the start-up corruption check). Blocks; not for an event loop.
+    func fetchHash(host: String, port: Int, revision: Int64) throws -> HashAnswer {
+        var hello = ByteWriter()
+        hello.bytes = Self.hashQueryMagic
+        hello.u64(clusterID)
+        hello.u64(memberID)
+        hello.u64(UInt64(bitPattern: revision))
+        var reader = try Self.ask(host: host, port: port, group: group, hello: hello.bytes)
+        guard let answer = HashAnswer(decoding: &reader) else { throw FrameDecoder.Refused(description: "no hash from \(host):\(port)") }
+        return answer
+    }
+
+    /// One question to a peer on a connection of its own: the hello, then the peer's one frame
+    /// and its close (a peer that does not answer in 5 s is given up on). Returns the frame's body.
+    private static func ask(host: String, port: Int, group: any EventLoopGroup, hello: [UInt8]) throws -> ByteReader {
         let collector = ReplyCollector()
         let channel = try ClientBootstrap(group: group)
             .connectTimeout(.seconds(2))
@@ -183,19 +225,15 @@ public final class PeerTransport: Sendable {
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(collector) }
             }
             .connect(host: host, port: port).wait()
-        var hello = channel.allocator.buffer(capacity: helloSize)
-        hello.writeBytes(queryMagic)
-        hello.writeBytes([UInt8](repeating: 0, count: 24))
-        try channel.writeAndFlush(hello).wait()
-        // The member answers and closes; a member that does not answer in 5 s is given up on.
+        try channel.writeAndFlush(channel.allocator.buffer(bytes: hello)).wait()
         channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
         try channel.closeFuture.wait()
         let reply = collector.bytes.withLockedValue { $0 }
         var reader = ByteReader(reply)
-        guard let length = try? reader.u32le(), Int(length) == reply.count - 4, let clusterID = try? reader.u64() else {
-            throw FrameDecoder.Refused(description: "no member list from \(host):\(port)")
+        guard let length = try? reader.u32le(), Int(length) == reply.count - 4 else {
+            throw FrameDecoder.Refused(description: "no answer from \(host):\(port)")
         }
-        return (clusterID, reader.rest())
+        return reader
     }
 
     public func close() {
@@ -223,14 +261,19 @@ struct FrameDecoder: ByteToMessageDecoder {
     typealias InboundOut = Frame
     enum Frame {
         case hello(clusterID: UInt64, from: UInt64, to: UInt64), query, message([UInt8])
+        /// A peer's start-up check asks for the hash of the history up to a revision.
+        case hashQuery(clusterID: UInt64, revision: Int64)
         /// A snapshot stream: its hello, its message and size, the image's bytes, its end.
-        case snapshotHello(clusterID: UInt64, from: UInt64, to: UInt64), snapshotStart([UInt8], size: UInt64), snapshotChunk(ByteBuffer), snapshotEnd
+        case snapshotHello(clusterID: UInt64, from: UInt64, to: UInt64), snapshotStart([UInt8], size: UInt64), snapshotChunk(ByteBuffer),
+             snapshotEnd(checksums: [UInt32])
     }
     struct Refused: Error, CustomStringConvertible { let description: String }
 
     var expectHello: Bool
     private var snapshotHeader = false
     private var snapshotRemaining: UInt64?
+    /// The bytes of the block checksums that follow a snapshot's image.
+    private var trailerBytes: Int?
 
     init(expectHello: Bool) { self.expectHello = expectHello }
 
@@ -238,7 +281,7 @@ struct FrameDecoder: ByteToMessageDecoder {
         if expectHello {
             guard buffer.readableBytes >= PeerTransport.helloSize else { return .needMoreData }
             guard let magic = buffer.readBytes(length: 4),
-                  [PeerTransport.magic, PeerTransport.queryMagic, PeerTransport.snapshotMagic].contains(magic),
+                  [PeerTransport.magic, PeerTransport.queryMagic, PeerTransport.snapshotMagic, PeerTransport.hashQueryMagic].contains(magic),
                   let cluster = buffer.readInteger(endianness: .little, as: UInt64.self),
                   let from = buffer.readInteger(endianness: .little, as: UInt64.self),
                   let to = buffer.readInteger(endianness: .little, as: UInt64.self) else {
@@ -247,6 +290,10 @@ struct FrameDecoder: ByteToMessageDecoder {
             expectHello = false
             if magic == PeerTransport.queryMagic {
                 context.fireChannelRead(wrapInboundOut(.query))
+                return .continue
+            }
+            if magic == PeerTransport.hashQueryMagic {
+                context.fireChannelRead(wrapInboundOut(.hashQuery(clusterID: cluster, revision: Int64(bitPattern: to))))
                 return .continue
             }
             if magic == PeerTransport.snapshotMagic {
@@ -258,13 +305,22 @@ struct FrameDecoder: ByteToMessageDecoder {
             return .continue
         }
         if let remaining = snapshotRemaining {
-            guard remaining > 0 else { throw Refused(description: "bytes after a snapshot") }
             guard buffer.readableBytes > 0 else { return .needMoreData }
             let count = Int(min(UInt64(buffer.readableBytes), remaining))
             let chunk = buffer.readSlice(length: count)!
             snapshotRemaining = remaining - UInt64(count)
             context.fireChannelRead(wrapInboundOut(.snapshotChunk(chunk)))
-            if snapshotRemaining == 0 { context.fireChannelRead(wrapInboundOut(.snapshotEnd)) }
+            if snapshotRemaining == 0 { snapshotRemaining = nil }
+            return .continue
+        }
+        if let trailer = trailerBytes {
+            guard trailer >= 0 else {
+                if buffer.readableBytes > 0 { throw Refused(description: "bytes after a snapshot") }
+                return .needMoreData
+            }
+            guard buffer.readableBytes >= trailer else { return .needMoreData }
+            trailerBytes = -1
+            context.fireChannelRead(wrapInboundOut(.snapshotEnd(checksums: SnapshotImage.decode(buffer.readBytes(length: trailer)!))))
             return .continue
         }
         guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return .needMoreData }
@@ -275,9 +331,10 @@ struct FrameDecoder: ByteToMessageDecoder {
         if snapshotHeader {
             snapshotHeader = false
             let size = buffer.readInteger(endianness: .little, as: UInt64.self)!
-            snapshotRemaining = size
+            guard size <= UInt64(Int.max / 8) else { throw Refused(description: "snapshot of \(size) bytes") }
+            snapshotRemaining = size > 0 ? size : nil
+            trailerBytes = 4 * SnapshotImage.blockCount(size: size)
             context.fireChannelRead(wrapInboundOut(.snapshotStart(bytes, size: size)))
-            if size == 0 { context.fireChannelRead(wrapInboundOut(.snapshotEnd)) }
             return .continue
         }
         context.fireChannelRead(wrapInboundOut(.message(bytes)))
@@ -294,7 +351,7 @@ final class InboundHandler: ChannelInboundHandler, @unchecked Sendable {
     private var peer: UInt64?
     private var refused = false
     /// A snapshot being received: its message and the file its image goes to.
-    private var snapshot: (message: Message, path: String, file: FileHandle)?
+    private var snapshot: (message: Message, path: String, file: FileHandle, sums: SnapshotImage.BlockChecksums)?
 
     init(transport: PeerTransport) { self.transport = transport }
 
@@ -323,27 +380,44 @@ final class InboundHandler: ChannelInboundHandler, @unchecked Sendable {
                 refuse(context, "cannot write snapshot \(path)")
                 return
             }
-            snapshot = (message, path, file)
+            snapshot = (message, path, file, SnapshotImage.BlockChecksums())
         case .snapshotChunk(let chunk):
             // Written on the event loop: the page cache takes it; the sync comes once, at the end.
-            guard let snapshot else { return }
+            guard snapshot != nil else { return }
             do {
-                try chunk.withUnsafeReadableBytes { try snapshot.file.write(contentsOf: $0) }
+                try chunk.withUnsafeReadableBytes { bytes in
+                    snapshot!.sums.add(bytes)
+                    try snapshot!.file.write(contentsOf: bytes)
+                }
             } catch {
                 // A full disk (say): the sender is told nothing and tries again later.
-                try? snapshot.file.close()
-                try? FileManager.default.removeItem(atPath: snapshot.path)
+                try? snapshot?.file.close()
+                if let path = snapshot?.path { SnapshotImage.remove(path) }
                 self.snapshot = nil
                 refuse(context, "cannot write snapshot: \(error)")
             }
-        case .snapshotEnd:
+        case .snapshotEnd(let expected):
             guard var received = snapshot else { return }
             snapshot = nil
+            // Bytes damaged on the way: refused (no `ELOK`), the leader sends the image again.
+            if let offset = SnapshotImage.firstMismatch(received.sums.finish(), expected) {
+                try? received.file.close()
+                SnapshotImage.remove(received.path)
+                let error = SnapshotCorruptionError(file: received.path, offset: offset, reason: "block checksum mismatch; refused")
+                transport.hooks.withLockedValue { $0.snapshotRefused }(error)
+                refuse(context, error.description)
+                return
+            }
             do {
                 try received.file.synchronize()
                 try received.file.close()
+                let sidecar = SnapshotImage.sidecarPath(received.path)
+                guard FileManager.default.createFile(atPath: sidecar, contents: Data(SnapshotImage.encode(expected))),
+                      let handle = FileHandle(forUpdatingAtPath: sidecar) else { throw SnapshotCorruptionError(file: sidecar, offset: 0, reason: "not written") }
+                defer { try? handle.close() }
+                try handle.synchronize()
             } catch {
-                try? FileManager.default.removeItem(atPath: received.path)
+                SnapshotImage.remove(received.path)
                 refuse(context, "cannot write snapshot: \(error)")
                 return
             }
@@ -353,6 +427,20 @@ final class InboundHandler: ChannelInboundHandler, @unchecked Sendable {
             refused = true
             context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(bytes: PeerTransport.snapshotReceived)))
                 .whenComplete { _ in context.close(promise: nil) }
+        case .hashQuery(let cluster, let revision):
+            refused = true
+            guard cluster == transport.clusterID else {
+                refuse(context, "cluster ID mismatch")
+                return
+            }
+            // Hashing reads the whole history: not on the event loop.
+            let hashKV = transport.hooks.withLockedValue { $0.hashKV }
+            let channel = context.channel
+            DispatchQueue.global().async {
+                var reply: [UInt8] = []
+                PeerTransport.appendFrame(hashKV(revision).encoded(), to: &reply)
+                channel.writeAndFlush(channel.allocator.buffer(bytes: reply)).whenComplete { _ in channel.close(promise: nil) }
+            }
         case .query:
             var reply: [UInt8] = []
             var body = ByteWriter()
@@ -402,7 +490,7 @@ final class InboundHandler: ChannelInboundHandler, @unchecked Sendable {
         // A snapshot cut short leaves nothing behind.
         if let snapshot {
             try? snapshot.file.close()
-            try? FileManager.default.removeItem(atPath: snapshot.path)
+            SnapshotImage.remove(snapshot.path)
             self.snapshot = nil
         }
         context.fireChannelInactive()
@@ -541,5 +629,43 @@ final class ReplyCollector: ChannelInboundHandler, Sendable {
         var buffer = unwrapInboundIn(data)
         let chunk = buffer.readBytes(length: buffer.readableBytes) ?? []
         bytes.withLockedValue { $0 += chunk }
+    }
+}
+
+/// A member's answer to a peer's start-up hash question.
+struct HashAnswer: Sendable, Equatable {
+    enum Status: UInt8, Sendable { case ok = 0, futureRevision = 1, compacted = 2, unavailable = 3 }
+    var status: Status
+    var memberID: UInt64 = 0
+    var hash: UInt32 = 0
+    var compactRevision: Int64 = 0
+    var hashRevision: Int64 = 0
+    var revision: Int64 = 0
+
+    init(status: Status, memberID: UInt64 = 0, hash: UInt32 = 0, compactRevision: Int64 = 0, hashRevision: Int64 = 0, revision: Int64 = 0) {
+        self.status = status
+        self.memberID = memberID
+        self.hash = hash
+        self.compactRevision = compactRevision
+        self.hashRevision = hashRevision
+        self.revision = revision
+    }
+
+    init?(decoding reader: inout ByteReader) {
+        guard let raw = try? reader.u8(), let status = Status(rawValue: raw), let member = try? reader.u64(), let hash = try? reader.u32le(),
+              let compact = try? reader.u64(), let hashRevision = try? reader.u64(), let revision = try? reader.u64() else { return nil }
+        self.init(status: status, memberID: member, hash: hash, compactRevision: Int64(bitPattern: compact),
+                  hashRevision: Int64(bitPattern: hashRevision), revision: Int64(bitPattern: revision))
+    }
+
+    func encoded() -> [UInt8] {
+        var w = ByteWriter()
+        w.u8(status.rawValue)
+        w.u64(memberID)
+        w.u32le(hash)
+        w.u64(UInt64(bitPattern: compactRevision))
+        w.u64(UInt64(bitPattern: hashRevision))
+        w.u64(UInt64(bitPattern: revision))
+        return w.bytes
     }
 }

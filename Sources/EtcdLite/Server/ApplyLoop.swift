@@ -433,6 +433,10 @@ final class ApplyLoop: @unchecked Sendable {
                 proposeQueuedMembership()
                 try handleReadies()
             }
+        } catch let error as SnapshotCorruptionError {
+            // Nothing of the image was installed; the member stops rather than serve from it.
+            logger.critical("snapshot image corrupted; stopping", metadata: ["file": "\(error.file)", "offset": "\(error.offset)", "error": "\(error)"])
+            fatalError("etcdlite: \(error)")
         } catch {
             // The log or the database failed under us: nothing more can be made durable.
             logger.critical("write path failed; stopping", metadata: ["error": "\(error)"])
@@ -440,7 +444,7 @@ final class ApplyLoop: @unchecked Sendable {
         }
         for body in locals { body() }
         // An image the core did not take (it had the entries after all) is not kept.
-        for path in receivedImages { try? FileManager.default.removeItem(atPath: path) }
+        for path in receivedImages { SnapshotImage.remove(path) }
         receivedImages.removeAll()
         if let since = removedSince, !reportedRemoved, now.timeIntervalSince(since) >= 10 * tickInterval {
             reportedRemoved = true
@@ -560,8 +564,12 @@ final class ApplyLoop: @unchecked Sendable {
     /// snapshot's data), then records the snapshot in the log (see `StateMachine.install`).
     private func install(_ snapshot: Snapshot) throws {
         let path = String(decoding: snapshot.data, as: UTF8.self)
+        // The image was checked on arrival; read it once more against its checksums (the disk may
+        // have damaged it since), then let SQLite check its structure, before anything of it is used.
+        Failpoints.beforeSnapshotInstall(path)
+        try SnapshotImage.verify(path)
         try machine.install(imageAt: path, minimumAppliedIndex: snapshot.index.value)
-        try? FileManager.default.removeItem(atPath: path)
+        SnapshotImage.remove(path)
         receivedImages.removeAll { $0 == path }
         confHistory = [(snapshot.index, snapshot.confState)]
         logger.info("installed a snapshot from the leader", metadata: ["index": "\(snapshot.index)", "applied-index": "\(machine.state.appliedIndex)",

@@ -18,6 +18,25 @@ extension EtcdLiteServer {
                 group: MultiThreadedEventLoopGroup.singleton, methods: methods
             ) { [self] in HTTPHandler(server: self, methods: methods) })
         }
+        // Peers are listened for even by a lone member: a member may be added to it. Peers first:
+        // a peer's start-up check may ask this member for its hash before it serves clients.
+        loop.transport.hooks.withLockedValue { $0.hashKV = { [weak self] in self?.hashAnswer(revision: $0) ?? HashAnswer(status: .unavailable) } }
+        do {
+            for text in config.listenPeerURLs {
+                guard let address = MemberConfig.address(text, defaultPort: 2380) else { throw ConfigError("invalid URL \(text)") }
+                let port = try await loop.transport.listen(host: address.host, port: address.port)
+                logger.info("listening for peers", metadata: ["address": "\(address.host):\(port)"])
+            }
+            if config.initialCorruptCheck {
+                // Blocking network round trips: on a thread of their own.
+                try await withCheckedThrowingContinuation { (done: CheckedContinuation<Void, any Error>) in
+                    Thread.detachNewThread { done.resume(with: Result { try self.initialCorruptionCheck() }) }
+                }
+            }
+        } catch {
+            close()
+            throw error
+        }
         var ports: [Int] = []
         do {
             for listener in listeners { ports.append(try await listener.bind()) }
@@ -26,19 +45,8 @@ extension EtcdLiteServer {
             close()
             throw error
         }
-        // Peers are listened for even by a lone member: a member may be added to it.
-        do {
-            for text in config.listenPeerURLs {
-                guard let address = MemberConfig.address(text, defaultPort: 2380) else { throw ConfigError("invalid URL \(text)") }
-                let port = try await loop.transport.listen(host: address.host, port: address.port)
-                logger.info("listening for peers", metadata: ["address": "\(address.host):\(port)"])
-            }
-        } catch {
-            for listener in listeners { await listener.shutdown(grace: .zero) }
-            close()
-            throw error
-        }
-        if let armed = Failpoints.armed { logger.warning("failpoint armed", metadata: ["log-sync": "\(armed)"]) }
+        let armed = Failpoints.armed
+        if !armed.isEmpty { logger.warning("failpoint armed", metadata: armed.mapValues { .string($0) }) }
         logger.info("ready to serve client requests", metadata: ["listen-client-urls": "\(config.listenClientURLs)", "ports": "\(ports)"])
         onListening(ports)
         let retention = try config.autoCompactionRetentionValue()

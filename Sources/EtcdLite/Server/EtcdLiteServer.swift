@@ -97,13 +97,17 @@ public final class EtcdLiteServer: Sendable {
                                       deliver: { inbox.loop?.receive($0) }, unreachable: { inbox.loop?.peerUnreachable($0) })
         // Snapshot images left by a stop in the middle of a transfer are of no use.
         for name in (try? FileManager.default.contentsOfDirectory(atPath: memberDir.path)) ?? []
-        where (name.hasPrefix("incoming-") || name.hasPrefix("outgoing-")) && name.hasSuffix(".db") {
+        where (name.hasPrefix("incoming-") || name.hasPrefix("outgoing-")) && (name.hasSuffix(".db") || name.hasSuffix(".db.crc")) {
             try? FileManager.default.removeItem(at: memberDir.appendingPathComponent(name))
         }
         transport.hooks.withLockedValue { hooks in
             hooks.snapshotDirectory = memberDir.path
             hooks.deliverApp = { inbox.loop?.receiveApp(from: $0, bytes: $1) }
             hooks.removedByPeer = { inbox.loop?.removedByPeer() }
+            hooks.snapshotRefused = { [logger] error in
+                logger.error("received a damaged snapshot image; refused, the leader sends it again",
+                             metadata: ["file": "\(error.file)", "offset": "\(error.offset)", "error": "\(error)"])
+            }
             hooks.members = {
                 var list = Etcdserverpb_MemberListResponse()
                 list.members = inbox.loop?.members.withLock { $0.sorted } ?? []

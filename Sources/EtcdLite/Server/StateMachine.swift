@@ -56,6 +56,18 @@ final class StateMachine {
         attach.bind(1, path)
         try attach.run()
         defer { try? writer.execute("DETACH DATABASE image") }
+        // SQLite's own check of the image's pages and indexes (the checksums matched what the
+        // leader read; this catches an image that was bad there already).
+        let check = try writer.prepared("PRAGMA image.quick_check(1)")
+        let verdict = try check.step() ? check.text(0) : "no answer"
+        check.reset()
+        guard verdict == "ok" else {
+            let page = verdict.firstMatch(of: /[Pp]age (\d+)/).flatMap { Int($0.1) }
+            let pageSize = try writer.prepared("PRAGMA image.page_size")
+            let size = try pageSize.step() ? Int(pageSize.int64(0)) : 4096
+            pageSize.reset()
+            throw SnapshotCorruptionError(file: path, offset: page.map { ($0 - 1) * size } ?? 0, reason: "SQLite quick_check: \(verdict)")
+        }
         // An image older than the snapshot it came with would move the store backwards.
         let applied = try writer.prepared("SELECT applied_index FROM image.store_state WHERE id = 1")
         let imageApplied = try applied.step() ? UInt64(applied.int64(0)) : 0
