@@ -1,3 +1,4 @@
+import NIOCore
 import Foundation
 import Raft
 import SwiftProtobuf
@@ -65,11 +66,14 @@ import EtcdLiteProto
     private static let gatewayPaths = GatewayRoute.table.keys.sorted()
 
     /// What a peer sends: the first byte picks a Raft message frame, an application request (log
-    /// entry payload), or a configuration change; each decoded value must survive re-encoding.
+    /// entry payload), a configuration change, or a whole connection's bytes (hello, frames,
+    /// snapshot stream) cut into pieces as TCP might; each decoded value must survive re-encoding.
     public static func peer(_ input: [UInt8]) {
         guard let selector = input.first else { return }
         let body = Array(input.dropFirst())
-        switch selector % 3 {
+        switch selector % 4 {
+        case 3:
+            peerStream(body, piece: Int(selector / 4) + 1)
         case 0:
             guard let message = try? RaftMessageCodec.decode(body) else { return }
             let once = RaftMessageCodec.encode(message)
@@ -82,6 +86,35 @@ import EtcdLiteProto
             guard let set = ConfChangeSet(encoded: body) else { return }
             precondition(ConfChangeSet(encoded: set.encoded)?.encoded == set.encoded, "a configuration change does not survive decoding")
         }
+    }
+
+    /// A peer connection's bytes through the transport's frame decoder, `piece` bytes at a time:
+    /// it yields frames or refuses (throws), and a snapshot's chunks add up to its size.
+    private static func peerStream(_ bytes: [UInt8], piece: Int) {
+        var processor = NIOSingleStepByteToMessageProcessor(FrameDecoder(expectHello: true), maximumBufferSize: 1 << 20)
+        var expected: UInt64?
+        var received: UInt64 = 0
+        var start = 0
+        do {
+            while start < bytes.count {
+                let end = min(bytes.count, start + piece)
+                try processor.process(buffer: ByteBuffer(bytes: bytes[start..<end])) { frame in
+                    switch frame {
+                    case .snapshotStart(_, let size): expected = size
+                    case .snapshotChunk(let chunk): received += UInt64(chunk.readableBytes)
+                    case .snapshotEnd:
+                        precondition(received == expected, "a snapshot's chunks do not add up to its size")
+                    case .message(let bytes):
+                        precondition(bytes.count <= PeerTransport.maxFrameBytes)
+                    default: break
+                    }
+                }
+                start = end
+            }
+        } catch {
+            return
+        }
+        if let expected { precondition(received <= expected, "more snapshot bytes than its size") }
     }
 
     /// A log segment's bytes (bit 0 of the first byte: whether it is the last segment, where a

@@ -257,7 +257,7 @@ public final class PeerTransport: Sendable {
 }
 
 /// Splits the inbound byte stream into the hello and message frames.
-struct FrameDecoder: ByteToMessageDecoder {
+struct FrameDecoder: NIOSingleStepByteToMessageDecoder {
     typealias InboundOut = Frame
     enum Frame {
         case hello(clusterID: UInt64, from: UInt64, to: UInt64), query, message([UInt8])
@@ -277,9 +277,13 @@ struct FrameDecoder: ByteToMessageDecoder {
 
     init(expectHello: Bool) { self.expectHello = expectHello }
 
-    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+    mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> Frame? {
+        try decode(buffer: &buffer)
+    }
+
+    mutating func decode(buffer: inout ByteBuffer) throws -> Frame? {
         if expectHello {
-            guard buffer.readableBytes >= PeerTransport.helloSize else { return .needMoreData }
+            guard buffer.readableBytes >= PeerTransport.helloSize else { return nil }
             guard let magic = buffer.readBytes(length: 4),
                   [PeerTransport.magic, PeerTransport.queryMagic, PeerTransport.snapshotMagic, PeerTransport.hashQueryMagic].contains(magic),
                   let cluster = buffer.readInteger(endianness: .little, as: UInt64.self),
@@ -289,43 +293,37 @@ struct FrameDecoder: ByteToMessageDecoder {
             }
             expectHello = false
             if magic == PeerTransport.queryMagic {
-                context.fireChannelRead(wrapInboundOut(.query))
-                return .continue
+                return .query
             }
             if magic == PeerTransport.hashQueryMagic {
-                context.fireChannelRead(wrapInboundOut(.hashQuery(clusterID: cluster, revision: Int64(bitPattern: to))))
-                return .continue
+                return .hashQuery(clusterID: cluster, revision: Int64(bitPattern: to))
             }
             if magic == PeerTransport.snapshotMagic {
                 snapshotHeader = true
-                context.fireChannelRead(wrapInboundOut(.snapshotHello(clusterID: cluster, from: from, to: to)))
-                return .continue
+                return .snapshotHello(clusterID: cluster, from: from, to: to)
             }
-            context.fireChannelRead(wrapInboundOut(.hello(clusterID: cluster, from: from, to: to)))
-            return .continue
+            return .hello(clusterID: cluster, from: from, to: to)
         }
         if let remaining = snapshotRemaining {
-            guard buffer.readableBytes > 0 else { return .needMoreData }
+            guard buffer.readableBytes > 0 else { return nil }
             let count = Int(min(UInt64(buffer.readableBytes), remaining))
             let chunk = buffer.readSlice(length: count)!
             snapshotRemaining = remaining - UInt64(count)
-            context.fireChannelRead(wrapInboundOut(.snapshotChunk(chunk)))
             if snapshotRemaining == 0 { snapshotRemaining = nil }
-            return .continue
+            return .snapshotChunk(chunk)
         }
         if let trailer = trailerBytes {
             guard trailer >= 0 else {
                 if buffer.readableBytes > 0 { throw Refused(description: "bytes after a snapshot") }
-                return .needMoreData
+                return nil
             }
-            guard buffer.readableBytes >= trailer else { return .needMoreData }
+            guard buffer.readableBytes >= trailer else { return nil }
             trailerBytes = -1
-            context.fireChannelRead(wrapInboundOut(.snapshotEnd(checksums: SnapshotImage.decode(buffer.readBytes(length: trailer)!))))
-            return .continue
+            return .snapshotEnd(checksums: SnapshotImage.decode(buffer.readBytes(length: trailer)!))
         }
-        guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return .needMoreData }
+        guard let length = buffer.getInteger(at: buffer.readerIndex, endianness: .little, as: UInt32.self) else { return nil }
         guard Int(length) <= PeerTransport.maxFrameBytes else { throw Refused(description: "frame of \(length) bytes") }
-        guard buffer.readableBytes >= 4 + Int(length) + (snapshotHeader ? 8 : 0) else { return .needMoreData }
+        guard buffer.readableBytes >= 4 + Int(length) + (snapshotHeader ? 8 : 0) else { return nil }
         buffer.moveReaderIndex(forwardBy: 4)
         let bytes = buffer.readBytes(length: Int(length))!
         if snapshotHeader {
@@ -334,11 +332,9 @@ struct FrameDecoder: ByteToMessageDecoder {
             guard size <= UInt64(Int.max / 8) else { throw Refused(description: "snapshot of \(size) bytes") }
             snapshotRemaining = size > 0 ? size : nil
             trailerBytes = 4 * SnapshotImage.blockCount(size: size)
-            context.fireChannelRead(wrapInboundOut(.snapshotStart(bytes, size: size)))
-            return .continue
+            return .snapshotStart(bytes, size: size)
         }
-        context.fireChannelRead(wrapInboundOut(.message(bytes)))
-        return .continue
+        return .message(bytes)
     }
 }
 
