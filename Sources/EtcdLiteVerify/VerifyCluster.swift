@@ -159,9 +159,10 @@ final class VerifyCluster: @unchecked Sendable {
     }
 
     /// Whether the member's log after `offset` says a failpoint is armed, once it serves (debug
-    /// builds only have them).
+    /// builds only have them); waits up to 60 s for it to serve.
     func failpointArmed(_ i: Int, after offset: Int) async -> Bool {
-        for _ in 0..<100 {
+        // A start takes a while late in a long run: the start-up check hashes the whole history.
+        for _ in 0..<600 {
             let log = (try? Data(contentsOf: dataDir(i).appendingPathComponent("member.log"))) ?? Data()
             let since = String(decoding: log.dropFirst(offset), as: UTF8.self)
             if since.contains("ready to serve client requests") { return since.contains("failpoint armed") }
@@ -206,7 +207,9 @@ final class VerifyCluster: @unchecked Sendable {
             try restart(i)
             throw ReplaceFailed(description: "replacing m\(i): \(error)")
         }
-        try? FileManager.default.removeItem(at: dataDir(i))
+        // Its data goes; its log stays (the report counts every start's hash check, and a failed
+        // run keeps the logs of every generation).
+        try? FileManager.default.removeItem(at: dataDir(i).appendingPathComponent("data"))
         slots[i].generation += 1
         var add = Etcdserverpb_MemberAddRequest()
         add.peerUrls = [slots[i].advertisedPeerURL]

@@ -29,19 +29,21 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Logger (accepted for compatibility; logs are always JSON lines).") var logger: String?
     @Option(help: "Log outputs (accepted for compatibility; logs go to standard error).") var logOutputs: String?
 
-    // Accepted now and validated; the TLS and metrics issues give them their effect.
-    @Option var certFile: String?
-    @Option var keyFile: String?
-    @Option var trustedCaFile: String?
-    @Option var peerCertFile: String?
-    @Option var peerKeyFile: String?
-    @Option var peerTrustedCaFile: String?
+    @Option(help: "Path to the client server TLS cert file.") var certFile: String?
+    @Option(help: "Path to the client server TLS key file.") var keyFile: String?
+    @Option(help: "Path to the client server TLS trusted CA cert file.") var trustedCaFile: String?
+    @Option(help: "Path to the peer server TLS cert file.") var peerCertFile: String?
+    @Option(help: "Path to the peer server TLS key file.") var peerKeyFile: String?
+    @Option(help: "Path to the peer server TLS trusted CA file.") var peerTrustedCaFile: String?
+    // Accepted now and validated; the metrics and auth issues give them their effect.
     @Option var listenMetricsUrls: String?
     @Option var experimentalWatchProgressNotifyInterval: String?
     @Option var authToken: String?
     @Option var authTokenTtl: String?
-    @Flag var clientCertAuth = false
-    @Flag var peerClientCertAuth = false
+    @Flag(help: "Enable client cert authentication.") var clientCertAuth = false
+    @Flag(help: "Client TLS using generated certificates.") var autoTls = false
+    @Flag(help: "Peer TLS using generated certificates.") var peerAutoTls = false
+    @Flag(help: "Enable peer client cert authentication.") var peerClientCertAuth = false
     @Flag(help: "Compare the store's hash with the peers' before serving clients; refuse to start on a mismatch.")
     var experimentalInitialCorruptCheck = false
     @Flag var enableV2 = false
@@ -125,6 +127,16 @@ struct Serve: AsyncParsableCommand {
             }
             config.watchProgressNotifyInterval = .seconds(seconds)
         }
+        config.clientTLS.certFile = value(certFile, "cert-file") ?? ""
+        config.clientTLS.keyFile = value(keyFile, "key-file") ?? ""
+        config.clientTLS.trustedCAFile = value(trustedCaFile, "trusted-ca-file") ?? ""
+        config.clientTLS.clientCertAuth = clientCertAuth || value(nil, "client-cert-auth")?.lowercased() == "true"
+        config.clientTLS.autoTLS = autoTls || value(nil, "auto-tls")?.lowercased() == "true"
+        config.peerTLS.autoTLS = peerAutoTls || value(nil, "peer-auto-tls")?.lowercased() == "true"
+        config.peerTLS.certFile = value(peerCertFile, "peer-cert-file") ?? ""
+        config.peerTLS.keyFile = value(peerKeyFile, "peer-key-file") ?? ""
+        config.peerTLS.trustedCAFile = value(peerTrustedCaFile, "peer-trusted-ca-file") ?? ""
+        config.peerTLS.clientCertAuth = peerClientCertAuth || value(nil, "peer-client-cert-auth")?.lowercased() == "true"
         for (file, flag) in [(certFile, "cert-file"), (keyFile, "key-file"), (trustedCaFile, "trusted-ca-file"),
                              (peerCertFile, "peer-cert-file"), (peerKeyFile, "peer-key-file"), (peerTrustedCaFile, "peer-trusted-ca-file")] {
             if let path = value(file, flag), !path.isEmpty, !FileManager.default.fileExists(atPath: path) {

@@ -5,12 +5,12 @@ import Testing
 /// Three etcdlite members started as processes with etcd's cluster flags, used with etcdctl.
 @Suite(.serialized) struct ClusterTests {
     static func startCluster(_ size: Int, executable: String = etcdliteBinary(), extra: [String] = [],
-                             environment: [String: String] = [:]) throws -> [ServerProcess] {
+                             environment: [String: String] = [:], peerScheme: String = "http") throws -> [ServerProcess] {
         let ports = (0..<size).map { _ in (client: freePort(), peer: freePort()) }
-        let initial = ports.enumerated().map { "m\($0.offset)=http://127.0.0.1:\($0.element.peer)" }.joined(separator: ",")
+        let initial = ports.enumerated().map { "m\($0.offset)=\(peerScheme)://127.0.0.1:\($0.element.peer)" }.joined(separator: ",")
         let members = try ports.enumerated().map { n, p in
             try ServerProcess(executable: executable, name: "m\(n)", clientPort: p.client, peerPort: p.peer, initialCluster: initial,
-                              extra: ["--initial-cluster-token", "cluster-test"] + extra, environment: environment)
+                              extra: ["--initial-cluster-token", "cluster-test"] + extra, environment: environment, peerScheme: peerScheme)
         }
         for member in members { try member.waitUntilServing() }
         return members

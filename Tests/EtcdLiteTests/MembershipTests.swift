@@ -265,15 +265,7 @@ import Testing
         #expect(try leader.etcdctl(["put", "before", "pause"]).status == 0)
         // A watcher on the member that will fall behind: it must see every event, also those
         // that reach its member inside the snapshot.
-        let watchOutput = paused.dataDir.url.appendingPathComponent("watch.out")
-        FileManager.default.createFile(atPath: watchOutput.path, contents: nil)
-        let watch = Process()
-        watch.executableURL = URL(fileURLWithPath: try etcdctlPath())
-        watch.arguments = ["--endpoints=\(paused.endpoint)", "watch", "k", "--prefix"]
-        watch.environment = ["ETCDCTL_API": "3"]
-        watch.standardOutput = FileHandle(forWritingAtPath: watchOutput.path)
-        watch.standardError = FileHandle.nullDevice
-        try watch.run()
+        let (watch, watchOutput) = try paused.startWatch(["k", "--prefix"])
         defer { if watch.isRunning { watch.terminate() } }
         usleep(500_000)
         kill(paused.process.processIdentifier, SIGSTOP)

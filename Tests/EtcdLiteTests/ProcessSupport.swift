@@ -90,11 +90,18 @@ final class ServerProcess: @unchecked Sendable {
     /// A data directory this object made is removed with it (one passed in belongs to the caller).
     private let ownsDataDir: Bool
     let logPath: String
-    var endpoint: String { "127.0.0.1:\(clientPort)" }
+    /// `https` serves clients with TLS (the caller passes the certificate flags in `extra`).
+    let clientScheme: String
+    /// What etcdctl needs to reach it (--cacert, --cert, --key).
+    let etcdctlFlags: [String]
+    var endpoint: String { clientScheme == "http" ? "127.0.0.1:\(clientPort)" : "\(clientScheme)://127.0.0.1:\(clientPort)" }
 
     /// Starts `executable` with etcd's flags for one member on free loopback ports (picking new
     /// ports if another process took them in the meantime).
-    init(executable: String, name: String = "default", dataDir: TempDir? = nil, clientPort: Int? = nil, extra: [String] = []) throws {
+    init(executable: String, name: String = "default", dataDir: TempDir? = nil, clientPort: Int? = nil, extra: [String] = [],
+         clientScheme: String = "http", etcdctlFlags: [String] = []) throws {
+        self.clientScheme = clientScheme
+        self.etcdctlFlags = etcdctlFlags
         self.dataDir = dataDir ?? TempDir()
         ownsDataDir = dataDir == nil
         logPath = self.dataDir.url.appendingPathComponent("server.log").path
@@ -116,18 +123,22 @@ final class ServerProcess: @unchecked Sendable {
     /// A member of a cluster: its ports and `--initial-cluster` are chosen by the caller, and it is
     /// not waited for (a member serves once a quorum is up).
     init(executable: String, name: String, clientPort: Int, peerPort: Int, initialCluster: String, extra: [String] = [],
-         environment: [String: String] = [:]) throws {
+         environment: [String: String] = [:], peerScheme: String = "http") throws {
+        clientScheme = "http"
+        etcdctlFlags = []
         dataDir = TempDir()
         ownsDataDir = true
         logPath = dataDir.url.appendingPathComponent("server.log").path
         self.clientPort = clientPort
-        try launch(executable: executable, name: name, extra: ["--initial-cluster", initialCluster] + extra, peerPort: peerPort, environment: environment)
+        try launch(executable: executable, name: name, extra: ["--initial-cluster", initialCluster] + extra, peerPort: peerPort, environment: environment,
+                   peerScheme: peerScheme)
     }
 
-    private func launch(executable: String, name: String, extra: [String], peerPort: Int? = nil, environment: [String: String] = [:]) throws {
+    private func launch(executable: String, name: String, extra: [String], peerPort: Int? = nil, environment: [String: String] = [:],
+                        peerScheme: String = "http") throws {
         let peerPort = peerPort ?? freePort()
-        let client = "http://127.0.0.1:\(clientPort)"
-        let peer = "http://127.0.0.1:\(peerPort)"
+        let client = "\(clientScheme)://127.0.0.1:\(clientPort)"
+        let peer = "\(peerScheme)://127.0.0.1:\(peerPort)"
         process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = [
@@ -174,7 +185,22 @@ final class ServerProcess: @unchecked Sendable {
     }
 
     func etcdctl(_ arguments: [String], stdin: String? = nil) throws -> CommandResult {
-        try etcdctlRaw(["--endpoints=\(endpoint)"] + arguments, stdin: stdin)
+        try etcdctlRaw(["--endpoints=\(endpoint)"] + etcdctlFlags + arguments, stdin: stdin)
+    }
+
+    /// `etcdctl watch <arguments>` against this member in the background, its output going to
+    /// `watch.out` in the data directory (returned); the caller terminates the process.
+    func startWatch(_ arguments: [String]) throws -> (process: Process, output: URL) {
+        let output = dataDir.url.appendingPathComponent("watch.out")
+        guard FileManager.default.createFile(atPath: output.path, contents: nil) else { throw ProcessError(message: "cannot create \(output.path)") }
+        let watch = Process()
+        watch.executableURL = URL(fileURLWithPath: try etcdctlPath())
+        watch.arguments = ["--endpoints=\(endpoint)"] + etcdctlFlags + ["watch"] + arguments
+        watch.environment = ["ETCDCTL_API": "3"]
+        watch.standardOutput = FileHandle(forWritingAtPath: output.path)
+        watch.standardError = FileHandle.nullDevice
+        try watch.run()
+        return (watch, output)
     }
 
     /// etcdctl with exactly these arguments (the caller names the endpoints).

@@ -19,6 +19,11 @@ public struct MemberConfig: Sendable {
     /// Compare the store's hash with the peers' before serving clients (etcd's
     /// --experimental-initial-corrupt-check).
     public var initialCorruptCheck = false
+    /// TLS for clients (--cert-file, --key-file, --trusted-ca-file, --client-cert-auth): used on
+    /// https:// client URLs.
+    public var clientTLS = TLSFiles()
+    /// TLS between members (--peer-*): used on https:// peer URLs and for connections to peers.
+    public var peerTLS = TLSFiles()
     /// 0 means etcd's default of 2 GiB; negative disables the quota.
     public var quotaBackendBytes: Int64 = 0
     public var maxTxnOps = 128
@@ -86,6 +91,12 @@ public struct MemberConfig: Sendable {
         }
         guard electionTimeoutMilliseconds <= 50_000 else {
             throw ConfigError("--election-timeout[\(electionTimeoutMilliseconds)ms] is too long, and should be set less than 50000ms")
+        }
+        for url in listenClientURLs where url.hasPrefix("https://") && clientTLS.isEmpty && !clientTLS.autoTLS {
+            throw ConfigError("TLS key/cert (--cert-file, --key-file) must be provided for client url \(url) with HTTPS scheme")
+        }
+        for url in listenPeerURLs where url.hasPrefix("https://") && peerTLS.isEmpty && !peerTLS.autoTLS {
+            throw ConfigError("TLS key/cert (--peer-cert-file, --peer-key-file) must be provided for peer url \(url) with HTTPS scheme")
         }
         let members = try initialClusterMembers()
         guard members.contains(where: { $0.name == name }) else {

@@ -3,15 +3,18 @@ import NIOCore
 import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
+import NIOSSL
 
 /// Listens on one client URL for gRPC (HTTP/2 with prior knowledge) and HTTP/1.1 on the same
-/// port: each connection passes `ProtocolSniffer` first.
+/// port: each connection passes `ProtocolSniffer` first. On an https:// URL the connection is TLS
+/// first (ALPN offers h2 and http/1.1; the sniffer then reads the decrypted bytes).
 final class ClientListener: Sendable {
     let host: String
     let port: Int
     let group: any EventLoopGroup
     let methods: GRPCMethods
     let makeHTTPHandler: @Sendable () -> any ChannelHandler & Sendable
+    let tls: TLSContexts?
 
     private struct Connection {
         let channel: Channel
@@ -21,8 +24,9 @@ final class ClientListener: Sendable {
     private let connections = NIOLockedValueBox<[ObjectIdentifier: Connection]>([:])
     private let server = NIOLockedValueBox<Channel?>(nil)
 
-    init(host: String, port: Int, group: any EventLoopGroup, methods: GRPCMethods,
+    init(host: String, port: Int, group: any EventLoopGroup, methods: GRPCMethods, tls: TLSContexts? = nil,
          makeHTTPHandler: @escaping @Sendable () -> any ChannelHandler & Sendable) {
+        self.tls = tls
         self.host = host
         self.port = port
         self.group = group
@@ -89,6 +93,10 @@ final class ClientListener: Sendable {
                             try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                             try channel.pipeline.syncOperations.addHandler(makeHTTPHandler())
                         }
+                    }
+                    if let tls {
+                        // A client without an acceptable certificate fails the handshake.
+                        try child.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: try tls.server()))
                     }
                     try child.pipeline.syncOperations.addHandler(sniffer)
                 }

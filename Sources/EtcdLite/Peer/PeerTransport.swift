@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Raft
 
 /// Raft messages between members over TCP. Each member keeps one long-lived outbound connection
@@ -43,6 +44,9 @@ public final class PeerTransport: Sendable {
     let group: any EventLoopGroup
     let deliver: Deliver
     let unreachable: Unreachable
+    /// Peer TLS (--peer-cert-file ...): for an https:// peer URL we listen on, and for connections
+    /// to peers whose URL is https://.
+    let tls: TLSContexts?
     private let links = NIOLockedValueBox<[UInt64: PeerLink]>([:])
     private let server = NIOLockedValueBox<Channel?>(nil)
     /// Refusals seen by this member's listener (for logs and tests).
@@ -50,7 +54,7 @@ public final class PeerTransport: Sendable {
     /// Members removed from the cluster: their connections are refused with `ELRM`.
     let removed = NIOLockedValueBox<Set<UInt64>>([])
     /// Where each peer was last set to listen (to leave unchanged links alone).
-    private let addresses = NIOLockedValueBox<[UInt64: (host: String, port: Int)]>([:])
+    private let addresses = NIOLockedValueBox<[UInt64: (host: String, port: Int, secure: Bool)]>([:])
     /// Set once: application frames from peers, the members a joining member asks for, and news
     /// that a peer refused us as removed.
     let hooks = NIOLockedValueBox<Hooks>(Hooks())
@@ -67,8 +71,9 @@ public final class PeerTransport: Sendable {
         var snapshotRefused: @Sendable (SnapshotCorruptionError) -> Void = { _ in }
     }
 
-    public init(memberID: UInt64, clusterID: UInt64, group: any EventLoopGroup,
-                deliver: @escaping Deliver, unreachable: @escaping Unreachable) {
+    init(memberID: UInt64, clusterID: UInt64, group: any EventLoopGroup, tls: TLSContexts? = nil,
+         deliver: @escaping Deliver, unreachable: @escaping Unreachable) {
+        self.tls = tls
         self.memberID = memberID
         self.clusterID = clusterID
         self.group = group
@@ -76,13 +81,17 @@ public final class PeerTransport: Sendable {
         self.unreachable = unreachable
     }
 
-    /// Listens for peers; returns the bound port.
-    public func listen(host: String, port: Int) async throws -> Int {
+    /// Listens for peers (with TLS when `secure`: a peer without an acceptable certificate fails
+    /// the handshake under --peer-client-cert-auth); returns the bound port.
+    public func listen(host: String, port: Int, secure: Bool = false) async throws -> Int {
+        let tls = secure ? self.tls : nil
+        if secure && tls == nil { throw FrameDecoder.Refused(description: "an https:// peer URL needs --peer-cert-file and --peer-key-file") }
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { [self] child in
                 child.eventLoop.makeCompletedFuture {
+                    if let tls { try child.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: try tls.server())) }
                     try child.pipeline.syncOperations.addHandlers([
                         ByteToMessageHandler(FrameDecoder(expectHello: true)),
                         InboundHandler(transport: self),
@@ -94,14 +103,15 @@ public final class PeerTransport: Sendable {
         return channel.localAddress?.port ?? port
     }
 
-    /// Sets (or changes) where a peer listens; an unchanged address keeps its connection.
-    public func setPeer(_ id: UInt64, host: String, port: Int) {
+    /// Sets (or changes) where a peer listens (`secure`: an https:// URL); an unchanged address
+    /// keeps its connection.
+    public func setPeer(_ id: UInt64, host: String, port: Int, secure: Bool = false) {
         let changed = addresses.withLockedValue { addresses -> Bool in
-            defer { addresses[id] = (host, port) }
-            return addresses[id].map { $0.host != host || $0.port != port } ?? true
+            defer { addresses[id] = (host, port, secure) }
+            return addresses[id].map { $0.host != host || $0.port != port || $0.secure != secure } ?? true
         }
         guard changed else { return }
-        let link = PeerLink(transport: self, peer: id, host: host, port: port, loop: group.next())
+        let link = PeerLink(transport: self, peer: id, host: host, port: port, secure: secure, loop: group.next())
         let old = links.withLockedValue { links -> PeerLink? in
             defer { links[id] = link }
             return links[id]
@@ -148,13 +158,17 @@ public final class PeerTransport: Sendable {
               let handle = try? FileHandle(forReadingFrom: image) else { return false }
         defer { try? handle.close() }
         let collector = ReplyCollector()
+        let tls = address.secure ? self.tls : nil
         do {
             let size = try handle.seekToEnd()
             try handle.seek(toOffset: 0)
             let channel = try ClientBootstrap(group: group)
                 .connectTimeout(.seconds(2))
                 .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(collector) }
+                    channel.eventLoop.makeCompletedFuture {
+                        try PeerTransport.addClientTLS(tls, to: channel)
+                        try channel.pipeline.syncOperations.addHandler(collector)
+                    }
                 }
                 .connect(host: address.host, port: address.port).wait()
             defer { channel.close(promise: nil) }
@@ -196,33 +210,36 @@ public final class PeerTransport: Sendable {
 
     /// Asks the member listening at `host:port` for the cluster's ID and members (a member joining
     /// with `--initial-cluster-state existing`). Blocks; not for an event loop.
-    static func fetchMembers(host: String, port: Int, group: any EventLoopGroup) throws -> (clusterID: UInt64, members: [UInt8]) {
-        var reader = try ask(host: host, port: port, group: group, hello: queryMagic + [UInt8](repeating: 0, count: 24))
+    static func fetchMembers(host: String, port: Int, group: any EventLoopGroup, tls: TLSContexts? = nil) throws -> (clusterID: UInt64, members: [UInt8]) {
+        var reader = try ask(host: host, port: port, group: group, tls: tls, hello: queryMagic + [UInt8](repeating: 0, count: 24))
         guard let clusterID = try? reader.u64() else { throw FrameDecoder.Refused(description: "no member list from \(host):\(port)") }
         return (clusterID, reader.rest())
     }
 
     /// Asks the member listening at `host:port` for the hash of its store's history up to
     /// `revision` (the start-up corruption check). Blocks; not for an event loop.
-    func fetchHash(host: String, port: Int, revision: Int64) throws -> HashAnswer {
+    func fetchHash(host: String, port: Int, secure: Bool, revision: Int64) throws -> HashAnswer {
         var hello = ByteWriter()
         hello.bytes = Self.hashQueryMagic
         hello.u64(clusterID)
         hello.u64(memberID)
         hello.u64(UInt64(bitPattern: revision))
-        var reader = try Self.ask(host: host, port: port, group: group, hello: hello.bytes)
+        var reader = try Self.ask(host: host, port: port, group: group, tls: secure ? tls : nil, hello: hello.bytes)
         guard let answer = HashAnswer(decoding: &reader) else { throw FrameDecoder.Refused(description: "no hash from \(host):\(port)") }
         return answer
     }
 
     /// One question to a peer on a connection of its own: the hello, then the peer's one frame
     /// and its close (a peer that does not answer in 5 s is given up on). Returns the frame's body.
-    private static func ask(host: String, port: Int, group: any EventLoopGroup, hello: [UInt8]) throws -> ByteReader {
+    private static func ask(host: String, port: Int, group: any EventLoopGroup, tls: TLSContexts?, hello: [UInt8]) throws -> ByteReader {
         let collector = ReplyCollector()
         let channel = try ClientBootstrap(group: group)
             .connectTimeout(.seconds(2))
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(collector) }
+                channel.eventLoop.makeCompletedFuture {
+                    try addClientTLS(tls, to: channel)
+                    try channel.pipeline.syncOperations.addHandler(collector)
+                }
             }
             .connect(host: host, port: port).wait()
         try channel.writeAndFlush(channel.allocator.buffer(bytes: hello)).wait()
@@ -234,6 +251,13 @@ public final class PeerTransport: Sendable {
             throw FrameDecoder.Refused(description: "no answer from \(host):\(port)")
         }
         return reader
+    }
+
+    /// TLS first on a connection to a peer (its certificate checked against the peer CA; ours
+    /// shown as the client's).
+    static func addClientTLS(_ tls: TLSContexts?, to channel: Channel) throws {
+        guard let tls else { return }
+        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: try tls.client(), serverHostname: nil))
     }
 
     public func close() {
@@ -508,7 +532,10 @@ final class PeerLink: @unchecked Sendable {
     private var backoff: TimeAmount = .milliseconds(100)
     private var retryAt: NIODeadline = .distantPast
 
-    init(transport: PeerTransport, peer: UInt64, host: String, port: Int, loop: any EventLoop) {
+    let secure: Bool
+
+    init(transport: PeerTransport, peer: UInt64, host: String, port: Int, secure: Bool = false, loop: any EventLoop) {
+        self.secure = secure
         self.transport = transport
         self.peer = peer
         self.host = host
@@ -545,12 +572,14 @@ final class PeerLink: @unchecked Sendable {
         }
         connecting = true
         let onRemoved = transport?.hooks.withLockedValue { $0.removedByPeer } ?? {}
+        let tls = secure ? transport?.tls : nil
         let bootstrap = ClientBootstrap(group: loop)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .connectTimeout(.seconds(1))
             .channelInitializer { channel in
                 // What comes back on an outbound connection is a refusal: `ELRM` means we were removed.
                 channel.eventLoop.makeCompletedFuture {
+                    try PeerTransport.addClientTLS(tls, to: channel)
                     try channel.pipeline.syncOperations.addHandler(RefusalReader(onRemoved: onRemoved))
                 }
             }

@@ -46,7 +46,7 @@ extension EtcdLiteServer {
             guard let url = peer.peerUrls.first, let address = MemberConfig.address(url, defaultPort: 2380) else { continue }
             let answer: HashAnswer
             do {
-                answer = try loop.transport.fetchHash(host: address.host, port: address.port, revision: local.hashRevision)
+                answer = try loop.transport.fetchHash(host: address.host, port: address.port, secure: url.hasPrefix("https://"), revision: local.hashRevision)
             } catch {
                 fields["error"] = "\(error)"
                 logger.warning("failed hash kv request", metadata: fields)

@@ -11,11 +11,21 @@ extension EtcdLiteServer {
     public func serve(onListening: @Sendable ([Int]) -> Void = { _ in }) async throws {
         let methods = makeMethods()
         var listeners: [ClientListener] = []
+        let clientTLS: TLSContexts?
+        do {
+            clientTLS = config.listenClientURLs.contains { $0.hasPrefix("https://") } ? try TLSContexts(config.clientTLS) : nil
+        } catch {
+            close()
+            throw ConfigError("client TLS: \(error)")
+        }
         for text in config.listenClientURLs {
             guard let address = MemberConfig.address(text, defaultPort: 2379) else { throw ConfigError("invalid URL \(text)") }
+            if text.hasPrefix("http://") && !config.clientTLS.isEmpty {
+                logger.warning("scheme is HTTP while key and cert files are present; ignoring key and cert files", metadata: ["client-url": "\(text)"])
+            }
             listeners.append(ClientListener(
                 host: address.host, port: address.port,
-                group: MultiThreadedEventLoopGroup.singleton, methods: methods
+                group: MultiThreadedEventLoopGroup.singleton, methods: methods, tls: text.hasPrefix("https://") ? clientTLS : nil
             ) { [self] in HTTPHandler(server: self, methods: methods) })
         }
         // Peers are listened for even by a lone member: a member may be added to it. Peers first:
@@ -24,7 +34,7 @@ extension EtcdLiteServer {
         do {
             for text in config.listenPeerURLs {
                 guard let address = MemberConfig.address(text, defaultPort: 2380) else { throw ConfigError("invalid URL \(text)") }
-                let port = try await loop.transport.listen(host: address.host, port: address.port)
+                let port = try await loop.transport.listen(host: address.host, port: address.port, secure: text.hasPrefix("https://"))
                 logger.info("listening for peers", metadata: ["address": "\(address.host):\(port)"])
             }
             if config.initialCorruptCheck {

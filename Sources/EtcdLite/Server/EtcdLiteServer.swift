@@ -37,6 +37,20 @@ public final class EtcdLiteServer: Sendable {
     /// the apply loop.
     public init(config: MemberConfig, logger: Logger = Logger(label: "etcdlite")) throws {
         try config.validate()
+        var config = config
+        // --auto-tls / --peer-auto-tls without certificate files: generated ones in the data dir.
+        let fixtures = URL(fileURLWithPath: config.effectiveDataDir).appendingPathComponent("fixtures")
+        if config.clientTLS.autoTLS && config.clientTLS.isEmpty && config.listenClientURLs.contains(where: { $0.hasPrefix("https://") }) {
+            let files = try AutoTLS.files(in: fixtures.appendingPathComponent("client"),
+                                          hosts: AutoTLS.hosts(of: config.listenClientURLs + config.advertiseClientURLs))
+            (config.clientTLS.certFile, config.clientTLS.keyFile) = files
+        }
+        if config.peerTLS.autoTLS && config.peerTLS.isEmpty
+            && (config.listenPeerURLs + config.initialAdvertisePeerURLs).contains(where: { $0.hasPrefix("https://") }) {
+            let files = try AutoTLS.files(in: fixtures.appendingPathComponent("peer"),
+                                          hosts: AutoTLS.hosts(of: config.listenPeerURLs + config.initialAdvertisePeerURLs))
+            (config.peerTLS.certFile, config.peerTLS.keyFile) = files
+        }
         self.config = config
         self.logger = logger
         let dataDir = URL(fileURLWithPath: config.effectiveDataDir)
@@ -93,7 +107,13 @@ public final class EtcdLiteServer: Sendable {
         let store = try RaftLogStore(directory: memberDir.appendingPathComponent("raft"), initial: ConfState())
         // Messages from peers reach the loop once it exists.
         let inbox = LoopInbox()
-        let transport = PeerTransport(memberID: memberID, clusterID: clusterID, group: MultiThreadedEventLoopGroup.singleton,
+        let peerTLS: TLSContexts?
+        do {
+            peerTLS = config.peerTLS.isEmpty ? nil : try TLSContexts(config.peerTLS)
+        } catch {
+            throw ConfigError("peer TLS: \(error)")
+        }
+        let transport = PeerTransport(memberID: memberID, clusterID: clusterID, group: MultiThreadedEventLoopGroup.singleton, tls: peerTLS,
                                       deliver: { inbox.loop?.receive($0) }, unreachable: { inbox.loop?.peerUnreachable($0) })
         // Snapshot images left by a stop in the middle of a transfer are of no use.
         for name in (try? FileManager.default.contentsOfDirectory(atPath: memberDir.path)) ?? []
@@ -364,11 +384,13 @@ extension EtcdLiteServer {
     /// Asks the members named by --initial-cluster (other than this one) for the running cluster.
     static func fetchCluster(_ config: MemberConfig, logger: Logger) throws -> (clusterID: UInt64, members: [Etcdserverpb_Member]) {
         let own = Set(config.initialAdvertisePeerURLs)
+        let tls = config.peerTLS.isEmpty ? nil : try TLSContexts(config.peerTLS)
         for member in try config.initialClusterMembers() {
             for text in member.peerURLs where !own.contains(text) {
                 guard let address = MemberConfig.address(text, defaultPort: 2380) else { continue }
                 do {
-                    let reply = try PeerTransport.fetchMembers(host: address.host, port: address.port, group: MultiThreadedEventLoopGroup.singleton)
+                    let reply = try PeerTransport.fetchMembers(host: address.host, port: address.port, group: MultiThreadedEventLoopGroup.singleton,
+                                                               tls: text.hasPrefix("https://") ? tls : nil)
                     let list = try Etcdserverpb_MemberListResponse(serializedBytes: reply.members)
                     return (reply.clusterID, list.members)
                 } catch {
