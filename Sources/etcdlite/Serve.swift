@@ -20,6 +20,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB).") var quotaBackendBytes: String?
     @Option(help: "Maximum number of operations permitted in a transaction.") var maxTxnOps: String?
     @Option(help: "Maximum client request size in bytes the server will accept.") var maxRequestBytes: String?
+    @Option(help: "Maximum concurrent streams that each client can open at a time (default math.MaxUint32).") var maxConcurrentStreams: String?
+    @Option(help: "Minimum duration interval that a client should wait before pinging server.") var grpcKeepaliveMinTime: String?
     @Option(help: "Interpret 'auto-compaction-retention' as 'periodic' or 'revision'.") var autoCompactionMode: String?
     @Option(help: "Auto compaction retention (0 means off).") var autoCompactionRetention: String?
     @Option(help: "Number of committed transactions to trigger a snapshot to disk.") var snapshotCount: String?
@@ -112,6 +114,13 @@ struct Serve: AsyncParsableCommand {
         if let v: Int64 = try number(quotaBackendBytes, "quota-backend-bytes") { config.quotaBackendBytes = v }
         if let v: Int = try number(maxTxnOps, "max-txn-ops") { config.maxTxnOps = v }
         if let v: Int = try number(maxRequestBytes, "max-request-bytes") { config.maxRequestBytes = v }
+        if let v: UInt32 = try number(maxConcurrentStreams, "max-concurrent-streams") { config.maxConcurrentStreams = v }
+        if let v = value(grpcKeepaliveMinTime, "grpc-keepalive-min-time") {
+            guard let seconds = Duration.parseGo(v), seconds >= 0 else {
+                throw ValidationError("invalid value \"\(v)\" for flag -grpc-keepalive-min-time: parse error")
+            }
+            config.grpcKeepaliveMinTime = .seconds(seconds)
+        }
         if let v = value(autoCompactionMode, "auto-compaction-mode") { config.autoCompactionMode = v }
         if let v = value(autoCompactionRetention, "auto-compaction-retention") { config.autoCompactionRetention = v }
         if let v: UInt64 = try number(snapshotCount, "snapshot-count") { config.snapshotCount = v }

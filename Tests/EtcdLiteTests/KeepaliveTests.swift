@@ -115,3 +115,24 @@ final class FrameRecorder: ChannelInboundHandler, @unchecked Sendable {
         #expect(seen.acks >= 390, "acks: \(seen.acks)")
     }
 }
+
+/// A large answer leaves in many DATA frames as the client's window opens, and grpc-go sends a
+/// bandwidth-probing PING as they arrive: those pings are not abuse (found when a 1 MiB value read
+/// through etcdctl ended in "transport is closing": the member had answered the pings with GOAWAY
+/// too_many_pings).
+@Suite(.serialized) struct LargeResponseTests {
+    @Test func largeValuesAndRangesAreReadThroughEtcdctl() throws {
+        let member = try ServerProcess(executable: etcdliteBinary())
+        defer { member.stop() }
+        for n in 0..<8 {
+            #expect(try member.etcdctl(["put", "big\(n)"], stdin: String(repeating: Character(String(n)), count: 1 << 20)).status == 0)
+        }
+        let one = try member.etcdctl(["get", "big0", "--print-value-only"])
+        #expect(one.status == 0 && one.stdout.count == (1 << 20) + 1, "\(one.stderr.suffix(300))")
+        // 8 MiB in one answer.
+        let all = try member.etcdctl(["get", "big", "--prefix", "--keys-only"])
+        #expect(all.status == 0 && all.stdout.split(separator: "\n").count == 8)
+        let values = try member.etcdctl(["get", "big", "--prefix", "--print-value-only"])
+        #expect(values.status == 0 && values.stdout.count == 8 * ((1 << 20) + 1), "\(values.stderr.suffix(300))")
+    }
+}

@@ -82,6 +82,10 @@ final class TestPKI: @unchecked Sendable {
             let gateway = try run("/usr/bin/curl", ["-s", "--http1.1", "--cacert", pki.caCert, "--cert", client.cert, "--key", client.key,
                                                     "-X", "POST", "https://127.0.0.1:\(member.clientPort)/v3/kv/range", "-d", #"{"key":"Yg=="}"#])
             lines.append("gateway: \(gateway.stdout.contains(#""value":"Mg==""#) ? "b=2" : gateway.stdout)")
+            // An HTTPS client that offers h2 and HTTP/1.1 (curl's default, as Go's net/http).
+            let negotiated = try run("/usr/bin/curl", ["-s", "--cacert", pki.caCert, "--cert", client.cert, "--key", client.key,
+                                                       "-X", "POST", "https://127.0.0.1:\(member.clientPort)/v3/kv/range", "-d", #"{"key":"Yg=="}"#])
+            lines.append("gateway, protocol negotiated: \(negotiated.stdout.contains(#""value":"Mg==""#) ? "b=2" : negotiated.stdout)")
             let gatewayNoCert = try run("/usr/bin/curl", ["-s", "--http1.1", "--cacert", pki.caCert, "-X", "POST",
                                                           "https://127.0.0.1:\(member.clientPort)/v3/kv/range", "-d", #"{"key":"Yg=="}"#])
             lines.append("gateway without a client certificate: \(gatewayNoCert.status == 0 ? "served" : "refused")")

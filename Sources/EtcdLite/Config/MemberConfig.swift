@@ -28,6 +28,11 @@ public struct MemberConfig: Sendable {
     public var quotaBackendBytes: Int64 = 0
     public var maxTxnOps = 128
     public var maxRequestBytes = 1_572_864
+    /// HTTP/2 streams a client connection may have open at once (etcd's --max-concurrent-streams).
+    public var maxConcurrentStreams = UInt32.max
+    /// Client pings closer together than this are strikes; past two, GOAWAY too_many_pings
+    /// (etcd's --grpc-keepalive-min-time).
+    public var grpcKeepaliveMinTime = Duration.seconds(5)
     public var autoCompactionMode = "periodic"
     public var autoCompactionRetention = "0"
     public var snapshotCount: UInt64 = 100_000

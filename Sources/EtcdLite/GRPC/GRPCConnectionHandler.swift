@@ -35,17 +35,26 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     private var unacknowledgedBytes = 0
     private var lastPing: NIODeadline?
     private var pingStrikes = 0
+    /// Response bytes handed to the HTTP/2 layer and not yet written to the socket: a client that
+    /// does not read (or reads slowly) leaves them queued behind its flow-control window.
+    private var unsentResponseBytes = 0
+
+    /// Past this many unsent response bytes the connection takes no new calls: new streams are
+    /// refused (RST_STREAM REFUSED_STREAM, which gRPC clients retry transparently) until the
+    /// client has read enough. Reading goes on, so the client's window updates still arrive.
+    static let maxUnsentResponseBytes = 64 << 20
 
     /// The connection-level receive window we open at the start (the protocol starts it at 64 KiB);
     /// consumed bytes are returned once half of it is used, not frame by frame.
     static let connectionWindow = 16 << 20
 
-    /// etcd's keepalive enforcement: pings closer than this count as strikes.
-    static let minPingInterval = TimeAmount.seconds(5)
+    /// etcd's keepalive enforcement: pings closer than `minPingInterval` count as strikes.
+    private let minPingInterval: TimeAmount
     static let maxPingStrikes = 2
 
-    init(methods: GRPCMethods) {
+    init(methods: GRPCMethods, minPingInterval: TimeAmount = .seconds(5)) {
         self.methods = methods
+        self.minPingInterval = minPingInterval
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -103,7 +112,14 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         case .ping(_, ack: false):
             // NIOHTTP2Handler answers pings; we only police their rate.
             let now = NIODeadline.now()
-            if let lastPing, now - lastPing < Self.minPingInterval { pingStrikes += 1 }
+            if unsentResponseBytes > 0 {
+                // A response is still going out (a large one leaves in many frames as the client's
+                // window opens, and grpc-go pings for bandwidth as they arrive): data is flowing,
+                // which clears the strikes (grpc-go's server resets them on every DATA frame).
+                pingStrikes = 0
+            } else if let lastPing, now - lastPing < minPingInterval {
+                pingStrikes += 1
+            }
             lastPing = now
             if pingStrikes > Self.maxPingStrikes {
                 goAway(.enhanceYourCalm, debug: "too_many_pings")
@@ -126,6 +142,10 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             return
         }
         lastStreamID = max(lastStreamID, id)
+        if unsentResponseBytes > Self.maxUnsentResponseBytes {
+            write(HTTP2Frame(streamID: id, payload: .rstStream(.refusedStream)))
+            return
+        }
         let path = headers.first(name: ":path") ?? ""
         guard let contentType = headers.first(name: "content-type"), contentType.hasPrefix("application/grpc") else {
             var response = HPACKHeaders()
@@ -317,7 +337,13 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             buffer.writeBytes(message)
         }
         pingStrikes = 0
-        write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer)))), promise: promise)
+        // Counted until the socket has the bytes (or the stream or connection is gone).
+        let size = buffer.readableBytes
+        unsentResponseBytes += size
+        let written = promise ?? context.eventLoop.makePromise(of: Void.self)
+        let loop = loopBound()
+        written.futureResult.whenComplete { _ in loop.value.unsentResponseBytes -= size }
+        write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer)))), promise: written)
     }
 
     private func writeTrailers(_ id: HTTP2StreamID, _ status: GRPCStatus, trailersOnly: Bool) {

@@ -15,6 +15,8 @@ final class ClientListener: Sendable {
     let methods: GRPCMethods
     let makeHTTPHandler: @Sendable () -> any ChannelHandler & Sendable
     let tls: TLSContexts?
+    let connectionConfiguration: NIOHTTP2Handler.ConnectionConfiguration
+    let minPingInterval: TimeAmount
 
     private struct Connection {
         let channel: Channel
@@ -25,8 +27,11 @@ final class ClientListener: Sendable {
     private let server = NIOLockedValueBox<Channel?>(nil)
 
     init(host: String, port: Int, group: any EventLoopGroup, methods: GRPCMethods, tls: TLSContexts? = nil,
+         maxConcurrentStreams: UInt32 = UInt32.max, minPingInterval: TimeAmount = .seconds(5),
          makeHTTPHandler: @escaping @Sendable () -> any ChannelHandler & Sendable) {
         self.tls = tls
+        self.minPingInterval = minPingInterval
+        connectionConfiguration = Self.connectionConfiguration(maxConcurrentStreams: maxConcurrentStreams)
         self.host = host
         self.port = port
         self.group = group
@@ -36,15 +41,18 @@ final class ClientListener: Sendable {
 
     /// HTTP/2 settings in the spirit of grpc-go's server: effectively unlimited streams, large
     /// windows and header lists.
-    static let http2Settings: HTTP2Settings = [
-        HTTP2Setting(parameter: .maxConcurrentStreams, value: Int(Int32.max)),
-        HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
-        HTTP2Setting(parameter: .maxHeaderListSize, value: 16 << 20),
-    ]
+    /// `maxConcurrentStreams`: etcd's --max-concurrent-streams (default math.MaxUint32).
+    static func http2Settings(maxConcurrentStreams: UInt32) -> HTTP2Settings {
+        [
+            HTTP2Setting(parameter: .maxConcurrentStreams, value: Int(maxConcurrentStreams)),
+            HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
+            HTTP2Setting(parameter: .maxHeaderListSize, value: 16 << 20),
+        ]
+    }
 
-    static let connectionConfiguration: NIOHTTP2Handler.ConnectionConfiguration = {
+    static func connectionConfiguration(maxConcurrentStreams: UInt32) -> NIOHTTP2Handler.ConnectionConfiguration {
         var configuration = NIOHTTP2Handler.ConnectionConfiguration()
-        configuration.initialSettings = http2Settings
+        configuration.initialSettings = http2Settings(maxConcurrentStreams: maxConcurrentStreams)
         // We send constant, valid headers; checking every field of every request and response
         // cost ~3 % of the event loop (perf).
         configuration.headerBlockValidation = .disabled
@@ -55,7 +63,7 @@ final class ClientListener: Sendable {
         configuration.controlFrameRateLimit.maximumCount = Int.max / 2
         configuration.controlFrameRateLimit.windowLength = .seconds(1)
         return configuration
-    }()
+    }
 
     static let streamConfiguration: NIOHTTP2Handler.StreamConfiguration = {
         var configuration = NIOHTTP2Handler.StreamConfiguration()
@@ -82,9 +90,9 @@ final class ClientListener: Sendable {
                     let sniffer = ProtocolSniffer { [self] channel, kind in
                         switch kind {
                         case .http2:
-                            let handler = GRPCConnectionHandler(methods: methods)
+                            let handler = GRPCConnectionHandler(methods: methods, minPingInterval: minPingInterval)
                             try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(
-                                mode: .server, connectionConfiguration: Self.connectionConfiguration,
+                                mode: .server, connectionConfiguration: connectionConfiguration,
                                 streamConfiguration: Self.streamConfiguration))
                             try channel.pipeline.syncOperations.addHandler(handler)
                             let bound = NIOLoopBound(handler, eventLoop: channel.eventLoop)

@@ -37,7 +37,7 @@ final class TLSContexts: Sendable {
         _ = try contexts()
     }
 
-    /// For accepted connections: our certificate, ALPN h2 and http/1.1, and, with
+    /// For accepted connections: our certificate, ALPN http/1.1 and h2, and, with
     /// `clientCertAuth`, a client certificate signed by the trusted CA required in the handshake.
     func server() throws -> NIOSSLContext { try contexts().server }
 
@@ -65,7 +65,9 @@ final class TLSContexts: Sendable {
         let key = NIOSSLPrivateKeySource.privateKey(try NIOSSLPrivateKey(file: files.keyFile, format: .pem))
         let roots: NIOSSLTrustRoots = files.trustedCAFile.isEmpty ? .default : .certificates(try NIOSSLCertificate.fromPEMFile(files.trustedCAFile))
         var server = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: key)
-        server.applicationProtocols = ["h2", "http/1.1"]
+        // Our preference picks: gRPC clients offer only h2 and get it; HTTP clients that offer both
+        // (curl, Go's net/http) get HTTP/1.1, which the JSON gateway speaks on this port.
+        server.applicationProtocols = ["http/1.1", "h2"]
         if files.clientCertAuth {
             server.certificateVerification = .noHostnameVerification
             server.trustRoots = roots
