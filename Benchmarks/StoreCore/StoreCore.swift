@@ -7,7 +7,8 @@ import Foundation
 // SQLite transaction, as the apply loop commits a batch), Range over the latest revision, and the
 // protobuf encoding and decoding a request and a response cost. Allocation counts are the
 // regression guard (static thresholds in Benchmarks/Thresholds/, checked with
-// `swift package benchmark thresholds check --target StoreCore --path Benchmarks/Thresholds`);
+// `swift package benchmark thresholds check --path Benchmarks/Thresholds`: p90 allocations may
+// grow 5 %);
 // times vary with the machine.
 // Run: swift package benchmark --target StoreCore
 
@@ -30,7 +31,7 @@ let benchmarks: @Sendable () -> Void = {
     let tolerance: [BenchmarkMetric: BenchmarkThresholds] = [.mallocCountTotal: .init(relative: [.p90: 5])]
 
     // 100 puts of 64-byte values to 1,000 keys, one transaction per iteration.
-    Benchmark("MVCC apply, batch of 100 puts",
+    Benchmark("MVCCApplyBatchOf100Puts",
               configuration: .init(metrics: metrics, maxDuration: .seconds(5), maxIterations: 2_000, thresholds: tolerance)) { benchmark in
         let directory = temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
@@ -48,7 +49,7 @@ let benchmarks: @Sendable () -> Void = {
     }
 
     // Range of 100 keys (of 10,000) at the latest revision, values of 64 bytes.
-    Benchmark("Range, 100 keys of 10,000",
+    Benchmark("Range100KeysOf10000",
               configuration: .init(metrics: metrics, maxDuration: .seconds(5), maxIterations: 5_000, thresholds: tolerance)) { benchmark in
         let directory = temporaryDirectory()
         defer { try? FileManager.default.removeItem(atPath: directory) }
@@ -81,7 +82,7 @@ let benchmarks: @Sendable () -> Void = {
     txn.success = [Etcdserverpb_RequestOp.with { $0.requestPut = leased }]
     txn.failure = [Etcdserverpb_RequestOp.with { $0.requestRange = Etcdserverpb_RangeRequest.with { $0.key = compare.key } }]
     let txnBytes: [UInt8] = try! txn.serializedBytes()
-    Benchmark("protobuf decode + encode, Txn request (1 KiB put)",
+    Benchmark("ProtobufTxnRequest1KiBPut",
               configuration: .init(metrics: metrics, scalingFactor: .kilo, maxDuration: .seconds(5), thresholds: tolerance)) { benchmark in
         for _ in benchmark.scaledIterations {
             let decoded = try Etcdserverpb_TxnRequest(serializedBytes: txnBytes)
@@ -104,7 +105,7 @@ let benchmarks: @Sendable () -> Void = {
         return kv
     }
     let pageBytes: [UInt8] = try! page.serializedBytes()
-    Benchmark("protobuf decode + encode, Range response (100 kvs)",
+    Benchmark("ProtobufRangeResponse100KVs",
               configuration: .init(metrics: metrics, maxDuration: .seconds(5), maxIterations: 20_000, thresholds: tolerance)) { benchmark in
         for _ in benchmark.scaledIterations {
             let decoded = try Etcdserverpb_RangeResponse(serializedBytes: pageBytes)
