@@ -401,7 +401,7 @@ public struct Verifier: Sendable {
         case .fsyncFail, .fsyncSlow:
             cluster.kill(any)
             let logged = cluster.logSize(any)
-            let spec = fault == .fsyncFail ? "fail-after:\(Int.random(in: 5...60, using: &random))" : "slow:200"
+            let spec = fault == .fsyncFail ? "fail-after:\(Int.random(in: 3...20, using: &random))" : "slow:200"
             // The expected crash needs no backtrace (it takes the runtime seconds).
             try cluster.restart(any, environment: ["ETCDLITE_FAILPOINT_LOG_SYNC": spec, "SWIFT_BACKTRACE": "enable=no"])
             if !(await cluster.failpointArmed(any, after: logged)) { report.failpointsUnavailable += 1 }

@@ -667,22 +667,6 @@ struct HashAnswer: Sendable, Equatable {
     var hashRevision: Int64 = 0
     var revision: Int64 = 0
 
-    init(status: Status, memberID: UInt64 = 0, hash: UInt32 = 0, compactRevision: Int64 = 0, hashRevision: Int64 = 0, revision: Int64 = 0) {
-        self.status = status
-        self.memberID = memberID
-        self.hash = hash
-        self.compactRevision = compactRevision
-        self.hashRevision = hashRevision
-        self.revision = revision
-    }
-
-    init?(decoding reader: inout ByteReader) {
-        guard let raw = try? reader.u8(), let status = Status(rawValue: raw), let member = try? reader.u64(), let hash = try? reader.u32le(),
-              let compact = try? reader.u64(), let hashRevision = try? reader.u64(), let revision = try? reader.u64() else { return nil }
-        self.init(status: status, memberID: member, hash: hash, compactRevision: Int64(bitPattern: compact),
-                  hashRevision: Int64(bitPattern: hashRevision), revision: Int64(bitPattern: revision))
-    }
-
     func encoded() -> [UInt8] {
         var w = ByteWriter()
         w.u8(status.rawValue)
@@ -692,5 +676,15 @@ struct HashAnswer: Sendable, Equatable {
         w.u64(UInt64(bitPattern: hashRevision))
         w.u64(UInt64(bitPattern: revision))
         return w.bytes
+    }
+}
+
+// In an extension, so that the memberwise initializer stays synthesized.
+extension HashAnswer {
+    init?(decoding reader: inout ByteReader) {
+        guard let raw = try? reader.u8(), let status = Status(rawValue: raw), let member = try? reader.u64(), let hash = try? reader.u32le(),
+              let compact = try? reader.u64(), let hashRevision = try? reader.u64(), let revision = try? reader.u64() else { return nil }
+        self.init(status: status, memberID: member, hash: hash, compactRevision: Int64(bitPattern: compact),
+                  hashRevision: Int64(bitPattern: hashRevision), revision: Int64(bitPattern: revision))
     }
 }

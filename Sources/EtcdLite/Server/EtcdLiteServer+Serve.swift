@@ -27,8 +27,7 @@ extension EtcdLiteServer {
                 host: address.host, port: address.port,
                 group: MultiThreadedEventLoopGroup.singleton, methods: methods, tls: text.hasPrefix("https://") ? clientTLS : nil,
                 maxConcurrentStreams: config.maxConcurrentStreams,
-                minPingInterval: .nanoseconds(Int64(config.grpcKeepaliveMinTime.components.seconds) * 1_000_000_000
-                    + config.grpcKeepaliveMinTime.components.attoseconds / 1_000_000_000)
+                minPingInterval: TimeAmount(config.grpcKeepaliveMinTime)
             ) { [self] in HTTPHandler(server: self, methods: methods) })
         }
         // Peers are listened for even by a lone member: a member may be added to it. Peers first:
