@@ -1,5 +1,8 @@
-import Foundation
 import EtcdLiteClient
+import EtcdLiteProto
+import Foundation
+import NIOSSL
+import SwiftProtobuf
 import Synchronization
 
 /// Monotonic nanoseconds (CLOCK_MONOTONIC), comparable across this process's threads.
@@ -53,22 +56,75 @@ public struct LatencySummary: Sendable, Codable {
     }
 }
 
-/// Where a workload connects: "host:port" or "http://host:port".
+/// How a workload reaches a secured member: TLS (with a client certificate) and a user whose
+/// token every call carries.
+public final class ClientSecurity: Sendable {
+    let tls: NIOSSLContext?
+    let user: (name: String, password: String)?
+    private let token = Mutex<String?>(nil)
+
+    /// `caFile`, `certFile`, `keyFile`: PEM files as etcdctl's --cacert, --cert, --key; `user`:
+    /// "name:password".
+    public init(caFile: String? = nil, certFile: String? = nil, keyFile: String? = nil, user: String? = nil) throws {
+        if caFile != nil || certFile != nil {
+            var configuration = TLSConfiguration.makeClientConfiguration()
+            configuration.applicationProtocols = ["h2"]
+            configuration.certificateVerification = .noHostnameVerification
+            if let caFile { configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(caFile)) }
+            if let certFile, let keyFile {
+                configuration.certificateChain = try NIOSSLCertificate.fromPEMFile(certFile).map { .certificate($0) }
+                configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: keyFile, format: .pem))
+            }
+            tls = try NIOSSLContext(configuration: configuration)
+        } else {
+            tls = nil
+        }
+        if let user {
+            guard let colon = user.firstIndex(of: ":") else { throw BenchError("--user takes name:password") }
+            self.user = (String(user[..<colon]), String(user[user.index(after: colon)...]))
+        } else {
+            self.user = nil
+        }
+    }
+
+    /// Authenticates once (on the first connection) and gives the token to every connection.
+    func prepare(_ connection: GRPCClientConnection) async throws {
+        guard let user else { return }
+        var current = token.withLock { $0 }
+        if current == nil {
+            var request = Etcdserverpb_AuthenticateRequest()
+            request.name = user.name
+            request.password = user.password
+            let answer = try Etcdserverpb_AuthenticateResponse(
+                serializedBytes: try await connection.unary("/etcdserverpb.Auth/Authenticate", try request.serializedBytes()))
+            current = answer.token
+            token.withLock { $0 = answer.token }
+        }
+        try await connection.setDefaultMetadata([("token", current!)])
+    }
+}
+
+/// Where a workload connects: "host:port", "http://host:port" or "https://host:port" (https
+/// needs a `ClientSecurity` with TLS).
 public struct Endpoint: Sendable {
     public let host: String
     public let port: Int
+    public let security: ClientSecurity?
 
-    public init(_ text: String) throws {
+    public init(_ text: String, security: ClientSecurity? = nil) throws {
         var rest = Substring(text)
         if let scheme = rest.range(of: "://") { rest = rest[scheme.upperBound...] }
         let parts = rest.split(separator: ":")
         guard parts.count == 2, let port = Int(parts[1]) else { throw BenchError("invalid endpoint \(text)") }
         host = parts[0] == "localhost" ? "127.0.0.1" : String(parts[0])
         self.port = port
+        self.security = security
     }
 
     func connect() async throws -> GRPCClientConnection {
-        try await GRPCClientConnection.connect(host: host, port: port)
+        let connection = try await GRPCClientConnection.connect(host: host, port: port, tls: security?.tls)
+        try await security?.prepare(connection)
+        return connection
     }
 }
 

@@ -4,6 +4,7 @@ import NIOCore
 import NIOHPACK
 import NIOHTTP2
 import NIOPosix
+import NIOSSL
 
 /// A gRPC status as a client sees it.
 public struct ClientStatus: Error, Sendable, Equatable, CustomStringConvertible {
@@ -38,8 +39,9 @@ public final class GRPCClientConnection: Sendable {
     /// Whether the connection is still open.
     public var isActive: Bool { channel.isActive }
 
+    /// `tls`: TLS first (ALPN h2), as to an https:// endpoint.
     public static func connect(host: String, port: Int, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                               connectTimeout: TimeAmount = .seconds(10)) async throws -> GRPCClientConnection {
+                               connectTimeout: TimeAmount = .seconds(10), tls: NIOSSLContext? = nil) async throws -> GRPCClientConnection {
         let channel = try await ClientBootstrap(group: group)
             .connectTimeout(connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -58,8 +60,11 @@ public final class GRPCClientConnection: Sendable {
                     // every header block costs it more than the server spends answering.
                     configuration.headerBlockValidation = .disabled
                     configuration.contentLengthValidation = .disabled
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: nil))
+                    }
                     try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(mode: .client, connectionConfiguration: configuration))
-                    try channel.pipeline.syncOperations.addHandler(ClientFrameHandler(authority: "\(host):\(port)"))
+                    try channel.pipeline.syncOperations.addHandler(ClientFrameHandler(authority: "\(host):\(port)", scheme: tls == nil ? "http" : "https"))
                 }
             }
             .connect(host: host, port: port).get()
@@ -72,6 +77,12 @@ public final class GRPCClientConnection: Sendable {
     private init(channel: Channel, handler: NIOLoopBound<ClientFrameHandler>) {
         self.channel = channel
         self.handler = handler
+    }
+
+    /// Metadata every later call carries (e.g. an auth `token`).
+    public func setDefaultMetadata(_ metadata: [(String, String)]) async throws {
+        let handler = self.handler
+        try await eventLoop.submit { handler.value.defaultMetadata = metadata }.get()
     }
 
     /// Starts a call on `path` (`/package.Service/Method`) and returns its handle; `messages` go
@@ -200,8 +211,12 @@ final class ClientFrameHandler: ChannelInboundHandler {
     private var flushScheduled = false
     private var closed = false
 
-    init(authority: String) {
+    private let scheme: String
+    var defaultMetadata: [(String, String)] = []
+
+    init(authority: String, scheme: String = "http") {
         self.authority = authority
+        self.scheme = scheme
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -235,11 +250,12 @@ final class ClientFrameHandler: ChannelInboundHandler {
         calls[id] = Call(call: call, observer: observer)
         var headers = HPACKHeaders()
         headers.add(name: ":method", value: "POST")
-        headers.add(name: ":scheme", value: "http")
+        headers.add(name: ":scheme", value: scheme)
         headers.add(name: ":path", value: path)
         headers.add(name: ":authority", value: authority)
         headers.add(name: "content-type", value: "application/grpc")
         headers.add(name: "te", value: "trailers")
+        for (name, value) in defaultMetadata { headers.add(name: name, value: value) }
         for (name, value) in metadata { headers.add(name: name, value: value) }
         context.write(wrapOutboundOut(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers, endStream: false)))), promise: nil)
         writeMessages(id, messages, end: endRequest)

@@ -125,10 +125,16 @@ struct Bench: AsyncParsableCommand {
         @Option(help: "Also run the workload against these endpoints, alternating A B A B; print both and the ratio.") var compare: String?
         @Option(help: "Rounds with --compare (the median is reported).") var rounds = 3
         @Flag(help: "Print the result as JSON.") var json = false
+        @Option(help: "User and password (name:password): every call carries the user's token.") var user: String?
+        @Option(help: "CA certificate of the endpoints (TLS; with https:// endpoints).") var cacert: String?
+        @Option(help: "Client certificate (TLS).") var cert: String?
+        @Option(help: "Client certificate's key (TLS).") var key: String?
         @Flag(help: "txn-mixed: record a history of puts, gets, deletes and compare-and-swaps on --key-space-size keys for --duration seconds (default 5) and check it for linearizability.") var check = false
 
         func bench(_ workload: KVBench.Workload, endpoints text: String) async throws -> KVBench {
-            var endpoints = try text.split(separator: ",").map { try Endpoint(String($0)) }
+            let security = user != nil || cacert != nil || cert != nil
+                ? try ClientSecurity(caFile: cacert, certFile: cert, keyFile: key, user: user) : nil
+            var endpoints = try text.split(separator: ",").map { try Endpoint(String($0), security: security) }
             if targetLeader { endpoints = [try await KVBench.leader(of: endpoints)] }
             var bench = KVBench(workload: workload, endpoints: endpoints)
             bench.conns = conns

@@ -40,8 +40,9 @@ struct Serve: AsyncParsableCommand {
     // Accepted now and validated; the metrics and auth issues give them their effect.
     @Option var listenMetricsUrls: String?
     @Option var experimentalWatchProgressNotifyInterval: String?
-    @Option var authToken: String?
-    @Option var authTokenTtl: String?
+    @Option(help: "Auth token type: simple, or jwt,pub-key=...,priv-key=...,sign-method=...[,ttl=...].") var authToken: String?
+    @Option(help: "Seconds a simple token lives after its last use (default 300).") var authTokenTtl: String?
+    @Option(help: "Accepted for compatibility: passwords are hashed with PBKDF2-HMAC-SHA256 at 210,000 rounds.") var bcryptCost: String?
     @Flag(help: "Enable client cert authentication.") var clientCertAuth = false
     @Flag(help: "Client TLS using generated certificates.") var autoTls = false
     @Flag(help: "Peer TLS using generated certificates.") var peerAutoTls = false
@@ -136,6 +137,9 @@ struct Serve: AsyncParsableCommand {
             }
             config.watchProgressNotifyInterval = .seconds(seconds)
         }
+        if let v = value(authToken, "auth-token") { config.authToken = v }
+        if let v: Int = try number(authTokenTtl, "auth-token-ttl") { config.authTokenTTL = v }
+        _ = value(bcryptCost, "bcrypt-cost")
         config.clientTLS.certFile = value(certFile, "cert-file") ?? ""
         config.clientTLS.keyFile = value(keyFile, "key-file") ?? ""
         config.clientTLS.trustedCAFile = value(trustedCaFile, "trusted-ca-file") ?? ""

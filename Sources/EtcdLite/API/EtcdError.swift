@@ -51,3 +51,43 @@ public struct EtcdError: Error, Equatable, Sendable, CustomStringConvertible {
     public static let leaderChanged = EtcdError(.unavailable, "etcdserver: leader changed")
     public static let unhealthy = EtcdError(.unavailable, "etcdserver: unhealthy cluster")
 }
+
+// etcd's auth errors (auth/store.go, mapped by v3rpc/util.go).
+extension EtcdError {
+    public static let rootUserNotExist = EtcdError(.failedPrecondition, "etcdserver: root user does not exist")
+    public static let rootRoleNotExist = EtcdError(.failedPrecondition, "etcdserver: root user does not have root role")
+    public static let userAlreadyExist = EtcdError(.failedPrecondition, "etcdserver: user name already exists")
+    public static let userEmpty = EtcdError(.invalidArgument, "etcdserver: user name is empty")
+    public static let userNotFound = EtcdError(.failedPrecondition, "etcdserver: user name not found")
+    public static let roleAlreadyExist = EtcdError(.failedPrecondition, "etcdserver: role name already exists")
+    public static let roleNotFound = EtcdError(.failedPrecondition, "etcdserver: role name not found")
+    public static let roleEmpty = EtcdError(.invalidArgument, "etcdserver: role name is empty")
+    public static let authFailed = EtcdError(.invalidArgument, "etcdserver: authentication failed, invalid user ID or password")
+    public static let permissionNotGiven = EtcdError(.invalidArgument, "etcdserver: permission not given")
+    public static let permissionDenied = EtcdError(.permissionDenied, "etcdserver: permission denied")
+    public static let roleNotGranted = EtcdError(.failedPrecondition, "etcdserver: role is not granted to the user")
+    public static let permissionNotGranted = EtcdError(.failedPrecondition, "etcdserver: permission is not granted to the role")
+    public static let authNotEnabled = EtcdError(.failedPrecondition, "etcdserver: authentication is not enabled")
+    public static let invalidAuthToken = EtcdError(.unauthenticated, "etcdserver: invalid auth token")
+    public static let invalidAuthManagement = EtcdError(.invalidArgument, "etcdserver: invalid auth management")
+    public static let authOldRevision = EtcdError(.invalidArgument, "etcdserver: revision of auth store is old")
+    /// etcd returns these without mapping them (code Unknown, the auth package's own text).
+    public static let noPasswordUser = EtcdError(.unknown, "auth: authentication failed, password was given for no password user")
+    public static let verifyOnlyKey = EtcdError(.unknown, "auth: token signing attempted with verify-only key")
+
+    /// The form etcd's Maintenance Defragment/Hash/HashKV/Snapshot give auth errors: not mapped to
+    /// a gRPC code, so Unknown with the auth package's text ("auth: permission denied").
+    var unmapped: EtcdError {
+        guard message.hasPrefix("etcdserver: ") else { return self }
+        let text = message.dropFirst("etcdserver: ".count)
+        let internalText = switch self {
+        case .userAlreadyExist: "user already exists"
+        case .userNotFound: "user not found"
+        case .roleAlreadyExist: "role already exists"
+        case .roleNotFound: "role not found"
+        case .authOldRevision: "revision in header is old"
+        default: String(text)
+        }
+        return EtcdError(.unknown, "auth: \(internalText)")
+    }
+}

@@ -2,7 +2,7 @@ import EtcdLiteProto
 import SwiftProtobuf
 
 /// A request that changes replicated state: what one log entry carries.
-enum InternalRequest: Sendable {
+indirect enum InternalRequest: Sendable {
     case put(Etcdserverpb_PutRequest)
     case deleteRange(Etcdserverpb_DeleteRangeRequest)
     case txn(Etcdserverpb_TxnRequest)
@@ -24,6 +24,12 @@ enum InternalRequest: Sendable {
     case memberRemove(Etcdserverpb_Member)
     case memberPromote(Etcdserverpb_Member)
     case memberUpdate(Etcdserverpb_Member)
+    /// A change of users, roles or the auth flag, or an Authenticate.
+    case auth(AuthRequest)
+    /// A client's request proposed while auth was on, with who sent it: applying it first checks
+    /// the sender's permission against the auth state of that moment (etcd's RequestHeader with
+    /// username and auth revision).
+    case authorized(AuthInfo, InternalRequest)
 
     /// Whether applying it changes what MemberList shows without a Raft configuration change.
     var changesMembers: Bool {
@@ -48,6 +54,8 @@ enum InternalRequest: Sendable {
         case .memberRemove: 11
         case .memberPromote: 12
         case .memberUpdate: 13
+        case .auth: 14
+        case .authorized: 15
         }
     }
 
@@ -65,6 +73,12 @@ enum InternalRequest: Sendable {
         case .leaseRenew(let r): body = try r.serializedBytes()
         case .memberAttributes(let r), .memberAdd(let r), .memberRemove(let r), .memberPromote(let r), .memberUpdate(let r):
             body = try r.serializedBytes()
+        case .auth(let r): body = try r.encoded()
+        case .authorized(let info, let inner):
+            // Revision (8 bytes big-endian), user name length (2 bytes), name, inner request.
+            let name = Array(info.user.utf8.prefix(Int(UInt16.max)))
+            body = withUnsafeBytes(of: info.revision.bigEndian) { Array($0) } + [UInt8(name.count >> 8), UInt8(name.count & 0xff)]
+                + name + (try inner.encoded())
         }
         return [tag] + body
     }
@@ -86,6 +100,15 @@ enum InternalRequest: Sendable {
         case 11: self = .memberRemove(try .init(serializedBytes: body))
         case 12: self = .memberPromote(try .init(serializedBytes: body))
         case 13: self = .memberUpdate(try .init(serializedBytes: body))
+        case 14: self = .auth(try AuthRequest(encoded: body))
+        case 15:
+            guard body.count >= 10 else { throw EntryDecodingError(message: "short authorized entry") }
+            let revision = body.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            let start = body.startIndex + 8
+            let length = Int(body[start]) << 8 | Int(body[start + 1])
+            guard body.count >= 10 + length else { throw EntryDecodingError(message: "short authorized entry") }
+            let name = String(decoding: body[(start + 2)..<(start + 2 + length)], as: UTF8.self)
+            self = .authorized(AuthInfo(user: name, revision: revision), try InternalRequest(encoded: Array(body[(start + 2 + length)...])))
         default: throw EntryDecodingError(message: "unknown entry type \(tag)")
         }
     }
@@ -106,6 +129,7 @@ enum InternalResponse: Sendable {
     case leaseRevoke(Etcdserverpb_LeaseRevokeResponse)
     case leaseRenew(Etcdserverpb_LeaseKeepAliveResponse)
     case memberAttributes
+    case auth(AuthAnswer)
     /// After a membership change: the member it concerned and every member.
     case membership(member: Etcdserverpb_Member, members: [Etcdserverpb_Member])
 }

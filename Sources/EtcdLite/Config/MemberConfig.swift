@@ -24,6 +24,10 @@ public struct MemberConfig: Sendable {
     public var clientTLS = TLSFiles()
     /// TLS between members (--peer-*): used on https:// peer URLs and for connections to peers.
     public var peerTLS = TLSFiles()
+    /// etcd's --auth-token: `simple`, or `jwt,pub-key=...,priv-key=...,sign-method=...[,ttl=...]`.
+    public var authToken = "simple"
+    /// etcd's --auth-token-ttl: how long a simple token lives after its last use, in seconds.
+    public var authTokenTTL = 300
     /// 0 means etcd's default of 2 GiB; negative disables the quota.
     public var quotaBackendBytes: Int64 = 0
     public var maxTxnOps = 128

@@ -52,9 +52,13 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     private let minPingInterval: TimeAmount
     static let maxPingStrikes = 2
 
-    init(methods: GRPCMethods, minPingInterval: TimeAmount = .seconds(5)) {
+    /// The CN of the client's verified certificate, when there is one.
+    private let commonName: String?
+
+    init(methods: GRPCMethods, minPingInterval: TimeAmount = .seconds(5), commonName: String? = nil) {
         self.methods = methods
         self.minPingInterval = minPingInterval
+        self.commonName = commonName
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -158,7 +162,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
             return
         }
         methods.metrics?.rpcStarted(path)
-        var call = Call(path: path, method: method, context: CallContext(headers: headers), buffer: nil)
+        var call = Call(path: path, method: method, context: CallContext(headers: headers, commonName: commonName), buffer: nil)
         if case .streaming(let handler) = method {
             let (requests, continuation) = AsyncStream<[UInt8]>.makeStream()
             call.inbound = continuation

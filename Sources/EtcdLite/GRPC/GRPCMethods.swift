@@ -6,6 +6,9 @@ import SwiftProtobuf
 /// What a call sees of its request besides the messages.
 struct CallContext: Sendable {
     let headers: HPACKHeaders
+    /// The CN of the client's verified certificate (TLS with --client-cert-auth, gRPC only: etcd
+    /// ignores it for the JSON gateway): the user when the call carries no token.
+    var commonName: String? = nil
 
     /// A request metadata value (names are lowercase), e.g. `hasleader`, `token`, `authorization`.
     func metadata(_ name: String) -> String? {

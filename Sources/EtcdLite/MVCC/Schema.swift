@@ -45,5 +45,10 @@ enum Schema {
         // The cluster's members (an encoded Member each) and the IDs removed from it (`Membership`).
         "CREATE TABLE IF NOT EXISTS members(id INTEGER PRIMARY KEY, member BLOB NOT NULL)",
         "CREATE TABLE IF NOT EXISTS members_removed(id INTEGER PRIMARY KEY)",
+        // The auth store (`AuthTables`): encoded authpb Users and Roles by name, the flag and the
+        // auth revision.
+        "CREATE TABLE IF NOT EXISTS auth_users(name BLOB PRIMARY KEY, user BLOB NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS auth_roles(name BLOB PRIMARY KEY, role BLOB NOT NULL) WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS auth_meta(id INTEGER PRIMARY KEY CHECK (id = 1), enabled INTEGER NOT NULL, revision INTEGER NOT NULL)",
     ]
 }

@@ -4,6 +4,7 @@ import NIOHTTP1
 import NIOHTTP2
 import NIOPosix
 import NIOSSL
+import X509
 
 /// Listens on one client URL for gRPC (HTTP/2 with prior knowledge) and HTTP/1.1 on the same
 /// port: each connection passes `ProtocolSniffer` first. On an https:// URL the connection is TLS
@@ -74,6 +75,18 @@ final class ClientListener: Sendable {
         return configuration
     }()
 
+    /// The last commonName of a certificate's subject.
+    static func commonName(_ certificate: NIOSSLCertificate) -> String? {
+        guard let bytes = try? certificate.toDERBytes(), let parsed = try? Certificate(derEncoded: bytes) else { return nil }
+        var name: String?
+        for rdn in parsed.subject {
+            for attribute in rdn where attribute.type == .RDNAttributeType.commonName {
+                name = String(attribute.value)
+            }
+        }
+        return name
+    }
+
     /// Binds and returns the bound port.
     func bind() async throws -> Int {
         let channel = try await ServerBootstrap(group: group)
@@ -90,7 +103,11 @@ final class ClientListener: Sendable {
                     let sniffer = ProtocolSniffer { [self] channel, kind in
                         switch kind {
                         case .http2:
-                            let handler = GRPCConnectionHandler(methods: methods, minPingInterval: minPingInterval)
+                            // The handshake is over once the sniffer has seen decrypted bytes.
+                            let commonName = tls?.files.clientCertAuth == true
+                                ? (try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self))?.peerCertificate.flatMap(Self.commonName)
+                                : nil
+                            let handler = GRPCConnectionHandler(methods: methods, minPingInterval: minPingInterval, commonName: commonName)
                             try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(
                                 mode: .server, connectionConfiguration: connectionConfiguration,
                                 streamConfiguration: Self.streamConfiguration))

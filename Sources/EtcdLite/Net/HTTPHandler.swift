@@ -135,7 +135,7 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
             fail(head, EtcdError(.resourceExhausted, "grpc: received message larger than max (\(large.count) vs. \(methods.receiveLimit))"))
             return
         }
-        let callContext = CallContext(headers: metadata(head))
+        let callContext = CallContext(headers: Self.metadata(head))
         let loop = NIOLoopBound(self, eventLoop: context!.eventLoop)
         switch method {
         case .unary(let handler):
@@ -176,10 +176,19 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    /// gRPC metadata from HTTP headers (lowercase names), e.g. `authorization` for auth tokens.
-    private func metadata(_ head: HTTPRequestHead) -> HPACKHeaders {
+    /// gRPC metadata from HTTP headers (lowercase names), as grpc-gateway passes them: the
+    /// `Authorization` header as `authorization` (the raw token, no "Bearer "), `Grpc-Metadata-X`
+    /// as `x`; a plain `Token` header is not metadata.
+    static func metadata(_ head: HTTPRequestHead) -> HPACKHeaders {
         var headers = HPACKHeaders()
-        for (name, value) in head.headers { headers.add(name: name.lowercased(), value: value) }
+        for (name, value) in head.headers {
+            let lower = name.lowercased()
+            if lower.hasPrefix("grpc-metadata-") {
+                headers.add(name: String(lower.dropFirst("grpc-metadata-".count)), value: value)
+            } else if lower != "token" {
+                headers.add(name: lower, value: value)
+            }
+        }
         return headers
     }
 

@@ -25,8 +25,15 @@ extension EtcdLiteServer {
     }
 
     public func leaseRevoke(_ request: Etcdserverpb_LeaseRevokeRequest) async throws -> Etcdserverpb_LeaseRevokeResponse {
+        try await leaseRevoke(request, as: .internal)
+    }
+
+    /// While auth is on, a caller who is not an admin must be able to write every attached key
+    /// (checked at apply).
+    func leaseRevoke(_ request: Etcdserverpb_LeaseRevokeRequest, as caller: AuthInfo) async throws -> Etcdserverpb_LeaseRevokeResponse {
         if !lessor.contains(request.id) { throw EtcdError.leaseNotFound }
-        guard case .leaseRevoke(var response) = try await propose(.leaseRevoke(request)) else { throw unexpected() }
+        let entry: InternalRequest = authBox.enabled ? .authorized(caller, .leaseRevoke(request)) : .leaseRevoke(request)
+        guard case .leaseRevoke(var response) = try await propose(entry) else { throw unexpected() }
         fill(&response.header)
         return response
     }
@@ -49,10 +56,17 @@ extension EtcdLiteServer {
         return response
     }
 
-    /// A LeaseKeepAlive stream: each request answered in turn.
-    func leaseKeepAliveStream(_ requests: AsyncStream<[UInt8]>, _ writer: ResponseWriter) async throws {
+    /// A LeaseKeepAlive stream: each request answered in turn. While auth is on, each renewal needs
+    /// a user who may write every key of the lease (or an admin); a refusal ends the stream with
+    /// its error, as etcd's.
+    func leaseKeepAliveStream(_ requests: AsyncStream<[UInt8]>, _ writer: ResponseWriter, _ context: CallContext) async throws {
         for await bytes in requests {
             let request: Etcdserverpb_LeaseKeepAliveRequest = try GRPCMethods.decode(bytes)
+            if authBox.enabled {
+                let caller = try await caller(context)
+                try requireUser(caller)
+                try checkLeaseKeys(request.id, caller, .write)
+            }
             let response = try await leaseKeepAlive(request)
             try await writer.write([try response.serializedBytes()])
         }

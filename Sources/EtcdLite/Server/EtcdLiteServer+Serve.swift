@@ -90,31 +90,98 @@ extension EtcdLiteServer {
     func makeMethods() -> GRPCMethods {
         var m = GRPCMethods(receiveLimit: config.maxRequestBytes + 512 * 1024)
         m.metrics = metrics
-        m.unary("/etcdserverpb.KV/Range") { (r: Etcdserverpb_RangeRequest, _) in try await self.range(r) }
-        m.unaryDirect("/etcdserverpb.KV/Put") { (r: Etcdserverpb_PutRequest, _, done) in self.put(r, completion: done) }
-        m.unaryDirect("/etcdserverpb.KV/DeleteRange") { (r: Etcdserverpb_DeleteRangeRequest, _, done) in self.deleteRange(r, completion: done) }
-        m.unaryDirect("/etcdserverpb.KV/Txn") { (r: Etcdserverpb_TxnRequest, _, done) in self.txn(r, completion: done) }
-        m.unary("/etcdserverpb.KV/Compact") { (r: Etcdserverpb_CompactionRequest, _) in try await self.compact(r) }
-        m.unary("/etcdserverpb.Maintenance/Alarm") { (r: Etcdserverpb_AlarmRequest, _) in try await self.alarm(r) }
-        m.unary("/etcdserverpb.Maintenance/Status") { (_: Etcdserverpb_StatusRequest, _) in self.statusResponse() }
-        m.unary("/etcdserverpb.Maintenance/Defragment") { (_: Etcdserverpb_DefragmentRequest, _) in try await self.defragment() }
-        m.unary("/etcdserverpb.Maintenance/Hash") { (_: Etcdserverpb_HashRequest, _) in try self.hash() }
-        m.unary("/etcdserverpb.Maintenance/HashKV") { (r: Etcdserverpb_HashKVRequest, _) in try self.hashKV(r) }
-        m.unary("/etcdserverpb.Maintenance/MoveLeader") { (r: Etcdserverpb_MoveLeaderRequest, _) in try await self.moveLeader(r) }
-        m.serverStreaming("/etcdserverpb.Maintenance/Snapshot") { (_: Etcdserverpb_SnapshotRequest, _, send) in
+        // With auth on, each method checks its caller as etcd 3.4.44 does: reads and writes
+        // against the caller's key permissions (writes at apply), maintenance and membership
+        // changes for admins (role root), the rest for any user.
+        m.unary("/etcdserverpb.KV/Range") { (r: Etcdserverpb_RangeRequest, c) in try await self.range(r, as: try await self.caller(c)) }
+        m.unaryDirect("/etcdserverpb.KV/Put") { (r: Etcdserverpb_PutRequest, c, done) in
+            self.withCaller(c, failure: { done(.failure($0)) }) { self.put(r, as: $0, completion: done) }
+        }
+        m.unaryDirect("/etcdserverpb.KV/DeleteRange") { (r: Etcdserverpb_DeleteRangeRequest, c, done) in
+            self.withCaller(c, failure: { done(.failure($0)) }) { self.deleteRange(r, as: $0, completion: done) }
+        }
+        m.unaryDirect("/etcdserverpb.KV/Txn") { (r: Etcdserverpb_TxnRequest, c, done) in
+            self.withCaller(c, failure: { done(.failure($0)) }) { self.txn(r, as: $0, completion: done) }
+        }
+        m.unary("/etcdserverpb.KV/Compact") { (r: Etcdserverpb_CompactionRequest, c) in
+            try self.requireAdmin(try await self.caller(c))
+            return try await self.compact(r)
+        }
+        m.unary("/etcdserverpb.Maintenance/Alarm") { (r: Etcdserverpb_AlarmRequest, c) in
+            let caller = try await self.caller(c)
+            if r.action == .get { try self.requireUser(caller) } else { try self.requireAdmin(caller) }
+            return try await self.alarm(r)
+        }
+        m.unary("/etcdserverpb.Maintenance/Status") { (_: Etcdserverpb_StatusRequest, c) in
+            try self.requireAdmin(try await self.caller(c))
+            return self.statusResponse()
+        }
+        m.unary("/etcdserverpb.Maintenance/Defragment") { (_: Etcdserverpb_DefragmentRequest, c) in
+            try await self.requireAdminUnmapped(c)
+            return try await self.defragment()
+        }
+        m.unary("/etcdserverpb.Maintenance/Hash") { (_: Etcdserverpb_HashRequest, c) in
+            try await self.requireAdminUnmapped(c)
+            return try self.hash()
+        }
+        m.unary("/etcdserverpb.Maintenance/HashKV") { (r: Etcdserverpb_HashKVRequest, c) in
+            try await self.requireAdminUnmapped(c)
+            return try self.hashKV(r)
+        }
+        m.unary("/etcdserverpb.Maintenance/MoveLeader") { (r: Etcdserverpb_MoveLeaderRequest, c) in
+            try self.requireAdmin(try await self.caller(c))
+            return try await self.moveLeader(r)
+        }
+        m.serverStreaming("/etcdserverpb.Maintenance/Snapshot") { (_: Etcdserverpb_SnapshotRequest, c, send) in
+            try await self.requireAdminUnmapped(c)
             try await self.snapshotChunks(send)
         }
-        m.unary("/etcdserverpb.Lease/LeaseGrant") { (r: Etcdserverpb_LeaseGrantRequest, _) in try await self.leaseGrant(r) }
-        m.unary("/etcdserverpb.Lease/LeaseRevoke") { (r: Etcdserverpb_LeaseRevokeRequest, _) in try await self.leaseRevoke(r) }
-        m.unary("/etcdserverpb.Lease/LeaseTimeToLive") { (r: Etcdserverpb_LeaseTimeToLiveRequest, _) in try await self.leaseTimeToLive(r) }
-        m.unary("/etcdserverpb.Lease/LeaseLeases") { (_: Etcdserverpb_LeaseLeasesRequest, _) in self.leaseLeases() }
-        m.streaming("/etcdserverpb.Lease/LeaseKeepAlive") { requests, writer, _ in try await self.leaseKeepAliveStream(requests, writer) }
+        m.unary("/etcdserverpb.Lease/LeaseGrant") { (r: Etcdserverpb_LeaseGrantRequest, c) in
+            try self.requireUser(try await self.caller(c))
+            return try await self.leaseGrant(r)
+        }
+        m.unary("/etcdserverpb.Lease/LeaseRevoke") { (r: Etcdserverpb_LeaseRevokeRequest, c) in
+            let caller = try await self.caller(c)
+            try self.requireUser(caller)
+            return try await self.leaseRevoke(r, as: caller)
+        }
+        m.unary("/etcdserverpb.Lease/LeaseTimeToLive") { (r: Etcdserverpb_LeaseTimeToLiveRequest, c) in
+            let caller = try await self.caller(c)
+            try self.requireUser(caller)
+            if r.keys { try self.checkLeaseKeys(r.id, caller, .read) }
+            return try await self.leaseTimeToLive(r)
+        }
+        m.unary("/etcdserverpb.Lease/LeaseLeases") { (_: Etcdserverpb_LeaseLeasesRequest, c) in
+            let caller = try await self.caller(c)
+            try self.requireUser(caller)
+            let response = self.leaseLeases()
+            // A caller who is not an admin must be able to read every key of every lease.
+            for lease in response.leases { try self.checkLeaseKeys(lease.id, caller, .read) }
+            return response
+        }
+        m.streaming("/etcdserverpb.Lease/LeaseKeepAlive") { requests, writer, c in try await self.leaseKeepAliveStream(requests, writer, c) }
         m.streaming("/etcdserverpb.Watch/Watch") { requests, writer, context in try await self.watch(requests, writer, context) }
-        m.unary("/etcdserverpb.Cluster/MemberList") { (r: Etcdserverpb_MemberListRequest, _) in try await self.memberList(r) }
-        m.unary("/etcdserverpb.Cluster/MemberAdd") { (r: Etcdserverpb_MemberAddRequest, _) in try await self.memberAdd(r) }
-        m.unary("/etcdserverpb.Cluster/MemberRemove") { (r: Etcdserverpb_MemberRemoveRequest, _) in try await self.memberRemove(r) }
-        m.unary("/etcdserverpb.Cluster/MemberUpdate") { (r: Etcdserverpb_MemberUpdateRequest, _) in try await self.memberUpdate(r) }
-        m.unary("/etcdserverpb.Cluster/MemberPromote") { (r: Etcdserverpb_MemberPromoteRequest, _) in try await self.memberPromote(r) }
+        m.unary("/etcdserverpb.Cluster/MemberList") { (r: Etcdserverpb_MemberListRequest, c) in
+            try self.requireUser(try await self.caller(c))
+            return try await self.memberList(r)
+        }
+        m.unary("/etcdserverpb.Cluster/MemberAdd") { (r: Etcdserverpb_MemberAddRequest, c) in
+            try self.requireAdmin(try await self.caller(c))
+            return try await self.memberAdd(r)
+        }
+        m.unary("/etcdserverpb.Cluster/MemberRemove") { (r: Etcdserverpb_MemberRemoveRequest, c) in
+            try self.requireAdmin(try await self.caller(c))
+            return try await self.memberRemove(r)
+        }
+        m.unary("/etcdserverpb.Cluster/MemberUpdate") { (r: Etcdserverpb_MemberUpdateRequest, c) in
+            try self.requireAdmin(try await self.caller(c))
+            return try await self.memberUpdate(r)
+        }
+        m.unary("/etcdserverpb.Cluster/MemberPromote") { (r: Etcdserverpb_MemberPromoteRequest, c) in
+            try self.requireAdmin(try await self.caller(c))
+            return try await self.memberPromote(r)
+        }
+        addAuthMethods(&m)
         // A learner serves only Status and serializable Range (etcd 3.4's rule); Range checks for
         // itself.
         m.guardAll(except: ["/etcdserverpb.Maintenance/Status", "/etcdserverpb.KV/Range"]) { [self] in

@@ -8,6 +8,7 @@ extension EtcdLiteServer {
     /// client stops sending, until the call is cancelled.
     func watch(_ requests: AsyncStream<[UInt8]>, _ writer: ResponseWriter, _ context: CallContext) async throws {
         if context.metadata("hasleader") == "true" && !hasLeader { throw EtcdError.noLeader }
+        let server = self
         let hub = watchHub
         let stream = hub.openStream()
         defer { hub.closeStream(stream) }
@@ -18,7 +19,14 @@ extension EtcdLiteServer {
                 for await bytes in requests {
                     guard let request = try? Etcdserverpb_WatchRequest(serializedBytes: bytes) else { break }
                     switch request.requestUnion {
-                    case .createRequest(let create): hub.create(stream, create)
+                    case .createRequest(let create):
+                        // Permission is checked at each create with the stream's credentials;
+                        // events of a created watcher are not checked again (as etcd).
+                        if let refusal = await server.watchRefusal(create, context) {
+                            hub.reject(stream, reason: refusal)
+                        } else {
+                            hub.create(stream, create)
+                        }
                     case .cancelRequest(let cancel): hub.cancel(stream, watchID: cancel.watchID)
                     case .progressRequest: hub.requestProgress(stream)
                     case nil: break

@@ -32,6 +32,12 @@ public final class EtcdLiteServer: Sendable {
     let watchHub: WatchHub
     let metrics = MemberMetrics()
     private let leaseClock = OwnedTask()
+    /// The auth state as of the last applied entry (users, roles, whether auth is on).
+    let authBox = AuthBox()
+    /// This member's simple tokens (`--auth-token simple`).
+    let tokens: SimpleTokens
+    /// The JWT signer and checker when `--auth-token jwt,...`.
+    let jwt: JWTTokens?
 
     /// Opens (or creates) the member's data directory, replays the log into the store and starts
     /// the apply loop.
@@ -53,6 +59,8 @@ public final class EtcdLiteServer: Sendable {
         }
         self.config = config
         self.logger = logger
+        tokens = SimpleTokens(ttl: .seconds(config.authTokenTTL > 0 ? config.authTokenTTL : 300))
+        jwt = try JWTTokens.parse(config.authToken)
         let dataDir = URL(fileURLWithPath: config.effectiveDataDir)
         let memberDir = dataDir.appendingPathComponent("member")
         try FileManager.default.createDirectory(at: memberDir, withIntermediateDirectories: true)
@@ -99,7 +107,7 @@ public final class EtcdLiteServer: Sendable {
         leaseIDs = LeaseIDGenerator(memberID: memberID)
         readers = NIOThreadPool(numberOfThreads: max(4, 2 * ProcessInfo.processInfo.activeProcessorCount))
         readers.start()
-        let machine = try StateMachine(backend: backend, lessor: lessor)
+        let machine = try StateMachine(backend: backend, lessor: lessor, authBox: authBox, tokens: tokens)
         if machine.membership.removed.contains(memberID) {
             throw ConfigError("the member has been permanently removed from the cluster")
         }
@@ -220,8 +228,15 @@ public final class EtcdLiteServer: Sendable {
     // MARK: - KV
 
     public func range(_ request: Etcdserverpb_RangeRequest) async throws -> Etcdserverpb_RangeResponse {
+        try await range(request, as: .internal)
+    }
+
+    /// A read for `caller`, checked against the auth state before it and after (etcd's
+    /// doSerialize).
+    func range(_ request: Etcdserverpb_RangeRequest, as caller: AuthInfo) async throws -> Etcdserverpb_RangeResponse {
         if status.isLearner && !request.serializable { throw EtcdError.notSupportedForLearner }
         try RequestValidation.check(request)
+        try checkRead(caller, key: request.key, rangeEnd: request.rangeEnd)
         // One member: everything acknowledged is applied, so the committed state is linearizable.
         // With peers, a linearizable read waits for ReadIndex and the apply to reach it.
         if !status.alone && !request.serializable { try await loop.linearizableRead() }
@@ -231,6 +246,7 @@ public final class EtcdLiteServer: Sendable {
         // reader threads, so that it does not hold one of the few task threads that every other
         // request needs (single-key reads stay on the task).
         var response = request.rangeEnd.isEmpty ? try read() : try await readers.runIfActive(read)
+        try checkAuthUnchanged(caller)
         fill(&response.header)
         return response
     }
@@ -247,16 +263,18 @@ public final class EtcdLiteServer: Sendable {
     }
 
     public func txn(_ request: Etcdserverpb_TxnRequest) async throws -> Etcdserverpb_TxnResponse {
-        if RequestValidation.isReadOnly(request) { return try await readOnlyTxn(request) }
+        if RequestValidation.isReadOnly(request) { return try await readOnlyTxn(request, as: .internal) }
         return try await withCheckedThrowingContinuation { continuation in txn(request) { continuation.resume(with: $0) } }
     }
 
     /// A txn without writes reads the committed state directly; it never enters the log.
-    private func readOnlyTxn(_ request: Etcdserverpb_TxnRequest) async throws -> Etcdserverpb_TxnResponse {
+    private func readOnlyTxn(_ request: Etcdserverpb_TxnRequest, as caller: AuthInfo) async throws -> Etcdserverpb_TxnResponse {
         // A txn's reads are linearizable (etcd makes every txn linearizable).
         if !status.alone { try await loop.linearizableRead() }
         try RequestValidation.check(request, maxTxnOps: config.maxTxnOps)
+        try checkReadOnlyTxn(request, caller)
         var response = try backend.read { try Applier.readOnlyTxn(request, $0) }
+        try checkAuthUnchanged(caller)
         fill(&response.header)
         return response
     }
@@ -287,8 +305,9 @@ public final class EtcdLiteServer: Sendable {
     // The gRPC path starts writes on the connection's event loop and is answered from the apply
     // loop's thread: no task and two fewer thread wake-ups per write than awaiting them.
 
-    func put(_ request: Etcdserverpb_PutRequest, completion: @escaping @Sendable (Result<Etcdserverpb_PutResponse, any Error>) -> Void) {
-        submit(.put(request), completion, validate: {
+    func put(_ request: Etcdserverpb_PutRequest, as caller: AuthInfo = .internal,
+             completion: @escaping @Sendable (Result<Etcdserverpb_PutResponse, any Error>) -> Void) {
+        submit(.put(request), caller, completion, validate: {
             try RequestValidation.check(request)
             try self.checkQuota(cost: 256 + request.key.count + request.value.count)
         }) { response in
@@ -297,22 +316,24 @@ public final class EtcdLiteServer: Sendable {
         }
     }
 
-    func deleteRange(_ request: Etcdserverpb_DeleteRangeRequest, completion: @escaping @Sendable (Result<Etcdserverpb_DeleteRangeResponse, any Error>) -> Void) {
-        submit(.deleteRange(request), completion, validate: { try RequestValidation.check(request) }) { response in
+    func deleteRange(_ request: Etcdserverpb_DeleteRangeRequest, as caller: AuthInfo = .internal,
+                     completion: @escaping @Sendable (Result<Etcdserverpb_DeleteRangeResponse, any Error>) -> Void) {
+        submit(.deleteRange(request), caller, completion, validate: { try RequestValidation.check(request) }) { response in
             guard case .deleteRange(let delete) = response else { return nil }
             return delete
         }
     }
 
     /// Read-only txns read SQLite, which does not belong on an event loop: they run as a task.
-    func txn(_ request: Etcdserverpb_TxnRequest, completion: @escaping @Sendable (Result<Etcdserverpb_TxnResponse, any Error>) -> Void) {
+    func txn(_ request: Etcdserverpb_TxnRequest, as caller: AuthInfo = .internal,
+             completion: @escaping @Sendable (Result<Etcdserverpb_TxnResponse, any Error>) -> Void) {
         if RequestValidation.isReadOnly(request) {
             Task {
-                do { completion(.success(try await self.readOnlyTxn(request))) } catch { completion(.failure(error)) }
+                do { completion(.success(try await self.readOnlyTxn(request, as: caller))) } catch { completion(.failure(error)) }
             }
             return
         }
-        submit(.txn(request), completion, validate: {
+        submit(.txn(request), caller, completion, validate: {
             try RequestValidation.check(request, maxTxnOps: self.config.maxTxnOps)
             let cost = Self.putCost(request)
             if cost > 0 { try self.checkQuota(cost: cost) }
@@ -322,11 +343,14 @@ public final class EtcdLiteServer: Sendable {
         }
     }
 
+    /// While auth is on, the request travels with its sender, whose permission the apply step
+    /// checks.
     private func submit<Response: HasHeader>(
-        _ request: InternalRequest, _ completion: @escaping @Sendable (Result<Response, any Error>) -> Void,
+        _ request: InternalRequest, _ caller: AuthInfo, _ completion: @escaping @Sendable (Result<Response, any Error>) -> Void,
         validate: () throws -> Void, extract: @escaping @Sendable (InternalResponse) -> Response?
     ) {
         let data: [UInt8]
+        let request = authBox.enabled ? .authorized(caller, request) : request
         do {
             try validate()
             data = try encode(request)

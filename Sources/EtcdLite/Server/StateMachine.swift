@@ -15,12 +15,21 @@ final class StateMachine {
     private(set) var membership: Membership
     /// Events of the writes applied since the last `takeEvents()`, in revision order.
     private var events: [Mvccpb_Event] = []
+    /// Users, roles and the auth flag, mirrored from the auth tables and published to `authBox`.
+    var auth: AuthState
+    let authBox: AuthBox
+    /// This member's simple tokens: made when an Authenticate entry is applied.
+    let tokens: SimpleTokens
 
-    init(backend: Backend, lessor: Lessor) throws {
+    init(backend: Backend, lessor: Lessor, authBox: AuthBox = AuthBox(), tokens: SimpleTokens = SimpleTokens(ttl: .seconds(300))) throws {
         self.backend = backend
         self.lessor = lessor
+        self.authBox = authBox
+        self.tokens = tokens
         state = try StoreState.load(backend.writer)
         membership = try Membership.load(backend.writer)
+        auth = try AuthTables.load(backend.writer)
+        authBox.publish(auth)
         applier.leaseExists = { lessor.contains($0) }
         try loadLeasesAndAlarms()
     }
@@ -45,7 +54,8 @@ final class StateMachine {
 
     /// The replicated tables: what a snapshot of the store carries (not `member_meta`, which is
     /// this member's own).
-    static let replicatedTables = ["revs", "latest", "store_state", "alarms", "leases", "members", "members_removed"]
+    static let replicatedTables = ["revs", "latest", "store_state", "alarms", "leases", "members", "members_removed",
+                                          "auth_users", "auth_roles", "auth_meta"]
 
     /// Replaces the replicated state with the image at `path` (a copy of the leader's store) in one
     /// transaction, made durable before it returns: the caller records the snapshot in the Raft
@@ -90,6 +100,9 @@ final class StateMachine {
         state = try StoreState.load(writer)
         membership = try Membership.load(writer)
         try loadLeasesAndAlarms()
+        auth = try AuthTables.load(writer)
+        authBox.publish(auth)
+        tokens.removeAll()
         events.removeAll()
     }
 
@@ -107,50 +120,66 @@ final class StateMachine {
     func apply(_ request: InternalRequest, index: UInt64) throws -> Result<InternalResponse, EtcdError> {
         defer { state.appliedIndex = index }
         do {
-            switch request {
-            case .put(let r):
-                if noSpace { throw EtcdError.noSpace }
-                // A put checks everything before it writes; it needs no savepoint.
-                return .success(.put(try write(savepoint: false) { try applier.put(r, $0) }))
-            case .deleteRange(let r):
-                return .success(.deleteRange(try write { try applier.deleteRange(r, $0) }))
-            case .txn(let r):
-                if noSpace && RequestValidation.hasPuts(r) { throw EtcdError.noSpace }
-                return .success(.txn(try write { try applier.txn(r, $0) }))
-            case .compaction(let r):
-                try compact(to: r.revision)
-                var response = Etcdserverpb_CompactionResponse()
-                response.header.revision = state.currentRevision
-                return .success(.compaction(response))
-            case .alarm(let r):
-                return .success(.alarm(try alarm(r)))
-            case .leaseGrant(let r):
-                if noSpace { throw EtcdError.noSpace }
-                return .success(.leaseGrant(try grant(r)))
-            case .leaseRevoke(let r):
-                return .success(.leaseRevoke(try revoke(r)))
-            case .memberAttributes(let m):
-                try membership.change(m.id, backend.writer) { member in
-                    member.name = m.name
-                    member.clientUrls = m.clientUrls
-                }
-                return .success(.memberAttributes)
-            case .memberUpdate(let m):
-                guard membership[m.id] != nil else { throw EtcdError.memberNotFound }
-                if membership.peerURLsInUse(m.peerUrls, except: m.id) { throw EtcdError.peerURLExists }
-                try membership.change(m.id, backend.writer) { $0.peerUrls = m.peerUrls }
-                return .success(.membership(member: membership[m.id]!, members: membership.sorted))
-            case .memberAdd, .memberRemove, .memberPromote:
-                // These travel only as configuration changes (`applyMembershipChange`).
-                throw EtcdError(.internal, "etcdserver: membership change outside a configuration change")
-            case .leaseRenew(let r):
-                var response = Etcdserverpb_LeaseKeepAliveResponse()
-                response.id = r.id
-                response.ttl = lessor.renew(r.id) ?? 0
-                return .success(.leaseRenew(response))
-            }
+            return .success(try applyRequest(request, sender: nil, index: index))
         } catch let error as EtcdError {
             return .failure(error)
+        }
+    }
+
+    /// `sender`: who proposed a client's request while auth was on. While auth is on, a client's
+    /// write without one was sent before auth was turned on and has no user (etcd: "user name is
+    /// empty"); entries the members make themselves (a lease's expiry, an alarm, a member's
+    /// attributes) are not checked.
+    private func applyRequest(_ request: InternalRequest, sender: AuthInfo?, index: UInt64) throws -> InternalResponse {
+        switch request {
+        case .authorized(let info, let inner):
+            return try applyRequest(inner, sender: info, index: index)
+        case .auth(let r):
+            return .auth(try applyAuth(r, by: sender ?? .anonymous, index: index))
+        case .put(let r):
+            if auth.enabled { try checkPut(r, sender ?? .anonymous) }
+            if noSpace { throw EtcdError.noSpace }
+            // A put checks everything before it writes; it needs no savepoint.
+            return .put(try write(savepoint: false) { try applier.put(r, $0) })
+        case .deleteRange(let r):
+            if auth.enabled { try checkDelete(r, sender ?? .anonymous) }
+            return .deleteRange(try write { try applier.deleteRange(r, $0) })
+        case .txn(let r):
+            if auth.enabled { try checkTxn(r, sender ?? .anonymous) }
+            if noSpace && RequestValidation.hasPuts(r) { throw EtcdError.noSpace }
+            return .txn(try write { try applier.txn(r, $0) })
+        case .compaction(let r):
+            try compact(to: r.revision)
+            var response = Etcdserverpb_CompactionResponse()
+            response.header.revision = state.currentRevision
+            return .compaction(response)
+        case .alarm(let r):
+            return .alarm(try alarm(r))
+        case .leaseGrant(let r):
+            if noSpace { throw EtcdError.noSpace }
+            return .leaseGrant(try grant(r))
+        case .leaseRevoke(let r):
+            if auth.enabled, let sender { try checkLeaseKeys(r.id, sender, .write) }
+            return .leaseRevoke(try revoke(r))
+        case .memberAttributes(let m):
+            try membership.change(m.id, backend.writer) { member in
+                member.name = m.name
+                member.clientUrls = m.clientUrls
+            }
+            return .memberAttributes
+        case .memberUpdate(let m):
+            guard membership[m.id] != nil else { throw EtcdError.memberNotFound }
+            if membership.peerURLsInUse(m.peerUrls, except: m.id) { throw EtcdError.peerURLExists }
+            try membership.change(m.id, backend.writer) { $0.peerUrls = m.peerUrls }
+            return .membership(member: membership[m.id]!, members: membership.sorted)
+        case .memberAdd, .memberRemove, .memberPromote:
+            // These travel only as configuration changes (`applyMembershipChange`).
+            throw EtcdError(.internal, "etcdserver: membership change outside a configuration change")
+        case .leaseRenew(let r):
+            var response = Etcdserverpb_LeaseKeepAliveResponse()
+            response.id = r.id
+            response.ttl = lessor.renew(r.id) ?? 0
+            return .leaseRenew(response)
         }
     }
 

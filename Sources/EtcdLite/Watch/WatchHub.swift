@@ -201,6 +201,21 @@ final class WatchHub: Sendable {
         for wake in wakes { wake.resume() }
     }
 
+    /// Answers a create that its sender may not make (etcd: watch ID -1, created and canceled,
+    /// the reason in `cancel_reason`); the stream goes on.
+    func reject(_ stream: UInt64, reason: String) {
+        withStream(stream) { state in
+            guard state.streams[stream] != nil else { return }
+            var response = Etcdserverpb_WatchResponse()
+            response.header = header(state.revision)
+            response.watchID = -1
+            response.created = true
+            response.canceled = true
+            response.cancelReason = reason
+            state.streams[stream]!.enqueue(response)
+        }
+    }
+
     /// Registers a watcher, answering with `created` (and `canceled` with etcd's reason when the
     /// request cannot be served). Every create is answered, in order.
     func create(_ stream: UInt64, _ request: Etcdserverpb_WatchCreateRequest) {

@@ -1,0 +1,202 @@
+import EtcdLiteProto
+import Foundation
+
+/// A key interval a permission covers: `[start, end)`, `end == nil` meaning no upper bound.
+struct KeyInterval: Sendable, Equatable {
+    var start: [UInt8]
+    var end: [UInt8]?
+
+    /// etcd's reading of a (key, range_end) pair: an empty end is the key alone, `"\0"` every key
+    /// from `key` on.
+    init(key: [UInt8], rangeEnd: [UInt8]) {
+        start = key
+        if rangeEnd.isEmpty {
+            end = key + [0]
+        } else if rangeEnd == [0] {
+            end = nil
+        } else {
+            end = rangeEnd
+        }
+    }
+
+    init(start: [UInt8], end: [UInt8]?) {
+        self.start = start
+        self.end = end
+    }
+}
+
+/// One kind of access (READ or WRITE) of a user: the union of the intervals of all their roles,
+/// merged so that overlapping and adjacent intervals are one. A request is allowed when one merged
+/// interval covers the whole range it touches (etcd's contiguity rule).
+struct IntervalSet: Sendable, Equatable {
+    private(set) var intervals: [KeyInterval] = []
+
+    init(_ intervals: [KeyInterval]) {
+        let sorted = intervals.sorted { $0.start.lexicographicallyPrecedes($1.start) }
+        var merged: [KeyInterval] = []
+        for interval in sorted {
+            guard var last = merged.last else {
+                merged.append(interval)
+                continue
+            }
+            // Overlapping or touching: `interval.start <= last.end`.
+            if let lastEnd = last.end, lastEnd.lexicographicallyPrecedes(interval.start) {
+                merged.append(interval)
+                continue
+            }
+            if let lastEnd = last.end {
+                if let end = interval.end {
+                    if lastEnd.lexicographicallyPrecedes(end) { last.end = end }
+                } else {
+                    last.end = nil
+                }
+            }
+            merged[merged.count - 1] = last
+        }
+        self.intervals = merged
+    }
+
+    /// Whether one merged interval contains all of `request`.
+    func covers(_ request: KeyInterval) -> Bool {
+        // The last merged interval starting at or before the request's start.
+        var low = 0
+        var high = intervals.count
+        while low < high {
+            let mid = (low + high) / 2
+            if request.start.lexicographicallyPrecedes(intervals[mid].start) { high = mid } else { low = mid + 1 }
+        }
+        guard low > 0 else { return false }
+        let candidate = intervals[low - 1]
+        guard let candidateEnd = candidate.end else { return true }
+        guard let requestEnd = request.end else { return false }
+        // The start must lie inside, and the end must not pass the interval's.
+        guard request.start.lexicographicallyPrecedes(candidateEnd) else { return false }
+        return !candidateEnd.lexicographicallyPrecedes(requestEnd)
+    }
+}
+
+/// What a user may do: everything (role root), or the merged READ and WRITE intervals.
+struct UserPermissions: Sendable {
+    var isRoot: Bool
+    var read: IntervalSet
+    var write: IntervalSet
+}
+
+enum AccessKind: Sendable {
+    case read, write
+}
+
+/// Who a request comes from, as the API layer found it: the user and the auth revision at that
+/// moment. An empty name (revision 0) is a request without credentials.
+struct AuthInfo: Sendable, Equatable {
+    var user: String
+    var revision: UInt64
+
+    static let anonymous = AuthInfo(user: "", revision: 0)
+    /// A request the member itself, or the program it is embedded in, makes: never refused.
+    static let `internal` = AuthInfo(user: "", revision: .max)
+    var isAnonymous: Bool { user.isEmpty && revision == 0 }
+    var isInternal: Bool { self == .internal }
+}
+
+/// The replicated auth state (etcd's auth store): users, roles, whether auth is on, and the auth
+/// revision, which grows with every change of users or roles. A value: the apply loop makes a new
+/// one per change and publishes it to request handlers.
+struct AuthState: Sendable {
+    var enabled = false
+    var revision: UInt64 = 1
+    private(set) var users: [String: Authpb_User] = [:]
+    private(set) var roles: [String: Authpb_Role] = [:]
+    /// Each user's merged permissions, rebuilt whenever users or roles change.
+    private(set) var permissions: [String: UserPermissions] = [:]
+
+    init() {}
+
+    init(enabled: Bool, revision: UInt64, users: [Authpb_User], roles: [Authpb_Role]) {
+        self.enabled = enabled
+        self.revision = revision
+        for user in users { self.users[String(decoding: user.name, as: UTF8.self)] = user }
+        for role in roles { self.roles[String(decoding: role.name, as: UTF8.self)] = role }
+        rebuild()
+    }
+
+    mutating func setUser(_ name: String, _ user: Authpb_User?) {
+        users[name] = user
+        rebuild()
+    }
+
+    mutating func setRole(_ name: String, _ role: Authpb_Role?) {
+        roles[name] = role
+        rebuild()
+    }
+
+    private mutating func rebuild() {
+        var result: [String: UserPermissions] = [:]
+        for (name, user) in users {
+            var read: [KeyInterval] = []
+            var write: [KeyInterval] = []
+            for roleName in user.roles {
+                // A role the user holds that does not exist as an object (an implicit root) adds
+                // no intervals.
+                guard let role = roles[roleName] else { continue }
+                for permission in role.keyPermission {
+                    let interval = KeyInterval(key: Array(permission.key), rangeEnd: Array(permission.rangeEnd))
+                    switch permission.permType {
+                    case .read: read.append(interval)
+                    case .write: write.append(interval)
+                    case .readwrite:
+                        read.append(interval)
+                        write.append(interval)
+                    case .UNRECOGNIZED: break
+                    }
+                }
+            }
+            result[name] = UserPermissions(isRoot: user.roles.contains("root"), read: IntervalSet(read), write: IntervalSet(write))
+        }
+        permissions = result
+    }
+
+    func isRoot(_ user: String) -> Bool { permissions[user]?.isRoot ?? false }
+
+    /// etcd's IsAdminPermitted: no revision check; an unknown user is "not found".
+    func checkAdmin(_ info: AuthInfo) throws(EtcdError) {
+        guard enabled, !info.isInternal else { return }
+        guard !info.user.isEmpty else { throw .userEmpty }
+        guard let permissions = permissions[info.user] else { throw .userNotFound }
+        guard permissions.isRoot else { throw .permissionDenied }
+    }
+
+    /// etcd's isOpPermitted for the range `[key, rangeEnd)` (rangeEnd as in requests).
+    func checkAccess(_ info: AuthInfo, _ kind: AccessKind, key: [UInt8], rangeEnd: [UInt8]) throws(EtcdError) {
+        try checkAccess(info, kind, KeyInterval(key: key, rangeEnd: rangeEnd))
+    }
+
+    func checkAccess(_ info: AuthInfo, _ kind: AccessKind, _ interval: KeyInterval) throws(EtcdError) {
+        guard enabled, !info.isInternal else { return }
+        guard info.revision != 0 else { throw .userEmpty }
+        guard info.revision >= revision else { throw .authOldRevision }
+        guard let permissions = permissions[info.user] else { throw .permissionDenied }
+        if permissions.isRoot { return }
+        let allowed = switch kind {
+        case .read: permissions.read.covers(interval)
+        case .write: permissions.write.covers(interval)
+        }
+        guard allowed else { throw .permissionDenied }
+    }
+
+    /// A request's key range as permissions see it: a range end before the key (which reads
+    /// nothing) is checked as the key alone.
+    static func requestInterval(key: [UInt8], rangeEnd: [UInt8]) -> KeyInterval {
+        if !rangeEnd.isEmpty && rangeEnd != [0] && !key.lexicographicallyPrecedes(rangeEnd) {
+            return KeyInterval(key: key, rangeEnd: [])
+        }
+        return KeyInterval(key: key, rangeEnd: rangeEnd)
+    }
+
+    /// etcd 3.4.25's rule for a granted range: a key, and no end, an end after the key, or "\0".
+    static func isValidPermissionRange(key: [UInt8], rangeEnd: [UInt8]) -> Bool {
+        if key.isEmpty { return false }
+        if rangeEnd.isEmpty || rangeEnd == [0] { return true }
+        return key.lexicographicallyPrecedes(rangeEnd)
+    }
+}
