@@ -95,12 +95,16 @@ public final class ClientSecurity: Sendable {
             var request = Etcdserverpb_AuthenticateRequest()
             request.name = user.name
             request.password = user.password
-            let answer = try Etcdserverpb_AuthenticateResponse(
-                serializedBytes: try await connection.unary("/etcdserverpb.Auth/Authenticate", try request.serializedBytes()))
-            current = answer.token
-            token.withLock { $0 = answer.token }
+            do {
+                let answer = try Etcdserverpb_AuthenticateResponse(
+                    serializedBytes: try await connection.unary("/etcdserverpb.Auth/Authenticate", try request.serializedBytes()))
+                current = answer.token
+            } catch let status as ClientStatus where status.message == "etcdserver: authentication is not enabled" {
+                current = ""  // as clientv3: no token needed
+            }
+            token.withLock { $0 = current }
         }
-        try await connection.setDefaultMetadata([("token", current!)])
+        if let current, !current.isEmpty { try await connection.setDefaultMetadata([("token", current)]) }
     }
 }
 

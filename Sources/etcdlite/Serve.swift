@@ -21,6 +21,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Maximum number of operations permitted in a transaction.") var maxTxnOps: String?
     @Option(help: "Maximum client request size in bytes the server will accept.") var maxRequestBytes: String?
     @Option(help: "Maximum concurrent streams that each client can open at a time (default math.MaxUint32).") var maxConcurrentStreams: String?
+    @Option(help: "Watchers one Watch stream may have at once (default 100000; 0: no limit).") var maxWatchersPerStream: String?
+    @Option(help: "Client connections one remote address may have open at once (default 4096; 0: no limit).") var maxConnectionsPerClient: String?
     @Option(help: "Minimum duration interval that a client should wait before pinging server.") var grpcKeepaliveMinTime: String?
     @Option(help: "Interpret 'auto-compaction-retention' as 'periodic' or 'revision'.") var autoCompactionMode: String?
     @Option(help: "Auto compaction retention (0 means off).") var autoCompactionRetention: String?
@@ -116,6 +118,8 @@ struct Serve: AsyncParsableCommand {
         if let v: Int = try number(maxTxnOps, "max-txn-ops") { config.maxTxnOps = v }
         if let v: Int = try number(maxRequestBytes, "max-request-bytes") { config.maxRequestBytes = v }
         if let v: UInt32 = try number(maxConcurrentStreams, "max-concurrent-streams") { config.maxConcurrentStreams = v }
+        if let v: Int = try number(maxWatchersPerStream, "max-watchers-per-stream") { config.maxWatchersPerStream = v }
+        if let v: Int = try number(maxConnectionsPerClient, "max-connections-per-client") { config.maxConnectionsPerClient = v }
         if let v = value(grpcKeepaliveMinTime, "grpc-keepalive-min-time") {
             guard let seconds = Duration.parseGo(v), seconds >= 0 else {
                 throw ValidationError("invalid value \"\(v)\" for flag -grpc-keepalive-min-time: parse error")

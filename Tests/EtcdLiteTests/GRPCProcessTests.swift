@@ -62,8 +62,7 @@ func httpGet(port: Int, path: String) throws -> String {
 
         try await withClient(port: lite.clientPort) { client in
             #expect(await rawCall(client, "etcdserverpb.KV", "RangeStream", []) == .unimplemented)
-            #expect(await rawCall(client, "etcdserverpb.Auth", "AuthEnable", []) == .unimplemented)
-            #expect(await rawCall(client, "etcdserverpb.Auth", "UserAdd", []) == .unimplemented)
+            #expect(await rawCall(client, "etcdserverpb.Maintenance", "Downgrade", []) == .unimplemented)
             #expect(await rawCall(client, "no.Such", "Method", []) == .unimplemented)
             let kv = Etcdserverpb_KV.Client(wrapping: client)
             var request = Etcdserverpb_PutRequest()

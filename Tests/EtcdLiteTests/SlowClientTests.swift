@@ -97,3 +97,56 @@ import Testing
         #expect(actual == expected)
     }
 }
+
+/// Limits a client cannot push past: watchers on one stream, connections from one address.
+@Suite(.serialized, .timeLimit(.minutes(2))) struct ClientLimitTests {
+    @Test func watchersBeyondTheStreamsLimitAreCanceledAndTheStreamGoesOn() async throws {
+        let lite = try ServerProcess(executable: etcdliteBinary(), extra: ["--max-watchers-per-stream", "3"])
+        defer { lite.stop(); lite.dataDir.cleanup() }
+        try await withClient(port: lite.clientPort) { client in
+            try await withWatchSession(client) { w in
+                for key in ["a", "b", "c", "d"] { w.create(key) }
+                let created = await w.wait { $0.filter(\.created).count == 4 }.filter(\.created)
+                #expect(created.prefix(3).allSatisfy { !$0.canceled && $0.watchID >= 0 })
+                #expect(created.last?.canceled == true && created.last?.watchID == -1
+                        && created.last?.cancelReason == "etcdlite: too many watchers on this stream")
+                // After a cancel there is room again.
+                w.cancel(created[0].watchID)
+                w.create("e")
+                let again = await w.wait { $0.filter(\.created).count == 5 }.filter(\.created)
+                #expect(again.last?.canceled == false)
+            }
+        }
+    }
+
+    @Test func connectionsBeyondTheAddresssLimitAreClosed() throws {
+        let lite = try ServerProcess(executable: etcdliteBinary(), extra: ["--max-connections-per-client", "4"])
+        defer { lite.stop(); lite.dataDir.cleanup() }
+        func connect() -> Int32 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            address.sin_port = UInt16(lite.clientPort).bigEndian
+            _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Foundation.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            var timeout = timeval(tv_sec: 2, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            return fd
+        }
+        /// Whether the member closed the connection (EOF) rather than waiting for a request.
+        func closedByMember(_ fd: Int32) -> Bool {
+            var byte: UInt8 = 0
+            return recv(fd, &byte, 1, 0) == 0
+        }
+        var held = (0..<4).map { _ in connect() }
+        defer { for fd in held { close(fd) } }
+        let fifth = connect()
+        #expect(closedByMember(fifth))
+        close(fifth)
+        #expect(!closedByMember(held[0]))  // the first four stay open (the read times out)
+        close(held.removeLast())
+        usleep(200_000)
+        // One left: the next is admitted and served.
+        #expect(try httpGet(port: lite.clientPort, path: "/health").contains("200 OK"))
+    }
+}

@@ -61,6 +61,20 @@ indirect enum InternalRequest: Sendable {
 
     /// One tag byte followed by the request's protobuf encoding.
     func encoded() throws -> [UInt8] {
+        if case .authorized(let info, let inner) = self {
+            // Revision (8 bytes big-endian), user name length (2 bytes), name, inner request.
+            let name = info.user.utf8.prefix(Int(UInt16.max))
+            let rest = try inner.encoded()
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(11 + name.count + rest.count)
+            bytes.append(tag)
+            withUnsafeBytes(of: info.revision.bigEndian) { bytes.append(contentsOf: $0) }
+            bytes.append(UInt8(name.count >> 8))
+            bytes.append(UInt8(name.count & 0xff))
+            bytes.append(contentsOf: name)
+            bytes.append(contentsOf: rest)
+            return bytes
+        }
         let body: [UInt8]
         switch self {
         case .put(let r): body = try r.serializedBytes()
@@ -74,11 +88,8 @@ indirect enum InternalRequest: Sendable {
         case .memberAttributes(let r), .memberAdd(let r), .memberRemove(let r), .memberPromote(let r), .memberUpdate(let r):
             body = try r.serializedBytes()
         case .auth(let r): body = try r.encoded()
-        case .authorized(let info, let inner):
-            // Revision (8 bytes big-endian), user name length (2 bytes), name, inner request.
-            let name = Array(info.user.utf8.prefix(Int(UInt16.max)))
-            body = withUnsafeBytes(of: info.revision.bigEndian) { Array($0) } + [UInt8(name.count >> 8), UInt8(name.count & 0xff)]
-                + name + (try inner.encoded())
+        case .authorized:
+            fatalError("encoded above")
         }
         return [tag] + body
     }
@@ -107,8 +118,12 @@ indirect enum InternalRequest: Sendable {
             let start = body.startIndex + 8
             let length = Int(body[start]) << 8 | Int(body[start + 1])
             guard body.count >= 10 + length else { throw EntryDecodingError(message: "short authorized entry") }
-            let name = String(decoding: body[(start + 2)..<(start + 2 + length)], as: UTF8.self)
-            self = .authorized(AuthInfo(user: name, revision: revision), try InternalRequest(encoded: Array(body[(start + 2 + length)...])))
+            guard let name = String(validating: body[(start + 2)..<(start + 2 + length)], as: UTF8.self) else {
+                throw EntryDecodingError(message: "user name is not UTF-8")
+            }
+            let inner = try InternalRequest(encoded: Array(body[(start + 2 + length)...]))
+            if case .authorized = inner { throw EntryDecodingError(message: "nested authorized entry") }
+            self = .authorized(AuthInfo(user: name, revision: revision), inner)
         default: throw EntryDecodingError(message: "unknown entry type \(tag)")
         }
     }

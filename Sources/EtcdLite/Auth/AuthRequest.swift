@@ -131,19 +131,23 @@ enum AuthTables {
 /// The auth state request handlers read: published by the apply loop after each change.
 final class AuthBox: Sendable {
     private let state: Mutex<AuthState>
-    /// Whether auth is on, readable without the lock (the common case: off).
+    /// Whether auth is on and the auth revision, readable without the lock.
     private let on = Atomic<Bool>(false)
+    private let currentRevision = Atomic<UInt64>(1)
 
     init(_ state: AuthState = AuthState()) {
         self.state = Mutex(state)
         on.store(state.enabled, ordering: .relaxed)
+        currentRevision.store(state.revision, ordering: .relaxed)
     }
 
     var current: AuthState { state.withLock { $0 } }
     var enabled: Bool { on.load(ordering: .acquiring) }
+    var revision: UInt64 { currentRevision.load(ordering: .acquiring) }
 
     func publish(_ new: AuthState) {
         state.withLock { $0 = new }
+        currentRevision.store(new.revision, ordering: .releasing)
         on.store(new.enabled, ordering: .releasing)
     }
 }
@@ -151,16 +155,30 @@ final class AuthBox: Sendable {
 /// etcd's simple tokens: `<16 letters>.<log index>`, known to each member from applying the
 /// Authenticate entry, valid for `ttl` after their last use on that member.
 final class SimpleTokens: Sendable {
-    private struct Entry {
-        var user: String
-        var expiry: ContinuousClock.Instant
+    /// A token's user and when it expires (nanoseconds of the monotonic clock), renewed by each
+    /// use without taking the table's lock for writing.
+    private final class Entry: Sendable {
+        let user: String
+        let expiry: Atomic<UInt64>
+        init(user: String, expiry: UInt64) {
+            self.user = user
+            self.expiry = Atomic(expiry)
+        }
     }
 
     let ttl: Duration
+    private let ttlNanos: UInt64
     private let tokens = Mutex<[String: Entry]>([:])
 
     init(ttl: Duration) {
         self.ttl = ttl
+        ttlNanos = UInt64(ttl.components.seconds) * 1_000_000_000 + UInt64(ttl.components.attoseconds / 1_000_000_000)
+    }
+
+    private static func now() -> UInt64 {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)
     }
 
     static func randomPrefix() -> String {
@@ -177,26 +195,25 @@ final class SimpleTokens: Sendable {
     }
 
     func assign(_ token: String, to user: String) {
-        let now = ContinuousClock.now
+        let now = Self.now()
         tokens.withLock { tokens in
-            tokens = tokens.filter { $0.value.expiry > now }
-            tokens[token] = Entry(user: user, expiry: now + ttl)
+            tokens = tokens.filter { $0.value.expiry.load(ordering: .relaxed) > now }
+            tokens[token] = Entry(user: user, expiry: now + ttlNanos)
         }
     }
 
     /// The token's user; a use extends its life on this member.
     func user(of token: String) -> String? {
-        let now = ContinuousClock.now
-        return tokens.withLock { tokens in
-            guard var entry = tokens[token] else { return nil }
-            guard entry.expiry > now else {
-                tokens[token] = nil
-                return nil
+        let now = Self.now()
+        guard let entry = tokens.withLock({ $0[token] }) else { return nil }
+        guard entry.expiry.load(ordering: .relaxed) > now else {
+            tokens.withLock { tokens in
+                if tokens[token]?.expiry.load(ordering: .relaxed) ?? .max <= now { tokens[token] = nil }
             }
-            entry.expiry = now + ttl
-            tokens[token] = entry
-            return entry.user
+            return nil
         }
+        entry.expiry.store(now + ttlNanos, ordering: .relaxed)
+        return entry.user
     }
 
     func invalidate(user: String) {

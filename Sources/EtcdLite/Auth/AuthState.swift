@@ -56,6 +56,20 @@ struct IntervalSet: Sendable, Equatable {
         self.intervals = merged
     }
 
+    /// Whether one merged interval contains `key` (the request `[key, key+"\0")`): no copies of
+    /// the key, for the common single-key request.
+    func contains<Key: Collection<UInt8>>(_ key: Key) -> Bool {
+        var low = 0
+        var high = intervals.count
+        while low < high {
+            let mid = (low + high) / 2
+            if key.lexicographicallyPrecedes(intervals[mid].start) { high = mid } else { low = mid + 1 }
+        }
+        guard low > 0 else { return false }
+        guard let end = intervals[low - 1].end else { return true }
+        return key.lexicographicallyPrecedes(end)
+    }
+
     /// Whether one merged interval contains all of `request`.
     func covers(_ request: KeyInterval) -> Bool {
         // The last merged interval starting at or before the request's start.
@@ -167,21 +181,42 @@ struct AuthState: Sendable {
     }
 
     /// etcd's isOpPermitted for the range `[key, rangeEnd)` (rangeEnd as in requests).
-    func checkAccess(_ info: AuthInfo, _ kind: AccessKind, key: [UInt8], rangeEnd: [UInt8]) throws(EtcdError) {
-        try checkAccess(info, kind, KeyInterval(key: key, rangeEnd: rangeEnd))
+    func checkAccess<Key: Collection<UInt8>, End: Collection<UInt8>>(_ info: AuthInfo, _ kind: AccessKind, key: Key, rangeEnd: End) throws(EtcdError) {
+        guard enabled, !info.isInternal else { return }
+        if !rangeEnd.isEmpty {
+            return try checkAccess(info, kind, Self.requestInterval(key: Array(key), rangeEnd: Array(rangeEnd)))
+        }
+        try checkAccess(info, kind, key: key)
+    }
+
+    /// The request for the single key `key`.
+    func checkAccess<Key: Collection<UInt8>>(_ info: AuthInfo, _ kind: AccessKind, key: Key) throws(EtcdError) {
+        guard enabled, !info.isInternal else { return }
+        try checkUser(info) { permissions in
+            switch kind {
+            case .read: permissions.read.contains(key)
+            case .write: permissions.write.contains(key)
+            }
+        }
     }
 
     func checkAccess(_ info: AuthInfo, _ kind: AccessKind, _ interval: KeyInterval) throws(EtcdError) {
         guard enabled, !info.isInternal else { return }
+        try checkUser(info) { permissions in
+            switch kind {
+            case .read: permissions.read.covers(interval)
+            case .write: permissions.write.covers(interval)
+            }
+        }
+    }
+
+    /// The order of etcd's checks: a user, a current revision, a known user; root may do all.
+    private func checkUser(_ info: AuthInfo, _ allowed: (UserPermissions) -> Bool) throws(EtcdError) {
         guard info.revision != 0 else { throw .userEmpty }
         guard info.revision >= revision else { throw .authOldRevision }
         guard let permissions = permissions[info.user] else { throw .permissionDenied }
         if permissions.isRoot { return }
-        let allowed = switch kind {
-        case .read: permissions.read.covers(interval)
-        case .write: permissions.write.covers(interval)
-        }
-        guard allowed else { throw .permissionDenied }
+        guard allowed(permissions) else { throw .permissionDenied }
     }
 
     /// A request's key range as permissions see it: a range end before the key (which reads

@@ -5,9 +5,9 @@ import Foundation
 /// authApplierV3): the auth state and the keys attached to leases are those of that moment.
 extension StateMachine {
     func checkPut(_ put: Etcdserverpb_PutRequest, _ sender: AuthInfo) throws(EtcdError) {
-        try auth.checkAccess(sender, .write, key: Array(put.key), rangeEnd: [])
+        try auth.checkAccess(sender, .write, key: put.key)
         if put.lease != 0 { try checkLeaseKeys(put.lease, sender, .write) }
-        if put.prevKv { try auth.checkAccess(sender, .read, key: Array(put.key), rangeEnd: []) }
+        if put.prevKv { try auth.checkAccess(sender, .read, key: put.key) }
     }
 
     func checkDelete(_ delete: Etcdserverpb_DeleteRangeRequest, _ sender: AuthInfo) throws(EtcdError) {
@@ -40,7 +40,7 @@ extension StateMachine {
         guard lessor.contains(lease), !auth.isAdmin(sender) else { return }
         let keys: [Data]
         do { keys = try Self.attachedKeys(lease, backend.writer) } catch { throw EtcdError(.internal, "etcdserver: \(error)") }
-        for key in keys { try auth.checkAccess(sender, kind, key: Array(key), rangeEnd: []) }
+        for key in keys { try auth.checkAccess(sender, kind, key: key) }
     }
 
     /// Applies a change of the auth state (etcd's auth store operations, with its checks in its

@@ -34,6 +34,12 @@ public struct MemberConfig: Sendable {
     public var maxRequestBytes = 1_572_864
     /// HTTP/2 streams a client connection may have open at once (etcd's --max-concurrent-streams).
     public var maxConcurrentStreams = UInt32.max
+    /// Watchers one Watch stream may have at once; a create beyond it is answered canceled
+    /// (etcdlite's own limit: etcd has none). 0: no limit.
+    public var maxWatchersPerStream = 100_000
+    /// Client connections one remote address may have open at once; more are closed as they are
+    /// accepted (etcdlite's own limit). 0: no limit.
+    public var maxConnectionsPerClient = 4_096
     /// Client pings closer together than this are strikes; past two, GOAWAY too_many_pings
     /// (etcd's --grpc-keepalive-min-time).
     public var grpcKeepaliveMinTime = Duration.seconds(5)

@@ -18,6 +18,8 @@ final class ClientListener: Sendable {
     let tls: TLSContexts?
     let connectionConfiguration: NIOHTTP2Handler.ConnectionConfiguration
     let minPingInterval: TimeAmount
+    /// Connections one remote address may have open (0: no limit).
+    let maxConnectionsPerClient: Int
 
     private struct Connection {
         let channel: Channel
@@ -25,12 +27,15 @@ final class ClientListener: Sendable {
     }
 
     private let connections = NIOLockedValueBox<[ObjectIdentifier: Connection]>([:])
+    /// Open connections by remote address.
+    private let perHost = NIOLockedValueBox<[String: Int]>([:])
     private let server = NIOLockedValueBox<Channel?>(nil)
 
     init(host: String, port: Int, group: any EventLoopGroup, methods: GRPCMethods, tls: TLSContexts? = nil,
-         maxConcurrentStreams: UInt32 = UInt32.max, minPingInterval: TimeAmount = .seconds(5),
+         maxConcurrentStreams: UInt32 = UInt32.max, minPingInterval: TimeAmount = .seconds(5), maxConnectionsPerClient: Int = 0,
          makeHTTPHandler: @escaping @Sendable () -> any ChannelHandler & Sendable) {
         self.tls = tls
+        self.maxConnectionsPerClient = maxConnectionsPerClient
         self.minPingInterval = minPingInterval
         connectionConfiguration = Self.connectionConfiguration(maxConcurrentStreams: maxConcurrentStreams)
         self.host = host
@@ -96,6 +101,23 @@ final class ClientListener: Sendable {
             .childChannelInitializer { [self] child in
                 child.eventLoop.makeCompletedFuture {
                     let key = ObjectIdentifier(child)
+                    let host = child.remoteAddress?.ipAddress ?? ""
+                    let admitted = perHost.withLockedValue { counts -> Bool in
+                        if maxConnectionsPerClient > 0 && counts[host, default: 0] >= maxConnectionsPerClient { return false }
+                        counts[host, default: 0] += 1
+                        return true
+                    }
+                    guard admitted else {
+                        // Past the limit for this address: closed before anything is read.
+                        child.close(promise: nil)
+                        return
+                    }
+                    child.closeFuture.whenComplete { [self] _ in
+                        perHost.withLockedValue { counts in
+                            counts[host, default: 1] -= 1
+                            if counts[host] == 0 { counts[host] = nil }
+                        }
+                    }
                     connections.withLockedValue { $0[key] = Connection(channel: child) }
                     child.closeFuture.whenComplete { [self] _ in
                         _ = connections.withLockedValue { $0.removeValue(forKey: key) }

@@ -17,7 +17,7 @@ extension EtcdLiteServer {
     /// carries.
     func lookupCaller(_ context: CallContext) throws(EtcdError) -> CallerLookup {
         guard authBox.enabled else { return .caller(.anonymous) }
-        let revision = authBox.current.revision
+        let revision = authBox.revision
         if let token = context.metadata("token") ?? context.metadata("authorization") {
             if let jwt {
                 guard let info = jwt.verify(token) else { throw .invalidAuthToken }
@@ -76,15 +76,15 @@ extension EtcdLiteServer {
     }
 
     func checkRead(_ caller: AuthInfo, key: Data, rangeEnd: Data) throws(EtcdError) {
-        guard authBox.enabled else { return }
-        try authBox.current.checkAccess(caller, .read, AuthState.requestInterval(key: Array(key), rangeEnd: Array(rangeEnd)))
+        guard authBox.enabled, !caller.isInternal else { return }
+        try authBox.current.checkAccess(caller, .read, key: key, rangeEnd: rangeEnd)
     }
 
     /// A read served here was checked against the auth state of one revision; when users or roles
     /// changed meanwhile, etcd answers that the caller's revision is old.
     func checkAuthUnchanged(_ caller: AuthInfo) throws(EtcdError) {
         guard caller.revision != 0, !caller.isInternal, authBox.enabled else { return }
-        if authBox.current.revision != caller.revision { throw .authOldRevision }
+        if authBox.revision != caller.revision { throw .authOldRevision }
     }
 
     /// What a read-only txn reads: every compare and every range, in nested txns too.
@@ -107,7 +107,7 @@ extension EtcdLiteServer {
         let state = authBox.current
         if state.isAdmin(caller) { return }
         let keys = try backend.withReader { try StateMachine.attachedKeys(lease, $0) }
-        for key in keys { try state.checkAccess(caller, kind, key: Array(key), rangeEnd: []) }
+        for key in keys { try state.checkAccess(caller, kind, key: key) }
         try checkAuthUnchanged(caller)
     }
 

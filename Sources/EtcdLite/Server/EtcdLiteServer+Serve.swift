@@ -27,7 +27,8 @@ extension EtcdLiteServer {
                 host: address.host, port: address.port,
                 group: MultiThreadedEventLoopGroup.singleton, methods: methods, tls: text.hasPrefix("https://") ? clientTLS : nil,
                 maxConcurrentStreams: config.maxConcurrentStreams,
-                minPingInterval: TimeAmount(config.grpcKeepaliveMinTime)
+                minPingInterval: TimeAmount(config.grpcKeepaliveMinTime),
+                maxConnectionsPerClient: config.maxConnectionsPerClient
             ) { [self] in HTTPHandler(server: self, methods: methods) })
         }
         // Peers are listened for even by a lone member: a member may be added to it. Peers first:

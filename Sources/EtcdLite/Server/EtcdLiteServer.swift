@@ -149,7 +149,8 @@ public final class EtcdLiteServer: Sendable {
         removedFromCluster = removed
         let published = PublishedStatus(StoreStatus(state: machine.state, logIndex: store.lastIndex.value, dbSize: 0, dbSizeInUse: 0, alarms: []))
         self.published = published
-        let hub = WatchHub(revision: machine.state.currentRevision, header: Etcdserverpb_ResponseHeader(), queueLimit: config.watchStreamQueueBytes)
+        let hub = WatchHub(revision: machine.state.currentRevision, header: Etcdserverpb_ResponseHeader(), queueLimit: config.watchStreamQueueBytes,
+                           watcherLimit: config.maxWatchersPerStream)
         watchHub = hub
         loop = try ApplyLoop(machine: machine, store: store, memberID: memberID, initialMembers: initialMembers, transport: transport,
                              config: config, logger: logger, metrics: metrics, onBatch: { status in

@@ -127,11 +127,16 @@ final class WatchHub: Sendable {
     private let headerTemplate: Mutex<Etcdserverpb_ResponseHeader>
     /// Bytes of events a stream may have queued before its watchers fall back to history.
     let queueLimit: Int
+    /// Watchers one stream may have at once (0: no limit).
+    let watcherLimit: Int
 
-    init(revision: Int64, header: Etcdserverpb_ResponseHeader, queueLimit: Int = 4 << 20) {
+    static let tooManyWatchers = "etcdlite: too many watchers on this stream"
+
+    init(revision: Int64, header: Etcdserverpb_ResponseHeader, queueLimit: Int = 4 << 20, watcherLimit: Int = 0) {
         state = Mutex(State(revision: revision))
         headerTemplate = Mutex(header)
         self.queueLimit = queueLimit
+        self.watcherLimit = watcherLimit
     }
 
     private func header(_ revision: Int64) -> Etcdserverpb_ResponseHeader {
@@ -232,6 +237,14 @@ final class WatchHub: Sendable {
                 response.watchID = -1
                 response.canceled = true
                 response.cancelReason = "mvcc: watcher range is empty"
+                state.streams[stream]!.enqueue(response)
+                return
+            }
+            // A client cannot grow the member's memory without bound by opening watchers.
+            if watcherLimit > 0 && state.streams[stream]!.watchers.count >= watcherLimit {
+                response.watchID = -1
+                response.canceled = true
+                response.cancelReason = Self.tooManyWatchers
                 state.streams[stream]!.enqueue(response)
                 return
             }
