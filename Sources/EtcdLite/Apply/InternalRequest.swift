@@ -2,7 +2,7 @@ import EtcdLiteProto
 import SwiftProtobuf
 
 /// A request that changes replicated state: what one log entry carries.
-indirect enum InternalRequest: Sendable {
+enum InternalRequest: Sendable {
     case put(Etcdserverpb_PutRequest)
     case deleteRange(Etcdserverpb_DeleteRangeRequest)
     case txn(Etcdserverpb_TxnRequest)
@@ -29,7 +29,7 @@ indirect enum InternalRequest: Sendable {
     /// A client's request proposed while auth was on, with who sent it: applying it first checks
     /// the sender's permission against the auth state of that moment (etcd's RequestHeader with
     /// username and auth revision).
-    case authorized(AuthInfo, InternalRequest)
+    indirect case authorized(AuthInfo, InternalRequest)
 
     /// Whether applying it changes what MemberList shows without a Raft configuration change.
     var changesMembers: Bool {
