@@ -130,6 +130,10 @@ let package = Package(
         ),
         // testdata/: scenario transcripts read (and rewritten) by the tests from the source tree.
         .testTarget(name: "RaftTests", dependencies: ["Raft"], exclude: ["testdata"]),
+        // The operator (issue 9): a pure planner first; platforms talk to members only through
+        // the etcd API.
+        .target(name: "EtcdOperator"),
+        .testTarget(name: "EtcdOperatorTests", dependencies: ["EtcdOperator"]),
         // Throughput and allocations of the Raft core alone: swift package benchmark --target RaftCore
         .executableTarget(
             name: "RaftCore",
