@@ -123,6 +123,7 @@ let package = Package(
                 "EtcdLite",
                 "EtcdLiteBench",
                 "EtcdLiteVerify",
+                "EtcdOperator",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

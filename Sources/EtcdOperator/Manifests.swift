@@ -1,0 +1,246 @@
+import Foundation
+
+/// What `etcdlite bootstrap render` needs to know.
+public struct BootstrapOptions: Sendable {
+    public var image: String
+    public var namespace = "kube-system"
+    /// The node the boot member runs on (its address goes into the peer URLs, not a DNS name).
+    public var bootNodeIP: String
+    /// Self-hosted members wanted (the boot member leaves once three of them hold a quorum).
+    public var size = 3
+    /// Where members keep their data and recovery checkpoints on their nodes.
+    public var hostPath = "/var/lib/etcdlite"
+    /// The boot member's ports: beside the self-hosted members' 2379/2380 (bootkube's habit).
+    public var bootClientPort = 12379
+    public var bootPeerPort = 12380
+
+    public init(image: String, bootNodeIP: String) {
+        self.image = image
+        self.bootNodeIP = bootNodeIP
+    }
+}
+
+/// The manifests of a self-hosted etcdlite: the boot member's static pod, and the objects the
+/// cluster itself runs (CRD, RBAC, the operator, Services, a quorum-keeping disruption budget,
+/// the EtcdLiteCluster). JSON, which kubectl reads as YAML.
+public enum Manifests {
+    public static let group = "etcdlite.dev"
+    public static let version = "v1alpha1"
+    static var labels: [String: Any] { ["app.kubernetes.io/name": "etcdlite"] }
+
+    /// File name → object.
+    public static func render(_ options: BootstrapOptions) -> [(file: String, object: [String: Any])] {
+        [
+            ("boot-member.json", bootPod(options)),
+            ("crd.json", crd()),
+            ("rbac.json", list(rbac(options))),
+            ("operator.json", operatorDeployment(options)),
+            ("services.json", list(services(options))),
+            ("pdb.json", disruptionBudget(options)),
+            ("cluster.json", cluster(options)),
+        ]
+    }
+
+    /// Writes each manifest to `directory` (sorted keys, so renders compare).
+    public static func write(_ options: BootstrapOptions, to directory: String) throws -> [String] {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        return try render(options).map { file, object in
+            let path = (directory as NSString).appendingPathComponent(file)
+            let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
+            try data.write(to: URL(fileURLWithPath: path))
+            return path
+        }
+    }
+
+    static func list(_ items: [[String: Any]]) -> [String: Any] {
+        ["apiVersion": "v1", "kind": "List", "items": items]
+    }
+
+    static func metadata(_ name: String, _ options: BootstrapOptions, labels extra: [String: Any] = [:]) -> [String: Any] {
+        ["name": name, "namespace": options.namespace, "labels": labels.merging(extra) { $1 }]
+    }
+
+    static func bootPod(_ options: BootstrapOptions) -> [String: Any] {
+        let ip = options.bootNodeIP
+        let peer = "http://\(ip):\(options.bootPeerPort)"
+        let probe: (String) -> [String: Any] = { path in
+            ["httpGet": ["host": "127.0.0.1", "path": path, "port": options.bootClientPort, "scheme": "HTTP"],
+             "initialDelaySeconds": 5, "periodSeconds": 5, "failureThreshold": 6]
+        }
+        return [
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": metadata("etcdlite-boot", options, labels: ["app.kubernetes.io/component": "boot-member"]),
+            "spec": [
+                "hostNetwork": true,
+                "priorityClassName": "system-node-critical",
+                "containers": [[
+                    "name": "etcdlite",
+                    "image": options.image,
+                    "command": [
+                        "etcdlite", "--name", "boot", "--data-dir", "\(options.hostPath)/boot",
+                        "--listen-client-urls", "http://\(ip):\(options.bootClientPort),http://127.0.0.1:\(options.bootClientPort)",
+                        "--advertise-client-urls", "http://\(ip):\(options.bootClientPort)",
+                        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                        "--initial-cluster", "boot=\(peer)", "--initial-cluster-state", "new",
+                    ],
+                    "volumeMounts": [["name": "data", "mountPath": options.hostPath]],
+                    "livenessProbe": probe("/livez"),
+                    "readinessProbe": probe("/readyz"),
+                ] as [String: Any]],
+                "volumes": [["name": "data", "hostPath": ["path": options.hostPath, "type": "DirectoryOrCreate"]]],
+            ] as [String: Any],
+        ]
+    }
+
+    static func crd() -> [String: Any] {
+        let string: [String: Any] = ["type": "string"]
+        let integer: [String: Any] = ["type": "integer"]
+        let boolean: [String: Any] = ["type": "boolean"]
+        let free: [String: Any] = ["type": "object", "x-kubernetes-preserve-unknown-fields": true]
+        let spec: [String: Any] = [
+            "type": "object", "required": ["size"],
+            "properties": [
+                "size": ["type": "integer", "minimum": 1],
+                "version": string,
+                "image": string,
+                "storage": ["type": "object", "properties": ["hostPath": string, "persistentVolumeClaim": free]],
+                "backup": ["type": "object", "properties": ["intervalSeconds": integer, "retention": integer, "destination": string]],
+                "resources": free,
+                "nodeSelector": ["type": "object", "additionalProperties": string],
+                "affinity": free,
+                "tolerations": ["type": "array", "items": free],
+                "bootstrap": ["type": "object", "properties": ["bootMemberEndpoint": string, "selfHosted": boolean]],
+            ] as [String: Any],
+        ]
+        let member: [String: Any] = [
+            "type": "object",
+            "properties": ["id": string, "name": string, "pod": string, "node": string, "leader": boolean, "learner": boolean,
+                           "healthy": boolean, "appliedIndex": integer],
+        ]
+        let condition: [String: Any] = [
+            "type": "object", "required": ["type", "status"],
+            "properties": ["type": string, "status": ["type": "string", "enum": ["True", "False", "Unknown"]], "reason": string,
+                           "message": string, "lastTransitionTime": ["type": "string", "format": "date-time"]],
+        ]
+        let status: [String: Any] = [
+            "type": "object",
+            "properties": [
+                "phase": string, "leader": string, "observedGeneration": integer, "lastBackup": string,
+                "members": ["type": "array", "items": member],
+                "conditions": ["type": "array", "items": condition],
+                "plannedAction": string,
+            ] as [String: Any],
+        ]
+        return [
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": ["name": "etcdliteclusters.\(group)"],
+            "spec": [
+                "group": group,
+                "scope": "Namespaced",
+                "names": ["kind": "EtcdLiteCluster", "listKind": "EtcdLiteClusterList", "plural": "etcdliteclusters",
+                          "singular": "etcdlitecluster", "shortNames": ["elc"]],
+                "versions": [[
+                    "name": version, "served": true, "storage": true,
+                    "subresources": ["status": [String: Any]()],
+                    "schema": ["openAPIV3Schema": ["type": "object", "properties": ["spec": spec, "status": status]]],
+                    "additionalPrinterColumns": [
+                        ["name": "Size", "type": "integer", "jsonPath": ".spec.size"],
+                        ["name": "Phase", "type": "string", "jsonPath": ".status.phase"],
+                        ["name": "Leader", "type": "string", "jsonPath": ".status.leader"],
+                    ],
+                ] as [String: Any]],
+            ] as [String: Any],
+        ]
+    }
+
+    static func rbac(_ options: BootstrapOptions) -> [[String: Any]] {
+        let rules: [[String: Any]] = [
+            ["apiGroups": [group], "resources": ["etcdliteclusters"], "verbs": ["get", "list", "watch", "update", "patch"]],
+            ["apiGroups": [group], "resources": ["etcdliteclusters/status"], "verbs": ["get", "update", "patch"]],
+            ["apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]],
+            ["apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "delete"]],
+            ["apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]],
+            ["apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]],
+            ["apiGroups": ["apps"], "resources": ["statefulsets", "statefulsets/scale"], "verbs": ["get", "list", "watch", "update", "patch"]],
+            ["apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["get", "list", "watch", "update", "patch"]],
+        ]
+        return [
+            ["apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata("etcdlite-operator", options)],
+            ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": metadata("etcdlite-operator", options), "rules": rules],
+            ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": metadata("etcdlite-operator", options),
+             "roleRef": ["apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "etcdlite-operator"],
+             "subjects": [["kind": "ServiceAccount", "name": "etcdlite-operator", "namespace": options.namespace]]],
+        ]
+    }
+
+    static func operatorDeployment(_ options: BootstrapOptions) -> [String: Any] {
+        let podLabels: [String: Any] = ["app.kubernetes.io/name": "etcdlite-operator"]
+        return [
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": metadata("etcdlite-operator", options),
+            "spec": [
+                "replicas": 1,
+                "strategy": ["type": "Recreate"],
+                "selector": ["matchLabels": podLabels],
+                "template": [
+                    "metadata": ["labels": podLabels],
+                    "spec": [
+                        "serviceAccountName": "etcdlite-operator",
+                        "priorityClassName": "system-cluster-critical",
+                        "nodeSelector": ["node-role.kubernetes.io/control-plane": ""],
+                        "tolerations": [["key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"]],
+                        "containers": [["name": "operator", "image": options.image,
+                                        "command": ["etcdlite", "operator", "--platform", "kubernetes", "--namespace", options.namespace]]],
+                    ] as [String: Any],
+                ] as [String: Any],
+            ] as [String: Any],
+        ]
+    }
+
+    static func services(_ options: BootstrapOptions) -> [[String: Any]] {
+        [
+            ["apiVersion": "v1", "kind": "Service", "metadata": metadata("etcdlite-client", options),
+             "spec": ["selector": ["app.kubernetes.io/name": "etcdlite", "app.kubernetes.io/component": "member"],
+                      "ports": [["name": "client", "port": 2379, "targetPort": 2379, "protocol": "TCP"]]]],
+            // Peers reach each other by node address; this headless Service lists them, ready or not.
+            ["apiVersion": "v1", "kind": "Service", "metadata": metadata("etcdlite-peers", options),
+             "spec": ["clusterIP": "None", "publishNotReadyAddresses": true,
+                      "selector": ["app.kubernetes.io/name": "etcdlite", "app.kubernetes.io/component": "member"],
+                      "ports": [["name": "peer", "port": 2380, "targetPort": 2380, "protocol": "TCP"]]] as [String: Any]],
+            ["apiVersion": "v1", "kind": "Service", "metadata": metadata("etcdlite-boot", options),
+             "spec": ["selector": ["app.kubernetes.io/name": "etcdlite", "app.kubernetes.io/component": "boot-member"],
+                      "ports": [["name": "client", "port": options.bootClientPort, "targetPort": options.bootClientPort, "protocol": "TCP"]]]],
+        ]
+    }
+
+    /// At most one member down at a time by choice: the rest keep a quorum (size/2 + 1).
+    static func disruptionBudget(_ options: BootstrapOptions) -> [String: Any] {
+        [
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": metadata("etcdlite", options),
+            "spec": ["minAvailable": options.size / 2 + 1,
+                     "selector": ["matchLabels": ["app.kubernetes.io/name": "etcdlite", "app.kubernetes.io/component": "member"]]],
+        ]
+    }
+
+    static func cluster(_ options: BootstrapOptions) -> [String: Any] {
+        [
+            "apiVersion": "\(group)/\(version)", "kind": "EtcdLiteCluster",
+            "metadata": metadata("etcdlite", options),
+            "spec": [
+                "size": options.size,
+                "image": options.image,
+                "storage": ["hostPath": options.hostPath],
+                "backup": ["intervalSeconds": 1800, "retention": 5, "destination": "\(options.hostPath)/backups"],
+                "bootstrap": ["bootMemberEndpoint": "http://\(options.bootNodeIP):\(options.bootClientPort)", "selfHosted": true],
+                "nodeSelector": ["node-role.kubernetes.io/control-plane": ""],
+                "tolerations": [["key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"]],
+                // One member per node.
+                "affinity": ["podAntiAffinity": ["requiredDuringSchedulingIgnoredDuringExecution": [[
+                    "labelSelector": ["matchLabels": ["app.kubernetes.io/name": "etcdlite", "app.kubernetes.io/component": "member"]],
+                    "topologyKey": "kubernetes.io/hostname",
+                ]]]],
+            ] as [String: Any],
+        ]
+    }
+}
