@@ -133,7 +133,15 @@ let package = Package(
         .testTarget(name: "RaftTests", dependencies: ["Raft"], exclude: ["testdata"]),
         // The operator (issue 9): a pure planner first; platforms talk to members only through
         // the etcd API.
-        .target(name: "EtcdOperator"),
+        .target(
+            name: "EtcdOperator",
+            dependencies: [
+                "EtcdLiteClient",
+                "EtcdLiteProto",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
         .testTarget(name: "EtcdOperatorTests", dependencies: ["EtcdOperator"]),
         // Throughput and allocations of the Raft core alone: swift package benchmark --target RaftCore
         .executableTarget(
@@ -157,6 +165,7 @@ let package = Package(
             name: "EtcdLiteTests",
             dependencies: [
                 "EtcdLite",
+                "EtcdOperator",
                 "Raft",
                 "EtcdLiteBench",
                 "EtcdLiteClient",
