@@ -39,7 +39,7 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Path to the peer server TLS cert file.") var peerCertFile: String?
     @Option(help: "Path to the peer server TLS key file.") var peerKeyFile: String?
     @Option(help: "Path to the peer server TLS trusted CA file.") var peerTrustedCaFile: String?
-    // Accepted now and validated; the metrics and auth issues give them their effect.
+    // Accepted and validated; the metrics issue gives it its effect.
     @Option var listenMetricsUrls: String?
     @Option var experimentalWatchProgressNotifyInterval: String?
     @Option(help: "Auth token type: simple, or jwt,pub-key=...,priv-key=...,sign-method=...[,ttl=...].") var authToken: String?

@@ -131,13 +131,21 @@ struct AuthTests {
 
     static func b64(_ text: String) -> String { Data(text.utf8).base64EncodedString() }
 
-    /// curl with extra headers, answering body and status.
-    static func post(_ port: Int, _ path: String, _ body: String, headers: [String] = []) throws -> String {
-        var arguments = ["-s", "-w", "\n%{http_code}", "http://127.0.0.1:\(port)\(path)", "-X", "POST", "--data-binary", body]
+    /// A POST through curl: the answer's body, a newline, the HTTP status.
+    static func curlPost(_ port: Int, _ path: String, _ body: String, headers: [String] = [], maxTime: Double = 10) throws -> String {
+        var arguments = ["-s", "-w", "\n%{http_code}", "http://127.0.0.1:\(port)\(path)", "-X", "POST", "--data-binary", body,
+                         "--max-time", String(maxTime)]
         for header in headers { arguments += ["-H", header] }
-        let answer = try run("/usr/bin/curl", arguments, timeout: 15).stdout
-        return GatewayTests.normalize(answer)
-            .replacingOccurrences(of: #"[A-Za-z]{16}\.\d+"#, with: "TOKEN", options: .regularExpression)
+        return try run("/usr/bin/curl", arguments, timeout: maxTime + 5).stdout
+    }
+
+    /// An answer or header with ids and simple tokens masked (they differ between servers).
+    static func masked(_ text: String) -> String {
+        GatewayTests.normalize(text).replacingOccurrences(of: #"[A-Za-z]{16}\.\d+"#, with: "TOKEN", options: .regularExpression)
+    }
+
+    static func post(_ port: Int, _ path: String, _ body: String, headers: [String] = []) throws -> String {
+        masked(try curlPost(port, path, body, headers: headers))
     }
 
     static func token(_ answer: String) -> String {
@@ -152,10 +160,8 @@ struct AuthTests {
         let port = member.clientPort
         var lines: [String] = []
         func call(_ path: String, _ body: String, headers: [String] = []) throws -> String {
-            let raw = try run("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.1:\(port)\(path)", "-X", "POST", "--data-binary", body]
-                                + headers.flatMap { ["-H", $0] }, timeout: 15).stdout
-            let shown = GatewayTests.normalize(raw).replacingOccurrences(of: #"[A-Za-z]{16}\.\d+"#, with: "TOKEN", options: .regularExpression)
-            lines.append("\(path) \(body) \(headers.map { $0.replacingOccurrences(of: #"[A-Za-z]{16}\.\d+"#, with: "TOKEN", options: .regularExpression) }): \(shown)")
+            let raw = try curlPost(port, path, body, headers: headers)
+            lines.append("\(path) \(body) \(headers.map(masked)): \(masked(raw))")
             return raw
         }
         _ = try call("/v3/auth/user/add", #"{"name":"root","password":"rootpw"}"#)
@@ -219,10 +225,8 @@ struct AuthTests {
         _ = try post(port, "/v3/auth/user/grant", #"{"user":"root","role":"root"}"#)
         _ = try post(port, "/v3/auth/enable", "{}")
         var lines: [String] = []
-        let used = token(try run("/usr/bin/curl", ["-s", "http://127.0.0.1:\(port)/v3/auth/authenticate", "-X", "POST", "--data-binary",
-                                                   #"{"name":"root","password":"rootpw"}"#]).stdout)
-        let idle = token(try run("/usr/bin/curl", ["-s", "http://127.0.0.1:\(port)/v3/auth/authenticate", "-X", "POST", "--data-binary",
-                                                   #"{"name":"root","password":"rootpw"}"#]).stdout)
+        let used = try AuthPermissionTests.login(port, "root", "rootpw")
+        let idle = try AuthPermissionTests.login(port, "root", "rootpw")
         let put = #"{"key":"\#(b64("k"))","value":"\#(b64("v"))"}"#
         lines.append("fresh: " + (try post(port, "/v3/kv/put", put, headers: ["Authorization: \(used)"])))
         for _ in 0..<3 {
@@ -249,10 +253,7 @@ struct AuthPermissionTests {
 
     /// One gateway call: HTTP status and the answer's JSON.
     static func call(_ port: Int, _ path: String, _ body: String, token: String? = nil, maxTime: Double = 10) throws -> (Int, String) {
-        var arguments = ["-s", "-w", "\n%{http_code}", "http://127.0.0.1:\(port)\(path)", "-X", "POST", "--data-binary", body,
-                         "--max-time", String(maxTime)]
-        if let token { arguments += ["-H", "Authorization: \(token)"] }
-        let output = try run("/usr/bin/curl", arguments, timeout: maxTime + 5).stdout
+        let output = try AuthTests.curlPost(port, path, body, headers: token.map { ["Authorization: \($0)"] } ?? [], maxTime: maxTime)
         let lines = output.split(separator: "\n", omittingEmptySubsequences: false)
         return (Int(lines.last ?? "") ?? 0, lines.dropLast().joined(separator: "\n"))
     }

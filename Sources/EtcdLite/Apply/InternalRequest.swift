@@ -61,20 +61,6 @@ enum InternalRequest: Sendable {
 
     /// One tag byte followed by the request's protobuf encoding.
     func encoded() throws -> [UInt8] {
-        if case .authorized(let info, let inner) = self {
-            // Revision (8 bytes big-endian), user name length (2 bytes), name, inner request.
-            let name = info.user.utf8.prefix(Int(UInt16.max))
-            let rest = try inner.encoded()
-            var bytes: [UInt8] = []
-            bytes.reserveCapacity(11 + name.count + rest.count)
-            bytes.append(tag)
-            withUnsafeBytes(of: info.revision.bigEndian) { bytes.append(contentsOf: $0) }
-            bytes.append(UInt8(name.count >> 8))
-            bytes.append(UInt8(name.count & 0xff))
-            bytes.append(contentsOf: name)
-            bytes.append(contentsOf: rest)
-            return bytes
-        }
         let body: [UInt8]
         switch self {
         case .put(let r): body = try r.serializedBytes()
@@ -88,8 +74,15 @@ enum InternalRequest: Sendable {
         case .memberAttributes(let r), .memberAdd(let r), .memberRemove(let r), .memberPromote(let r), .memberUpdate(let r):
             body = try r.serializedBytes()
         case .auth(let r): body = try r.encoded()
-        case .authorized:
-            fatalError("encoded above")
+        case .authorized(let info, let inner):
+            // Revision, user name length, name, the inner request (tag and body).
+            let name = Array(info.user.utf8)
+            var w = ByteWriter()
+            w.u64(info.revision)
+            w.u32le(UInt32(name.count))
+            w.bytes += name
+            w.bytes += try inner.encoded()
+            body = w.bytes
         }
         return [tag] + body
     }
@@ -113,15 +106,12 @@ enum InternalRequest: Sendable {
         case 13: self = .memberUpdate(try .init(serializedBytes: body))
         case 14: self = .auth(try AuthRequest(encoded: body))
         case 15:
-            guard body.count >= 10 else { throw EntryDecodingError(message: "short authorized entry") }
-            let revision = body.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            let start = body.startIndex + 8
-            let length = Int(body[start]) << 8 | Int(body[start + 1])
-            guard body.count >= 10 + length else { throw EntryDecodingError(message: "short authorized entry") }
-            guard let name = String(validating: body[(start + 2)..<(start + 2 + length)], as: UTF8.self) else {
-                throw EntryDecodingError(message: "user name is not UTF-8")
+            var reader = ByteReader(Array(body))
+            guard let revision = try? reader.u64(), let length = try? reader.u32le(), let nameBytes = try? reader.take(Int(length)),
+                  let name = String(validating: nameBytes, as: UTF8.self) else {
+                throw EntryDecodingError(message: "bad authorized entry")
             }
-            let inner = try InternalRequest(encoded: Array(body[(start + 2 + length)...]))
+            let inner = try InternalRequest(encoded: reader.rest())
             if case .authorized = inner { throw EntryDecodingError(message: "nested authorized entry") }
             self = .authorized(AuthInfo(user: name, revision: revision), inner)
         default: throw EntryDecodingError(message: "unknown entry type \(tag)")

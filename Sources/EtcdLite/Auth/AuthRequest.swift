@@ -21,8 +21,8 @@ enum AuthRequest: Sendable {
     case roleGrantPermission(Etcdserverpb_AuthRoleGrantPermissionRequest)
     case roleRevokePermission(Etcdserverpb_AuthRoleRevokePermissionRequest)
 
-    /// A sub-tag byte, then the request's protobuf encoding (for `authenticate`: the revision as
-    /// 8 bytes big-endian, then an AuthenticateRequest whose password field holds the prefix).
+    /// A sub-tag byte, then the request's protobuf encoding (for `authenticate`: the revision,
+    /// then an AuthenticateRequest whose password field holds the prefix).
     func encoded() throws -> [UInt8] {
         switch self {
         case .enable: return [1]
@@ -31,7 +31,11 @@ enum AuthRequest: Sendable {
             var request = Etcdserverpb_AuthenticateRequest()
             request.name = name
             request.password = prefix
-            return [3] + withUnsafeBytes(of: revision.bigEndian) { Array($0) } + (try request.serializedBytes())
+            var w = ByteWriter()
+            w.u8(3)
+            w.u64(revision)
+            w.bytes += try request.serializedBytes()
+            return w.bytes
         case .userAdd(let r): return [4] + (try r.serializedBytes())
         case .userDelete(let r): return [5] + (try r.serializedBytes())
         case .userChangePassword(let r): return [6] + (try r.serializedBytes())
@@ -51,9 +55,9 @@ enum AuthRequest: Sendable {
         case 1: self = .enable
         case 2: self = .disable
         case 3:
-            guard body.count >= 8 else { throw EntryDecodingError(message: "short authenticate entry") }
-            let revision = body.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-            let request = try Etcdserverpb_AuthenticateRequest(serializedBytes: body.dropFirst(8))
+            var reader = ByteReader(Array(body))
+            guard let revision = try? reader.u64() else { throw EntryDecodingError(message: "short authenticate entry") }
+            let request = try Etcdserverpb_AuthenticateRequest(serializedBytes: reader.rest())
             self = .authenticate(name: request.name, tokenPrefix: request.password, checkedRevision: revision)
         case 4: self = .userAdd(try .init(serializedBytes: body))
         case 5: self = .userDelete(try .init(serializedBytes: body))
@@ -166,20 +170,14 @@ final class SimpleTokens: Sendable {
         }
     }
 
-    let ttl: Duration
     private let ttlNanos: UInt64
     private let tokens = Mutex<[String: Entry]>([:])
 
     init(ttl: Duration) {
-        self.ttl = ttl
         ttlNanos = UInt64(ttl.components.seconds) * 1_000_000_000 + UInt64(ttl.components.attoseconds / 1_000_000_000)
     }
 
-    private static func now() -> UInt64 {
-        var spec = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &spec)
-        return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)
-    }
+    private static func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
 
     static func randomPrefix() -> String {
         let letters = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")

@@ -18,11 +18,6 @@ struct KeyInterval: Sendable, Equatable {
             end = rangeEnd
         }
     }
-
-    init(start: [UInt8], end: [UInt8]?) {
-        self.start = start
-        self.end = end
-    }
 }
 
 /// One kind of access (READ or WRITE) of a user: the union of the intervals of all their roles,
@@ -32,60 +27,50 @@ struct IntervalSet: Sendable, Equatable {
     private(set) var intervals: [KeyInterval] = []
 
     init(_ intervals: [KeyInterval]) {
-        let sorted = intervals.sorted { $0.start.lexicographicallyPrecedes($1.start) }
         var merged: [KeyInterval] = []
-        for interval in sorted {
-            guard var last = merged.last else {
+        for interval in intervals.sorted(by: { $0.start.lexicographicallyPrecedes($1.start) }) {
+            // Overlapping or touching the last one (`interval.start <= last.end`): one interval.
+            if let last = merged.last, last.end.map({ !$0.lexicographicallyPrecedes(interval.start) }) ?? true {
+                merged[merged.count - 1].end = Self.later(last.end, interval.end)
+            } else {
                 merged.append(interval)
-                continue
             }
-            // Overlapping or touching: `interval.start <= last.end`.
-            if let lastEnd = last.end, lastEnd.lexicographicallyPrecedes(interval.start) {
-                merged.append(interval)
-                continue
-            }
-            if let lastEnd = last.end {
-                if let end = interval.end {
-                    if lastEnd.lexicographicallyPrecedes(end) { last.end = end }
-                } else {
-                    last.end = nil
-                }
-            }
-            merged[merged.count - 1] = last
         }
         self.intervals = merged
     }
 
-    /// Whether one merged interval contains `key` (the request `[key, key+"\0")`): no copies of
-    /// the key, for the common single-key request.
-    func contains<Key: Collection<UInt8>>(_ key: Key) -> Bool {
+    /// The later of two ends (nil: no end).
+    private static func later(_ a: [UInt8]?, _ b: [UInt8]?) -> [UInt8]? {
+        guard let a, let b else { return nil }
+        return a.lexicographicallyPrecedes(b) ? b : a
+    }
+
+    /// The last merged interval starting at or before `key`: the only one that can contain it.
+    private func candidate<Key: Collection<UInt8>>(for key: Key) -> KeyInterval? {
         var low = 0
         var high = intervals.count
         while low < high {
             let mid = (low + high) / 2
             if key.lexicographicallyPrecedes(intervals[mid].start) { high = mid } else { low = mid + 1 }
         }
-        guard low > 0 else { return false }
-        guard let end = intervals[low - 1].end else { return true }
+        return low > 0 ? intervals[low - 1] : nil
+    }
+
+    /// Whether one merged interval contains `key` (the request `[key, key+"\0")`): no copies of
+    /// the key, for the common single-key request.
+    func contains<Key: Collection<UInt8>>(_ key: Key) -> Bool {
+        guard let candidate = candidate(for: key) else { return false }
+        guard let end = candidate.end else { return true }
         return key.lexicographicallyPrecedes(end)
     }
 
     /// Whether one merged interval contains all of `request`.
     func covers(_ request: KeyInterval) -> Bool {
-        // The last merged interval starting at or before the request's start.
-        var low = 0
-        var high = intervals.count
-        while low < high {
-            let mid = (low + high) / 2
-            if request.start.lexicographicallyPrecedes(intervals[mid].start) { high = mid } else { low = mid + 1 }
-        }
-        guard low > 0 else { return false }
-        let candidate = intervals[low - 1]
+        guard let candidate = candidate(for: request.start) else { return false }
         guard let candidateEnd = candidate.end else { return true }
         guard let requestEnd = request.end else { return false }
         // The start must lie inside, and the end must not pass the interval's.
-        guard request.start.lexicographicallyPrecedes(candidateEnd) else { return false }
-        return !candidateEnd.lexicographicallyPrecedes(requestEnd)
+        return request.start.lexicographicallyPrecedes(candidateEnd) && !candidateEnd.lexicographicallyPrecedes(requestEnd)
     }
 }
 
@@ -109,7 +94,6 @@ struct AuthInfo: Sendable, Equatable {
     static let anonymous = AuthInfo(user: "", revision: 0)
     /// A request the member itself, or the program it is embedded in, makes: never refused.
     static let `internal` = AuthInfo(user: "", revision: .max)
-    var isAnonymous: Bool { user.isEmpty && revision == 0 }
     var isInternal: Bool { self == .internal }
 }
 
@@ -170,8 +154,6 @@ struct AuthState: Sendable {
         permissions = result
     }
 
-    func isRoot(_ user: String) -> Bool { permissions[user]?.isRoot ?? false }
-
     /// etcd's IsAdminPermitted: no revision check; an unknown user is "not found".
     func checkAdmin(_ info: AuthInfo) throws(EtcdError) {
         guard enabled, !info.isInternal else { return }
@@ -219,6 +201,28 @@ struct AuthState: Sendable {
         guard allowed(permissions) else { throw .permissionDenied }
     }
 
+    /// etcd's check of a DeleteRange: READ for `prev_kv`, WRITE on the range.
+    func checkDelete(_ delete: Etcdserverpb_DeleteRangeRequest, _ sender: AuthInfo) throws(EtcdError) {
+        if delete.prevKv { try checkAccess(sender, .read, key: delete.key, rangeEnd: delete.rangeEnd) }
+        try checkAccess(sender, .write, key: delete.key, rangeEnd: delete.rangeEnd)
+    }
+
+    /// etcd's checkTxnAuth: every compare, and the ops of both branches whichever runs, nested
+    /// txns included. `checkPut` checks a put (its lease's keys are the store's business).
+    func checkTxn(_ txn: Etcdserverpb_TxnRequest, _ sender: AuthInfo,
+                  checkPut: (Etcdserverpb_PutRequest) throws(EtcdError) -> Void) throws(EtcdError) {
+        for compare in txn.compare { try checkAccess(sender, .read, key: compare.key, rangeEnd: compare.rangeEnd) }
+        for op in txn.success + txn.failure {
+            switch op.request {
+            case .requestRange(let range): try checkAccess(sender, .read, key: range.key, rangeEnd: range.rangeEnd)
+            case .requestPut(let put): try checkPut(put)
+            case .requestDeleteRange(let delete): try checkDelete(delete, sender)
+            case .requestTxn(let nested): try checkTxn(nested, sender, checkPut: checkPut)
+            case nil: break
+            }
+        }
+    }
+
     /// A request's key range as permissions see it: a range end before the key (which reads
     /// nothing) is checked as the key alone.
     static func requestInterval(key: [UInt8], rangeEnd: [UInt8]) -> KeyInterval {
@@ -227,6 +231,9 @@ struct AuthState: Sendable {
         }
         return KeyInterval(key: key, rangeEnd: rangeEnd)
     }
+
+    /// Names in etcd's order (Go compares strings byte by byte).
+    static func byteOrder(_ a: String, _ b: String) -> Bool { a.utf8.lexicographicallyPrecedes(b.utf8) }
 
     /// etcd 3.4.25's rule for a granted range: a key, and no end, an end after the key, or "\0".
     static func isValidPermissionRange(key: [UInt8], rangeEnd: [UInt8]) -> Bool {

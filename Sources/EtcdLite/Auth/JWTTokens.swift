@@ -53,6 +53,13 @@ struct JWTTokens: Sendable {
         }
         let privatePEM = try values["priv-key"].map(read)
         let publicPEM = try values["pub-key"].map(read)
+        /// The private key when given, and the public key (from the private one, or its own file).
+        func pair<Private, Public>(_ makePrivate: (String) throws -> Private, _ derive: (Private) -> Public,
+                                   _ makePublic: (String) throws -> Public) throws -> (Private?, Public) {
+            let privateKey = try privatePEM.map(makePrivate)
+            guard let publicKey = try privateKey.map(derive) ?? publicPEM.map(makePublic) else { throw invalidOptions }
+            return (privateKey, publicKey)
+        }
         let key: Key
         do {
             switch method {
@@ -60,28 +67,20 @@ struct JWTTokens: Sendable {
                 guard let privatePEM else { throw invalidOptions }
                 key = .hmac(SymmetricKey(data: Data(privatePEM.utf8)))
             case .RS256, .RS384, .RS512, .PS256, .PS384, .PS512:
-                let privateKey = try privatePEM.map { try _RSA.Signing.PrivateKey(pemRepresentation: $0) }
-                guard let publicKey = try privateKey?.publicKey ?? publicPEM.map({ try _RSA.Signing.PublicKey(pemRepresentation: $0) }) else {
-                    throw invalidOptions
-                }
+                let (privateKey, publicKey) = try pair(_RSA.Signing.PrivateKey.init(pemRepresentation:), \.publicKey,
+                                                       _RSA.Signing.PublicKey.init(pemRepresentation:))
                 key = .rsa(private: privateKey, public: publicKey)
             case .ES256:
-                let privateKey = try privatePEM.map { try P256.Signing.PrivateKey(pemRepresentation: $0) }
-                guard let publicKey = try privateKey?.publicKey ?? publicPEM.map({ try P256.Signing.PublicKey(pemRepresentation: $0) }) else {
-                    throw invalidOptions
-                }
+                let (privateKey, publicKey) = try pair(P256.Signing.PrivateKey.init(pemRepresentation:), \.publicKey,
+                                                       P256.Signing.PublicKey.init(pemRepresentation:))
                 key = .p256(private: privateKey, public: publicKey)
             case .ES384:
-                let privateKey = try privatePEM.map { try P384.Signing.PrivateKey(pemRepresentation: $0) }
-                guard let publicKey = try privateKey?.publicKey ?? publicPEM.map({ try P384.Signing.PublicKey(pemRepresentation: $0) }) else {
-                    throw invalidOptions
-                }
+                let (privateKey, publicKey) = try pair(P384.Signing.PrivateKey.init(pemRepresentation:), \.publicKey,
+                                                       P384.Signing.PublicKey.init(pemRepresentation:))
                 key = .p384(private: privateKey, public: publicKey)
             case .ES512:
-                let privateKey = try privatePEM.map { try P521.Signing.PrivateKey(pemRepresentation: $0) }
-                guard let publicKey = try privateKey?.publicKey ?? publicPEM.map({ try P521.Signing.PublicKey(pemRepresentation: $0) }) else {
-                    throw invalidOptions
-                }
+                let (privateKey, publicKey) = try pair(P521.Signing.PrivateKey.init(pemRepresentation:), \.publicKey,
+                                                       P521.Signing.PublicKey.init(pemRepresentation:))
                 key = .p521(private: privateKey, public: publicKey)
             }
         } catch let error as ConfigError {

@@ -10,28 +10,8 @@ extension StateMachine {
         if put.prevKv { try auth.checkAccess(sender, .read, key: put.key) }
     }
 
-    func checkDelete(_ delete: Etcdserverpb_DeleteRangeRequest, _ sender: AuthInfo) throws(EtcdError) {
-        let range = AuthState.requestInterval(key: Array(delete.key), rangeEnd: Array(delete.rangeEnd))
-        if delete.prevKv { try auth.checkAccess(sender, .read, range) }
-        try auth.checkAccess(sender, .write, range)
-    }
-
-    /// Every compare, and the ops of both branches whichever runs (etcd's checkTxnAuth, nested
-    /// txns included).
     func checkTxn(_ txn: Etcdserverpb_TxnRequest, _ sender: AuthInfo) throws(EtcdError) {
-        for compare in txn.compare {
-            try auth.checkAccess(sender, .read, AuthState.requestInterval(key: Array(compare.key), rangeEnd: Array(compare.rangeEnd)))
-        }
-        for op in txn.success + txn.failure {
-            switch op.request {
-            case .requestRange(let range):
-                try auth.checkAccess(sender, .read, AuthState.requestInterval(key: Array(range.key), rangeEnd: Array(range.rangeEnd)))
-            case .requestPut(let put): try checkPut(put, sender)
-            case .requestDeleteRange(let delete): try checkDelete(delete, sender)
-            case .requestTxn(let nested): try checkTxn(nested, sender)
-            case nil: break
-            }
-        }
+        try auth.checkTxn(txn, sender) { (put) throws(EtcdError) in try checkPut(put, sender) }
     }
 
     /// A lease's attached keys must all allow `kind` to a sender who is not an admin (etcd's
@@ -96,7 +76,7 @@ extension StateMachine {
             if r.role != "root" && auth.roles[r.role] == nil { throw EtcdError.roleNotFound }
             if user.roles.contains(r.role) { return .done }
             user.roles.append(r.role)
-            user.roles.sort { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
+            user.roles.sort(by: AuthState.byteOrder)
             next.setUser(r.user, user)
             try AuthTables.save(user: user, writer)
         case .userRevokeRole(let r):
@@ -132,12 +112,9 @@ extension StateMachine {
             if let same = role.keyPermission.firstIndex(where: { $0.key == r.perm.key && $0.rangeEnd == r.perm.rangeEnd }) {
                 role.keyPermission[same].permType = r.perm.permType
             } else {
-                role.keyPermission.append(r.perm)
-                // Stable: grants on one key keep their order.
-                role.keyPermission = role.keyPermission.enumerated().sorted { a, b in
-                    if a.element.key != b.element.key { return Array(a.element.key).lexicographicallyPrecedes(Array(b.element.key)) }
-                    return a.offset < b.offset
-                }.map(\.element)
+                // Kept sorted by key; after the grants on the same key.
+                let position = role.keyPermission.firstIndex { r.perm.key.lexicographicallyPrecedes($0.key) } ?? role.keyPermission.endIndex
+                role.keyPermission.insert(r.perm, at: position)
             }
             next.setRole(r.name, role)
             try AuthTables.save(role: role, writer)

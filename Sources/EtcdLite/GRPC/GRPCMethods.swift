@@ -117,6 +117,28 @@ struct GRPCMethods: Sendable {
         }
     }
 
+    /// Runs `check` (which may wait, and sees the call's metadata) before each method in `paths`,
+    /// as an interceptor would: etcd's permission checks of whole methods.
+    mutating func guardEach(_ paths: [String], _ check: @escaping @Sendable (CallContext) async throws -> Void) {
+        for path in paths {
+            switch table[path] {
+            case .unary(let body)?:
+                table[path] = .unary { bytes, context in
+                    try await check(context)
+                    return try await body(bytes, context)
+                }
+            case .streaming(let body)?:
+                table[path] = .streaming { requests, writer, context in
+                    try await check(context)
+                    try await body(requests, writer, context)
+                }
+            case .unaryDirect?, nil:
+                // Direct methods start on the event loop without a task: they check for themselves.
+                preconditionFailure("no task-based method \(path) to guard")
+            }
+        }
+    }
+
     /// grpc-go's wording for an undecodable request.
     static func decode<Request: Message>(_ bytes: [UInt8]) throws -> Request {
         do {

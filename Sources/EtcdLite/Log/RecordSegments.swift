@@ -173,6 +173,12 @@ struct ByteReader {
         return Set(try (0..<count).map { _ in try u64() })
     }
 
+    mutating func take(_ count: Int) throws -> ArraySlice<UInt8> {
+        guard count >= 0, position + count <= bytes.count else { throw Truncated() }
+        defer { position += count }
+        return bytes[position..<(position + count)]
+    }
+
     mutating func rest() -> [UInt8] {
         defer { position = bytes.count }
         return Array(bytes[position...])

@@ -112,15 +112,13 @@ final class ClientListener: Sendable {
                         child.close(promise: nil)
                         return
                     }
+                    connections.withLockedValue { $0[key] = Connection(channel: child) }
                     child.closeFuture.whenComplete { [self] _ in
+                        _ = connections.withLockedValue { $0.removeValue(forKey: key) }
                         perHost.withLockedValue { counts in
                             counts[host, default: 1] -= 1
                             if counts[host] == 0 { counts[host] = nil }
                         }
-                    }
-                    connections.withLockedValue { $0[key] = Connection(channel: child) }
-                    child.closeFuture.whenComplete { [self] _ in
-                        _ = connections.withLockedValue { $0.removeValue(forKey: key) }
                     }
                     let sniffer = ProtocolSniffer { [self] channel, kind in
                         switch kind {

@@ -55,6 +55,12 @@ extension EtcdLiteServer {
         }
     }
 
+    /// A client's request as it goes into the log: while auth is on, with its sender, whose
+    /// permission the apply step checks.
+    func entry(_ request: InternalRequest, from caller: AuthInfo) -> InternalRequest {
+        authBox.enabled ? .authorized(caller, request) : request
+    }
+
     /// etcd's requireAuthInfo: some user (any) when auth is on.
     func requireUser(_ caller: AuthInfo) throws(EtcdError) {
         if authBox.enabled && !caller.isInternal && caller.user.isEmpty { throw .userEmpty }
@@ -89,15 +95,8 @@ extension EtcdLiteServer {
 
     /// What a read-only txn reads: every compare and every range, in nested txns too.
     func checkReadOnlyTxn(_ txn: Etcdserverpb_TxnRequest, _ caller: AuthInfo) throws(EtcdError) {
-        guard authBox.enabled else { return }
-        for compare in txn.compare { try checkRead(caller, key: compare.key, rangeEnd: compare.rangeEnd) }
-        for op in txn.success + txn.failure {
-            switch op.request {
-            case .requestRange(let range): try checkRead(caller, key: range.key, rangeEnd: range.rangeEnd)
-            case .requestTxn(let nested): try checkReadOnlyTxn(nested, caller)
-            default: break
-            }
-        }
+        guard authBox.enabled, !caller.isInternal else { return }
+        try authBox.current.checkTxn(txn, caller) { _ throws(EtcdError) in }  // it has no puts
     }
 
     /// Every key attached to `lease` must allow `kind` to a caller who is not an admin (etcd's
@@ -131,8 +130,7 @@ extension EtcdLiteServer {
 
     /// Proposes an auth change with its sender (checked at apply).
     private func proposeAuth(_ request: AuthRequest, _ caller: AuthInfo) async throws -> AuthAnswer {
-        let entry: InternalRequest = authBox.enabled ? .authorized(caller, .auth(request)) : .auth(request)
-        guard case .auth(let answer) = try await propose(entry) else { throw unexpected() }
+        guard case .auth(let answer) = try await propose(entry(.auth(request), from: caller)) else { throw unexpected() }
         return answer
     }
 
@@ -145,16 +143,6 @@ extension EtcdLiteServer {
     /// Runs a slow password hash on the reader threads, not on the task pool.
     private func hashing<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
         try await readers.runIfActive(body)
-    }
-
-    func authEnable(_ caller: AuthInfo) async throws -> Etcdserverpb_AuthEnableResponse {
-        _ = try await proposeAuth(.enable, caller)
-        return answered()
-    }
-
-    func authDisable(_ caller: AuthInfo) async throws -> Etcdserverpb_AuthDisableResponse {
-        _ = try await proposeAuth(.disable, caller)
-        return answered()
     }
 
     /// etcd 3.5's AuthStatus (3.4 has only the messages): whether auth is on and its revision.
@@ -185,17 +173,17 @@ extension EtcdLiteServer {
             let prefix = jwt == nil ? SimpleTokens.randomPrefix() : ""
             let answer = try await proposeAuth(.authenticate(name: request.name, tokenPrefix: prefix, checkedRevision: state.revision), .anonymous)
             var response: Etcdserverpb_AuthenticateResponse = answered()
-            switch answer {
-            case .token(let token):
-                response.token = try jwt?.sign(user: request.name, revision: state.revision) ?? token
-                return response
-            case .done:
-                guard let jwt else { throw unexpected() }
+            switch (answer, jwt) {
+            case (.token(let token), nil):
+                response.token = token
+            case (.done, let jwt?):
                 response.token = try jwt.sign(user: request.name, revision: state.revision)
-                return response
-            case .stale:
+            case (.stale, _):
                 continue
+            default:
+                throw unexpected()
             }
+            return response
         }
         throw EtcdError.requestTimedOut
     }
@@ -241,7 +229,7 @@ extension EtcdLiteServer {
         let state = try await authRead()
         try state.checkAdmin(caller)
         var response: Etcdserverpb_AuthUserListResponse = answered()
-        response.users = state.users.keys.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
+        response.users = state.users.keys.sorted(by: AuthState.byteOrder)
         return response
     }
 
@@ -259,53 +247,45 @@ extension EtcdLiteServer {
         let state = try await authRead()
         try state.checkAdmin(caller)
         var response: Etcdserverpb_AuthRoleListResponse = answered()
-        response.roles = state.roles.keys.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
+        response.roles = state.roles.keys.sorted(by: AuthState.byteOrder)
         return response
     }
 
     /// The Auth service's methods.
     func addAuthMethods(_ m: inout GRPCMethods) {
-        m.unary("/etcdserverpb.Auth/AuthEnable") { (_: Etcdserverpb_AuthEnableRequest, c) in try await self.authEnable(try await self.caller(c)) }
-        m.unary("/etcdserverpb.Auth/AuthDisable") { (_: Etcdserverpb_AuthDisableRequest, c) in try await self.authDisable(try await self.caller(c)) }
+        /// A change through the log whose answer is an empty response with a header.
+        func change<Request: Message, Response: Message & HasHeader>(
+            _ method: String, _: Response.Type, _ entry: @escaping @Sendable (Request) -> AuthRequest
+        ) {
+            m.unary("/etcdserverpb.Auth/\(method)") { (r: Request, c) in
+                _ = try await self.proposeAuth(entry(r), try await self.caller(c))
+                return self.answered(Response.self)
+            }
+        }
+        change("AuthEnable", Etcdserverpb_AuthEnableResponse.self) { (_: Etcdserverpb_AuthEnableRequest) in .enable }
+        change("AuthDisable", Etcdserverpb_AuthDisableResponse.self) { (_: Etcdserverpb_AuthDisableRequest) in .disable }
+        change("UserDelete", Etcdserverpb_AuthUserDeleteResponse.self) { (r: Etcdserverpb_AuthUserDeleteRequest) in .userDelete(r) }
+        change("UserGrantRole", Etcdserverpb_AuthUserGrantRoleResponse.self) { (r: Etcdserverpb_AuthUserGrantRoleRequest) in .userGrantRole(r) }
+        change("UserRevokeRole", Etcdserverpb_AuthUserRevokeRoleResponse.self) { (r: Etcdserverpb_AuthUserRevokeRoleRequest) in .userRevokeRole(r) }
+        change("RoleAdd", Etcdserverpb_AuthRoleAddResponse.self) { (r: Etcdserverpb_AuthRoleAddRequest) in .roleAdd(r) }
+        change("RoleDelete", Etcdserverpb_AuthRoleDeleteResponse.self) { (r: Etcdserverpb_AuthRoleDeleteRequest) in .roleDelete(r) }
+        change("RoleGrantPermission", Etcdserverpb_AuthRoleGrantPermissionResponse.self) { (r: Etcdserverpb_AuthRoleGrantPermissionRequest) in
+            .roleGrantPermission(r)
+        }
+        change("RoleRevokePermission", Etcdserverpb_AuthRoleRevokePermissionResponse.self) { (r: Etcdserverpb_AuthRoleRevokePermissionRequest) in
+            .roleRevokePermission(r)
+        }
         m.unary("/etcdserverpb.Auth/AuthStatus") { (_: Etcdserverpb_AuthStatusRequest, c) in try await self.authStatus(try await self.caller(c)) }
         // Authenticate ignores any token the call carries (etcd 3.4.28 on).
         m.unary("/etcdserverpb.Auth/Authenticate") { (r: Etcdserverpb_AuthenticateRequest, _) in try await self.authenticate(r) }
         m.unary("/etcdserverpb.Auth/UserAdd") { (r: Etcdserverpb_AuthUserAddRequest, c) in try await self.userAdd(r, try await self.caller(c)) }
-        m.unary("/etcdserverpb.Auth/UserGet") { (r: Etcdserverpb_AuthUserGetRequest, c) in try await self.userGet(r, try await self.caller(c)) }
-        m.unary("/etcdserverpb.Auth/UserList") { (_: Etcdserverpb_AuthUserListRequest, c) in try await self.userList(try await self.caller(c)) }
-        m.unary("/etcdserverpb.Auth/UserDelete") { (r: Etcdserverpb_AuthUserDeleteRequest, c) in
-            _ = try await self.proposeAuth(.userDelete(r), try await self.caller(c))
-            return self.answered(Etcdserverpb_AuthUserDeleteResponse.self)
-        }
         m.unary("/etcdserverpb.Auth/UserChangePassword") { (r: Etcdserverpb_AuthUserChangePasswordRequest, c) in
             try await self.userChangePassword(r, try await self.caller(c))
         }
-        m.unary("/etcdserverpb.Auth/UserGrantRole") { (r: Etcdserverpb_AuthUserGrantRoleRequest, c) in
-            _ = try await self.proposeAuth(.userGrantRole(r), try await self.caller(c))
-            return self.answered(Etcdserverpb_AuthUserGrantRoleResponse.self)
-        }
-        m.unary("/etcdserverpb.Auth/UserRevokeRole") { (r: Etcdserverpb_AuthUserRevokeRoleRequest, c) in
-            _ = try await self.proposeAuth(.userRevokeRole(r), try await self.caller(c))
-            return self.answered(Etcdserverpb_AuthUserRevokeRoleResponse.self)
-        }
-        m.unary("/etcdserverpb.Auth/RoleAdd") { (r: Etcdserverpb_AuthRoleAddRequest, c) in
-            _ = try await self.proposeAuth(.roleAdd(r), try await self.caller(c))
-            return self.answered(Etcdserverpb_AuthRoleAddResponse.self)
-        }
+        m.unary("/etcdserverpb.Auth/UserGet") { (r: Etcdserverpb_AuthUserGetRequest, c) in try await self.userGet(r, try await self.caller(c)) }
+        m.unary("/etcdserverpb.Auth/UserList") { (_: Etcdserverpb_AuthUserListRequest, c) in try await self.userList(try await self.caller(c)) }
         m.unary("/etcdserverpb.Auth/RoleGet") { (r: Etcdserverpb_AuthRoleGetRequest, c) in try await self.roleGet(r, try await self.caller(c)) }
         m.unary("/etcdserverpb.Auth/RoleList") { (_: Etcdserverpb_AuthRoleListRequest, c) in try await self.roleList(try await self.caller(c)) }
-        m.unary("/etcdserverpb.Auth/RoleDelete") { (r: Etcdserverpb_AuthRoleDeleteRequest, c) in
-            _ = try await self.proposeAuth(.roleDelete(r), try await self.caller(c))
-            return self.answered(Etcdserverpb_AuthRoleDeleteResponse.self)
-        }
-        m.unary("/etcdserverpb.Auth/RoleGrantPermission") { (r: Etcdserverpb_AuthRoleGrantPermissionRequest, c) in
-            _ = try await self.proposeAuth(.roleGrantPermission(r), try await self.caller(c))
-            return self.answered(Etcdserverpb_AuthRoleGrantPermissionResponse.self)
-        }
-        m.unary("/etcdserverpb.Auth/RoleRevokePermission") { (r: Etcdserverpb_AuthRoleRevokePermissionRequest, c) in
-            _ = try await self.proposeAuth(.roleRevokePermission(r), try await self.caller(c))
-            return self.answered(Etcdserverpb_AuthRoleRevokePermissionResponse.self)
-        }
     }
 }
 

@@ -32,8 +32,7 @@ extension EtcdLiteServer {
     /// (checked at apply).
     func leaseRevoke(_ request: Etcdserverpb_LeaseRevokeRequest, as caller: AuthInfo) async throws -> Etcdserverpb_LeaseRevokeResponse {
         if !lessor.contains(request.id) { throw EtcdError.leaseNotFound }
-        let entry: InternalRequest = authBox.enabled ? .authorized(caller, .leaseRevoke(request)) : .leaseRevoke(request)
-        guard case .leaseRevoke(var response) = try await propose(entry) else { throw unexpected() }
+        guard case .leaseRevoke(var response) = try await propose(entry(.leaseRevoke(request), from: caller)) else { throw unexpected() }
         fill(&response.header)
         return response
     }

@@ -104,43 +104,21 @@ extension EtcdLiteServer {
         m.unaryDirect("/etcdserverpb.KV/Txn") { (r: Etcdserverpb_TxnRequest, c, done) in
             self.withCaller(c, failure: { done(.failure($0)) }) { self.txn(r, as: $0, completion: done) }
         }
-        m.unary("/etcdserverpb.KV/Compact") { (r: Etcdserverpb_CompactionRequest, c) in
-            try self.requireAdmin(try await self.caller(c))
-            return try await self.compact(r)
-        }
+        m.unary("/etcdserverpb.KV/Compact") { (r: Etcdserverpb_CompactionRequest, _) in try await self.compact(r) }
         m.unary("/etcdserverpb.Maintenance/Alarm") { (r: Etcdserverpb_AlarmRequest, c) in
             let caller = try await self.caller(c)
             if r.action == .get { try self.requireUser(caller) } else { try self.requireAdmin(caller) }
             return try await self.alarm(r)
         }
-        m.unary("/etcdserverpb.Maintenance/Status") { (_: Etcdserverpb_StatusRequest, c) in
-            try self.requireAdmin(try await self.caller(c))
-            return self.statusResponse()
-        }
-        m.unary("/etcdserverpb.Maintenance/Defragment") { (_: Etcdserverpb_DefragmentRequest, c) in
-            try await self.requireAdminUnmapped(c)
-            return try await self.defragment()
-        }
-        m.unary("/etcdserverpb.Maintenance/Hash") { (_: Etcdserverpb_HashRequest, c) in
-            try await self.requireAdminUnmapped(c)
-            return try self.hash()
-        }
-        m.unary("/etcdserverpb.Maintenance/HashKV") { (r: Etcdserverpb_HashKVRequest, c) in
-            try await self.requireAdminUnmapped(c)
-            return try self.hashKV(r)
-        }
-        m.unary("/etcdserverpb.Maintenance/MoveLeader") { (r: Etcdserverpb_MoveLeaderRequest, c) in
-            try self.requireAdmin(try await self.caller(c))
-            return try await self.moveLeader(r)
-        }
-        m.serverStreaming("/etcdserverpb.Maintenance/Snapshot") { (_: Etcdserverpb_SnapshotRequest, c, send) in
-            try await self.requireAdminUnmapped(c)
+        m.unary("/etcdserverpb.Maintenance/Status") { (_: Etcdserverpb_StatusRequest, _) in self.statusResponse() }
+        m.unary("/etcdserverpb.Maintenance/Defragment") { (_: Etcdserverpb_DefragmentRequest, _) in try await self.defragment() }
+        m.unary("/etcdserverpb.Maintenance/Hash") { (_: Etcdserverpb_HashRequest, _) in try self.hash() }
+        m.unary("/etcdserverpb.Maintenance/HashKV") { (r: Etcdserverpb_HashKVRequest, _) in try self.hashKV(r) }
+        m.unary("/etcdserverpb.Maintenance/MoveLeader") { (r: Etcdserverpb_MoveLeaderRequest, _) in try await self.moveLeader(r) }
+        m.serverStreaming("/etcdserverpb.Maintenance/Snapshot") { (_: Etcdserverpb_SnapshotRequest, _, send) in
             try await self.snapshotChunks(send)
         }
-        m.unary("/etcdserverpb.Lease/LeaseGrant") { (r: Etcdserverpb_LeaseGrantRequest, c) in
-            try self.requireUser(try await self.caller(c))
-            return try await self.leaseGrant(r)
-        }
+        m.unary("/etcdserverpb.Lease/LeaseGrant") { (r: Etcdserverpb_LeaseGrantRequest, _) in try await self.leaseGrant(r) }
         m.unary("/etcdserverpb.Lease/LeaseRevoke") { (r: Etcdserverpb_LeaseRevokeRequest, c) in
             let caller = try await self.caller(c)
             try self.requireUser(caller)
@@ -162,27 +140,25 @@ extension EtcdLiteServer {
         }
         m.streaming("/etcdserverpb.Lease/LeaseKeepAlive") { requests, writer, c in try await self.leaseKeepAliveStream(requests, writer, c) }
         m.streaming("/etcdserverpb.Watch/Watch") { requests, writer, context in try await self.watch(requests, writer, context) }
-        m.unary("/etcdserverpb.Cluster/MemberList") { (r: Etcdserverpb_MemberListRequest, c) in
-            try self.requireUser(try await self.caller(c))
-            return try await self.memberList(r)
-        }
-        m.unary("/etcdserverpb.Cluster/MemberAdd") { (r: Etcdserverpb_MemberAddRequest, c) in
-            try self.requireAdmin(try await self.caller(c))
-            return try await self.memberAdd(r)
-        }
-        m.unary("/etcdserverpb.Cluster/MemberRemove") { (r: Etcdserverpb_MemberRemoveRequest, c) in
-            try self.requireAdmin(try await self.caller(c))
-            return try await self.memberRemove(r)
-        }
-        m.unary("/etcdserverpb.Cluster/MemberUpdate") { (r: Etcdserverpb_MemberUpdateRequest, c) in
-            try self.requireAdmin(try await self.caller(c))
-            return try await self.memberUpdate(r)
-        }
-        m.unary("/etcdserverpb.Cluster/MemberPromote") { (r: Etcdserverpb_MemberPromoteRequest, c) in
-            try self.requireAdmin(try await self.caller(c))
-            return try await self.memberPromote(r)
-        }
+        m.unary("/etcdserverpb.Cluster/MemberList") { (r: Etcdserverpb_MemberListRequest, _) in try await self.memberList(r) }
+        m.unary("/etcdserverpb.Cluster/MemberAdd") { (r: Etcdserverpb_MemberAddRequest, _) in try await self.memberAdd(r) }
+        m.unary("/etcdserverpb.Cluster/MemberRemove") { (r: Etcdserverpb_MemberRemoveRequest, _) in try await self.memberRemove(r) }
+        m.unary("/etcdserverpb.Cluster/MemberUpdate") { (r: Etcdserverpb_MemberUpdateRequest, _) in try await self.memberUpdate(r) }
+        m.unary("/etcdserverpb.Cluster/MemberPromote") { (r: Etcdserverpb_MemberPromoteRequest, _) in try await self.memberPromote(r) }
         addAuthMethods(&m)
+        // Whole methods for admins (role root), or for any user.
+        m.guardEach(["/etcdserverpb.KV/Compact", "/etcdserverpb.Maintenance/Status", "/etcdserverpb.Maintenance/MoveLeader",
+                     "/etcdserverpb.Cluster/MemberAdd", "/etcdserverpb.Cluster/MemberRemove", "/etcdserverpb.Cluster/MemberUpdate",
+                     "/etcdserverpb.Cluster/MemberPromote"]) { c in
+            try self.requireAdmin(try await self.caller(c))
+        }
+        m.guardEach(["/etcdserverpb.Maintenance/Defragment", "/etcdserverpb.Maintenance/Hash", "/etcdserverpb.Maintenance/HashKV",
+                     "/etcdserverpb.Maintenance/Snapshot"]) { c in
+            try await self.requireAdminUnmapped(c)
+        }
+        m.guardEach(["/etcdserverpb.Lease/LeaseGrant", "/etcdserverpb.Cluster/MemberList"]) { c in
+            try self.requireUser(try await self.caller(c))
+        }
         // A learner serves only Status and serializable Range (etcd 3.4's rule); Range checks for
         // itself.
         m.guardAll(except: ["/etcdserverpb.Maintenance/Status", "/etcdserverpb.KV/Range"]) { [self] in

@@ -344,14 +344,12 @@ public final class EtcdLiteServer: Sendable {
         }
     }
 
-    /// While auth is on, the request travels with its sender, whose permission the apply step
-    /// checks.
     private func submit<Response: HasHeader>(
         _ request: InternalRequest, _ caller: AuthInfo, _ completion: @escaping @Sendable (Result<Response, any Error>) -> Void,
         validate: () throws -> Void, extract: @escaping @Sendable (InternalResponse) -> Response?
     ) {
         let data: [UInt8]
-        let request = authBox.enabled ? .authorized(caller, request) : request
+        let request = entry(request, from: caller)
         do {
             try validate()
             data = try encode(request)

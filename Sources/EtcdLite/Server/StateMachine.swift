@@ -142,7 +142,7 @@ final class StateMachine {
             // A put checks everything before it writes; it needs no savepoint.
             return .put(try write(savepoint: false) { try applier.put(r, $0) })
         case .deleteRange(let r):
-            if auth.enabled { try checkDelete(r, sender ?? .anonymous) }
+            if auth.enabled { try auth.checkDelete(r, sender ?? .anonymous) }
             return .deleteRange(try write { try applier.deleteRange(r, $0) })
         case .txn(let r):
             if auth.enabled { try checkTxn(r, sender ?? .anonymous) }

@@ -90,6 +90,15 @@ final class WatchHub: Sendable {
             enqueue(.message(response, fragment: fragment), bytes: bytes)
         }
 
+        /// Answers a create as refused: watch ID -1, canceled, with etcd's reason.
+        mutating func refuse(_ created: Etcdserverpb_WatchResponse, reason: String) {
+            var response = created
+            response.watchID = -1
+            response.canceled = true
+            response.cancelReason = reason
+            enqueue(response)
+        }
+
         mutating func enqueue(_ outbound: Outbound, bytes: Int) {
             queue.append(outbound)
             queuedBytes += bytes
@@ -213,11 +222,8 @@ final class WatchHub: Sendable {
             guard state.streams[stream] != nil else { return }
             var response = Etcdserverpb_WatchResponse()
             response.header = header(state.revision)
-            response.watchID = -1
             response.created = true
-            response.canceled = true
-            response.cancelReason = reason
-            state.streams[stream]!.enqueue(response)
+            state.streams[stream]!.refuse(response, reason: reason)
         }
     }
 
@@ -234,18 +240,12 @@ final class WatchHub: Sendable {
             let key = request.key.isEmpty ? Data([0]) : request.key
             let range = KeyRange(key: key, rangeEnd: request.rangeEnd)
             if case .interval(let start, let end) = range, !start.lexicographicallyPrecedes(end) {
-                response.watchID = -1
-                response.canceled = true
-                response.cancelReason = "mvcc: watcher range is empty"
-                state.streams[stream]!.enqueue(response)
+                state.streams[stream]!.refuse(response, reason: "mvcc: watcher range is empty")
                 return
             }
             // A client cannot grow the member's memory without bound by opening watchers.
             if watcherLimit > 0 && state.streams[stream]!.watchers.count >= watcherLimit {
-                response.watchID = -1
-                response.canceled = true
-                response.cancelReason = Self.tooManyWatchers
-                state.streams[stream]!.enqueue(response)
+                state.streams[stream]!.refuse(response, reason: Self.tooManyWatchers)
                 return
             }
             var id = request.watchID
@@ -256,10 +256,7 @@ final class WatchHub: Sendable {
                 id = state.streams[stream]!.nextAutoID
                 state.streams[stream]!.nextAutoID += 1
             } else if state.streams[stream]!.watchers[id] != nil {
-                response.watchID = -1
-                response.canceled = true
-                response.cancelReason = "mvcc: duplicate watch ID provided on the WatchStream"
-                state.streams[stream]!.enqueue(response)
+                state.streams[stream]!.refuse(response, reason: "mvcc: duplicate watch ID provided on the WatchStream")
                 return
             }
             var noPut = false
