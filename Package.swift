@@ -109,6 +109,7 @@ let package = Package(
             name: "EtcdLiteVerify",
             dependencies: [
                 "Raft",
+                "EtcdOperator",
                 "EtcdLiteBench",
                 "EtcdLiteClient",
                 "EtcdLiteProto",
@@ -140,9 +141,20 @@ let package = Package(
                 "EtcdLiteProto",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "EtcdOperatorTests", dependencies: ["EtcdOperator"]),
+        // The planner and the Kubernetes platform against an in-process API server of the tests'.
+        .testTarget(name: "EtcdOperatorTests", dependencies: [
+            "EtcdOperator",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
         // Throughput and allocations of the Raft core alone: swift package benchmark --target RaftCore
         .executableTarget(
             name: "RaftCore",

@@ -103,6 +103,8 @@ public enum Manifests {
                 "size": ["type": "integer", "minimum": 1],
                 "version": string,
                 "image": string,
+                "clientPort": integer,
+                "peerPort": integer,
                 "storage": ["type": "object", "properties": ["hostPath": string, "persistentVolumeClaim": free]],
                 "backup": ["type": "object", "properties": ["intervalSeconds": integer, "retention": integer, "destination": string]],
                 "resources": free,
@@ -157,10 +159,11 @@ public enum Manifests {
         let rules: [[String: Any]] = [
             ["apiGroups": [group], "resources": ["etcdliteclusters"], "verbs": ["get", "list", "watch", "update", "patch"]],
             ["apiGroups": [group], "resources": ["etcdliteclusters/status"], "verbs": ["get", "update", "patch"]],
-            ["apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]],
+            ["apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete", "patch"]],
             ["apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "delete"]],
             ["apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]],
-            ["apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]],
+            // The members' records (`<cluster>-members`).
+            ["apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update"]],
             ["apiGroups": ["apps"], "resources": ["statefulsets", "statefulsets/scale"], "verbs": ["get", "list", "watch", "update", "patch"]],
             ["apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["get", "list", "watch", "update", "patch"]],
         ]
@@ -169,6 +172,15 @@ public enum Manifests {
             ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": metadata("etcdlite-operator", options), "rules": rules],
             ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": metadata("etcdlite-operator", options),
              "roleRef": ["apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "etcdlite-operator"],
+             "subjects": [["kind": "ServiceAccount", "name": "etcdlite-operator", "namespace": options.namespace]]],
+            // Nodes are cluster-scoped: a Role cannot grant them. The operator reads their
+            // addresses and readiness to place members.
+            ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": ["name": "etcdlite-operator-nodes", "labels": labels],
+             "rules": [["apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]]]],
+            ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": ["name": "etcdlite-operator-nodes", "labels": labels],
+             "roleRef": ["apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "etcdlite-operator-nodes"],
              "subjects": [["kind": "ServiceAccount", "name": "etcdlite-operator", "namespace": options.namespace]]],
         ]
     }
@@ -190,7 +202,12 @@ public enum Manifests {
                         "nodeSelector": ["node-role.kubernetes.io/control-plane": ""],
                         "tolerations": [["key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"]],
                         "containers": [["name": "operator", "image": options.image,
-                                        "command": ["etcdlite", "operator", "--platform", "kubernetes", "--namespace", options.namespace]]],
+                                        "command": ["etcdlite", "operator", "--platform", "kubernetes", "--namespace", options.namespace,
+                                                    "--cluster", "etcdlite"],
+                                        // Backups and re-seeds happen on the operator's node.
+                                        "env": [["name": "NODE_NAME", "valueFrom": ["fieldRef": ["fieldPath": "spec.nodeName"]]]],
+                                        "volumeMounts": [["name": "backups", "mountPath": "\(options.hostPath)/backups"]]] as [String: Any]],
+                        "volumes": [["name": "backups", "hostPath": ["path": "\(options.hostPath)/backups", "type": "DirectoryOrCreate"]]],
                     ] as [String: Any],
                 ] as [String: Any],
             ] as [String: Any],

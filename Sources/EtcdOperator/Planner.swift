@@ -6,6 +6,8 @@ public struct DesiredCluster: Sendable, Equatable {
     public var version: String
     /// Rolling upgrades need at least this many members (one down must leave a quorum).
     public var minimumSizeForUpgrade = 3
+    /// Which spec this is (the status's observedGeneration).
+    public var generation: String?
 
     public init(size: Int, version: String) {
         self.size = size
@@ -26,6 +28,8 @@ public struct ObservedMember: Sendable, Equatable {
     /// The boot member the cluster started from (a static pod), to be removed once self-hosted
     /// members hold a quorum on their own.
     public var isBootMember: Bool
+    public var peerURLs: [String] = []
+    public var clientURLs: [String] = []
 
     public init(id: UInt64, name: String, isLearner: Bool = false, healthy: Bool = true, isLeader: Bool = false,
                 appliedIndex: UInt64 = 0, isBootMember: Bool = false) {
@@ -67,11 +71,14 @@ public struct Observation: Sendable, Equatable {
     public var workloads: [ObservedWorkload]
     /// Learners that have been behind the leader for longer than the operator waits for one.
     public var stalledLearners: Set<UInt64>
+    /// False when the platform could not be asked (its API down): workloads are then unknown.
+    public var platformAnswered: Bool
 
-    public init(members: [ObservedMember]?, workloads: [ObservedWorkload], stalledLearners: Set<UInt64> = []) {
+    public init(members: [ObservedMember]?, workloads: [ObservedWorkload], stalledLearners: Set<UInt64> = [], platformAnswered: Bool = true) {
         self.members = members
         self.workloads = workloads
         self.stalledLearners = stalledLearners
+        self.platformAnswered = platformAnswered
     }
 }
 
@@ -107,11 +114,16 @@ public enum PlannedAction: Sendable, Equatable {
 /// leadership away first; a member whose data is lost gets a new identity, never its old one.
 public enum Planner {
     public static func next(_ desired: DesiredCluster, _ observed: Observation) -> PlannedAction {
+        // Without the platform's view, a missing workload would look like one never started.
+        guard observed.platformAnswered else { return .wait("the platform did not answer") }
         let workloads = Dictionary(observed.workloads.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         guard let members = observed.members else {
             // No quorum answers: bring back whatever can come back on its own data.
             if let stopped = observed.workloads.first(where: { $0.state == .stopped }) { return .restartInPlace(name: stopped.name) }
-            if observed.workloads.contains(where: { $0.state == .running }) { return .wait("members are starting") }
+            // Once all that can run does, a majority of the members' data makes a quorum again;
+            // less than that never will: re-seed (a survivor's store or the newest backup).
+            let withData = observed.workloads.filter { $0.state != .dataLost }.count
+            if withData * 2 > observed.workloads.count { return .wait("members are starting") }
             return .restoreFromSnapshot
         }
         let voters = members.filter { !$0.isLearner }

@@ -29,8 +29,8 @@ struct ManifestTests {
     @Test func everyObjectHasTheFieldsItsAPIRequires() throws {
         let objects = try Self.objects()
         let kinds = objects.compactMap { $0["kind"] as? String }
-        #expect(Set(kinds) == ["Pod", "CustomResourceDefinition", "ServiceAccount", "Role", "RoleBinding", "Deployment", "Service",
-                               "PodDisruptionBudget", "EtcdLiteCluster"])
+        #expect(Set(kinds) == ["Pod", "CustomResourceDefinition", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding",
+                               "Deployment", "Service", "PodDisruptionBudget", "EtcdLiteCluster"])
         for object in objects {
             let kind = object["kind"] as? String ?? "?"
             let metadata = object["metadata"] as? [String: Any] ?? [:]
@@ -61,12 +61,18 @@ struct ManifestTests {
             case "PodDisruptionBudget":
                 #expect(spec["minAvailable"] as? Int == 2)  // three members: two keep the quorum
                 #expect(spec["selector"] is [String: Any])
-            case "Role":
+            case "Role", "ClusterRole":
                 for rule in object["rules"] as? [[String: Any]] ?? [] {
                     #expect(rule["apiGroups"] is [String] && !(rule["resources"] as? [String] ?? []).isEmpty && !(rule["verbs"] as? [String] ?? []).isEmpty)
+                    // A namespaced Role cannot grant cluster-scoped resources.
+                    if kind == "Role" { #expect(!(rule["resources"] as? [String] ?? []).contains("nodes"), "nodes need a ClusterRole") }
                 }
-            case "RoleBinding":
-                #expect((object["roleRef"] as? [String: Any])?["name"] as? String == "etcdlite-operator")
+                #expect((kind == "Role") == (metadata["namespace"] != nil))
+            case "RoleBinding", "ClusterRoleBinding":
+                let roleRef = object["roleRef"] as? [String: Any] ?? [:]
+                let role = objects.first { $0["kind"] as? String == roleRef["kind"] as? String
+                    && ($0["metadata"] as? [String: Any])?["name"] as? String == roleRef["name"] as? String }
+                #expect(role != nil && roleRef["kind"] as? String == (kind == "RoleBinding" ? "Role" : "ClusterRole"), "a binding names a rendered role")
             case "CustomResourceDefinition":
                 let names = spec["names"] as? [String: Any] ?? [:]
                 #expect(name == "\(names["plural"] as? String ?? "").\(spec["group"] as? String ?? "")", "a CRD is named plural.group")

@@ -82,6 +82,20 @@ struct PlannerTests {
         for i in lost.indices { lost[i].state = .dataLost }
         #expect(Planner.next(desired, Observation(members: nil, workloads: lost)) == .restoreFromSnapshot)
         #expect(Planner.next(desired, Observation(members: nil, workloads: [])) == .restoreFromSnapshot)
+        // Two of three running on their data: they make a quorum once they find each other.
+        var twoUp = stopped
+        twoUp[0].state = .running
+        twoUp[1].state = .running
+        twoUp[2].state = .dataLost
+        #expect(Planner.next(desired, Observation(members: nil, workloads: twoUp)) == .wait("members are starting"))
+        // One survivor of three, the other two lost: no quorum of data will ever come back; the
+        // cluster is re-seeded (from the survivor's store, which the reconciler prefers).
+        var oneUp = lost
+        oneUp[0].state = .running
+        #expect(Planner.next(desired, Observation(members: nil, workloads: oneUp)) == .restoreFromSnapshot)
+        // ... but a survivor's stopped peer comes back first.
+        oneUp[1].state = .stopped
+        #expect(Planner.next(desired, Observation(members: nil, workloads: oneUp)) == .restartInPlace(name: "member-1"))
     }
 
     @Test func anUnhealthyVoterBlocksMembershipChanges() {

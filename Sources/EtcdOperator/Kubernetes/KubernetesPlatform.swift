@@ -1,0 +1,498 @@
+import Foundation
+import NIOHTTP1
+
+/// Members as pods, through the Kubernetes API with the operator's service account.
+///
+/// - The spec is the EtcdLiteCluster (size, image, storage.hostPath, backup, nodeSelector,
+///   tolerations, bootstrap.bootMemberEndpoint).
+/// - Each member's record (its node, URLs, ID, `--initial-cluster`, image) lives in the ConfigMap
+///   `<cluster>-members`, written before MemberAdd so a crash after it still knows whose peer URL
+///   is whose; every write carries the resourceVersion it read (a conflict re-reads and retries).
+/// - A member's pod is pinned to its node (`nodeName`), on the host network, its peer URL on the
+///   node's InternalIP (not DNS), its data in `<hostPath>/<name>-<id>`: a member added again
+///   gets a new ID and so a new directory, never an old identity's data.
+/// - Status goes to the status subresource (with the object's resourceVersion), events to the
+///   core Events API.
+public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
+    public let client: KubeClient
+    public let namespace: String
+    public let clusterName: String
+    /// The node the operator runs on (backups and re-seeds happen there): the downward API's NODE_NAME.
+    public let operatorNode: String?
+
+    private(set) var cluster: [String: Any] = [:]
+    private(set) var records: [String: MemberRecord] = [:]
+    private var recordsVersion: String?
+    /// The ConfigMap's data as read: keys that are not our records are written back untouched.
+    private var recordsData: [String: String] = [:]
+    private var nodes: [[String: Any]] = []
+    private var pods: [String: [String: Any]] = [:]
+    private var nodesOK = false
+
+    public init(client: KubeClient, namespace: String, clusterName: String = "etcdlite", operatorNode: String? = nil) {
+        self.client = client
+        self.namespace = namespace
+        self.clusterName = clusterName
+        self.operatorNode = operatorNode
+    }
+
+    // MARK: Paths
+
+    var clusterPath: String { "/apis/\(Manifests.group)/\(Manifests.version)/namespaces/\(namespace)/etcdliteclusters/\(clusterName)" }
+    var recordsPath: String { "/api/v1/namespaces/\(namespace)/configmaps/\(clusterName)-members" }
+    var podsPath: String { "/api/v1/namespaces/\(namespace)/pods" }
+    var memberSelector: String { "app.kubernetes.io/component=member,etcdlite.dev/cluster=\(clusterName)" }
+    func podName(_ member: String) -> String { "\(clusterName)-\(member)" }
+
+    // MARK: Spec
+
+    public func refresh() async throws {
+        cluster = try await client.get(clusterPath)
+        try await loadRecords()
+        let podList = try await client.get(podsPath + "?labelSelector=" + Self.escape(memberSelector))
+        pods = [:]
+        for pod in podList["items"] as? [[String: Any]] ?? [] {
+            guard let member = Self.labels(pod)["etcdlite.dev/member"] else { continue }
+            pods[member] = pod
+        }
+        do {
+            nodes = try await client.get("/api/v1/nodes")["items"] as? [[String: Any]] ?? []
+            nodesOK = true
+        } catch {
+            nodesOK = false
+            throw error
+        }
+    }
+
+    var spec: [String: Any] { cluster["spec"] as? [String: Any] ?? [:] }
+    var hostPath: String { (spec["storage"] as? [String: Any])?["hostPath"] as? String ?? "/var/lib/etcdlite" }
+    var image: String { spec["image"] as? String ?? spec["version"] as? String ?? "" }
+    /// Members' ports on their nodes (2379/2380 unless the spec says otherwise).
+    var clientPort: Int { spec["clientPort"] as? Int ?? 2379 }
+    var peerPort: Int { spec["peerPort"] as? Int ?? 2380 }
+
+    public var desired: DesiredCluster {
+        var desired = DesiredCluster(size: spec["size"] as? Int ?? 3, version: image)
+        desired.generation = ((cluster["metadata"] as? [String: Any])?["generation"] as? Int).map(String.init)
+        return desired
+    }
+
+    /// The boot member's name while its endpoint is in the spec (the rendered boot pod's `--name`).
+    public var bootMemberName: String? { bootEndpoint == nil ? nil : "boot" }
+    var bootEndpoint: String? { (spec["bootstrap"] as? [String: Any])?["bootMemberEndpoint"] as? String }
+
+    public var endpoints: [String] {
+        (bootEndpoint.map { [$0] } ?? []) + records.values.sorted { $0.name < $1.name }.map(\.clientURL)
+    }
+
+    public var settings: OperatorSettings {
+        var settings = OperatorSettings()
+        settings.reconcileInterval = .seconds(2)
+        let backup = spec["backup"] as? [String: Any]
+        settings.backupIntervalSeconds = (backup?["intervalSeconds"] as? Int).map(Double.init)
+        settings.backupRetain = backup?["retention"] as? Int ?? 5
+        return settings
+    }
+
+    public var backupDir: String {
+        (spec["backup"] as? [String: Any])?["destination"] as? String ?? hostPath + "/backups"
+    }
+
+    // MARK: Records (the ConfigMap)
+
+    func loadRecords() async throws {
+        do {
+            let map = try await client.get(recordsPath)
+            recordsVersion = (map["metadata"] as? [String: Any])?["resourceVersion"] as? String
+            let data = map["data"] as? [String: String] ?? [:]
+            recordsData = data
+            records = [:]
+            for (key, json) in data where key.hasSuffix(".json") {
+                if let record = try? JSONDecoder().decode(MemberRecord.self, from: Data(json.utf8)) { records[record.name] = record }
+            }
+        } catch let error as KubeAPIError where error.isNotFound {
+            records = [:]
+            recordsVersion = nil
+            recordsData = [:]
+        }
+    }
+
+    /// Changes the records and writes them back with the version read; on a conflict (someone
+    /// else wrote in between) reads again and applies the change again, a few times.
+    func updateRecords(_ change: (inout [String: MemberRecord]) throws -> Void) async throws {
+        for _ in 0..<5 {
+            var next = records
+            try change(&next)
+            var data = recordsData
+            for name in records.keys where next[name] == nil { data[name + ".json"] = nil }
+            for (name, record) in next {
+                data[name + ".json"] = String(decoding: try JSONEncoder.status.encode(record), as: UTF8.self)
+            }
+            var metadata: [String: Any] = ["name": "\(clusterName)-members", "namespace": namespace,
+                                           "labels": ["app.kubernetes.io/name": "etcdlite", "etcdlite.dev/cluster": clusterName]]
+            let object: [String: Any]
+            do {
+                if let version = recordsVersion {
+                    metadata["resourceVersion"] = version
+                    object = try await client.send(.PUT, recordsPath, body: ["apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data])
+                } else {
+                    object = try await client.send(.POST, "/api/v1/namespaces/\(namespace)/configmaps",
+                                                   body: ["apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data])
+                }
+            } catch let error as KubeAPIError where error.isConflict || error.isAlreadyExists {
+                try await loadRecords()
+                continue
+            }
+            recordsVersion = (object["metadata"] as? [String: Any])?["resourceVersion"] as? String
+            recordsData = data
+            records = next
+            return
+        }
+        throw OperatorError("the member records kept changing under us (conflicts)")
+    }
+
+    // MARK: Workloads
+
+    public func workloads() async throws -> [ObservedWorkload] {
+        guard nodesOK else { throw OperatorError("nodes not listed") }
+        let nodeNames = Set(nodes.compactMap { ($0["metadata"] as? [String: Any])?["name"] as? String })
+        return records.values.filter(\.started).sorted { $0.name < $1.name }.map { record in
+            let pod = pods[record.name]
+            let version = pod.flatMap(Self.image) ?? record.binary
+            if let node = record.node, !nodeNames.contains(node) {
+                // Its node is gone, and the host path with it.
+                return ObservedWorkload(name: record.name, state: .dataLost, version: version)
+            }
+            guard let pod, (pod["metadata"] as? [String: Any])?["deletionTimestamp"] == nil else {
+                return ObservedWorkload(name: record.name, state: .stopped, version: version)
+            }
+            let phase = (pod["status"] as? [String: Any])?["phase"] as? String ?? "Pending"
+            return ObservedWorkload(name: record.name, state: phase == "Failed" || phase == "Succeeded" ? .stopped : .running, version: version)
+        }
+    }
+
+    public func memberName(peerURLs: [String]) -> String? {
+        records.values.first { peerURLs.contains($0.peerURL) }?.name
+    }
+
+    /// Picks a node for a new member: Ready, schedulable, matching the spec's nodeSelector, and
+    /// hosting no other member (one member per node).
+    func chooseNode(excluding taken: Set<String>) -> (name: String, ip: String)? {
+        let selector = spec["nodeSelector"] as? [String: String] ?? [:]
+        let candidates = nodes.compactMap { node -> (String, String)? in
+            let metadata = node["metadata"] as? [String: Any] ?? [:]
+            guard let name = metadata["name"] as? String, !taken.contains(name) else { return nil }
+            let labels = metadata["labels"] as? [String: String] ?? [:]
+            guard selector.allSatisfy({ labels[$0.key] == $0.value }) else { return nil }
+            if (node["spec"] as? [String: Any])?["unschedulable"] as? Bool == true { return nil }
+            let status = node["status"] as? [String: Any] ?? [:]
+            let ready = (status["conditions"] as? [[String: Any]] ?? []).contains { $0["type"] as? String == "Ready" && $0["status"] as? String == "True" }
+            let ip = (status["addresses"] as? [[String: Any]] ?? []).first { $0["type"] as? String == "InternalIP" }?["address"] as? String
+            guard ready, let ip else { return nil }
+            return (name, ip)
+        }
+        return candidates.sorted { $0.0 < $1.0 }.first
+    }
+
+    public func prepare(_ name: String) async throws -> String {
+        let taken = Set(records.values.filter { $0.name != name }.compactMap(\.node) + (bootNode.map { [$0] } ?? []))
+        guard let node = chooseNode(excluding: taken) else { throw OperatorError("no Ready node without a member matches the nodeSelector") }
+        let record = MemberRecord(name: name, id: nil, clientURL: "http://\(node.ip):\(clientPort)", peerURL: "http://\(node.ip):\(peerPort)", binary: image,
+                                  initialCluster: "", initialClusterState: "existing", clusterToken: clusterName, started: false, node: node.name)
+        try await updateRecords { $0[name] = record }
+        return record.peerURL
+    }
+
+    /// The boot member's node (its peer URL's address), which self-hosted members avoid while it runs.
+    var bootNode: String? {
+        guard let endpoint = bootEndpoint, let host = URLComponents(string: endpoint)?.host else { return nil }
+        return nodes.first { node in
+            ((node["status"] as? [String: Any])?["addresses"] as? [[String: Any]] ?? []).contains { $0["address"] as? String == host }
+        }.flatMap { ($0["metadata"] as? [String: Any])?["name"] as? String }
+    }
+
+    public func joined(_ name: String, id: UInt64, initialCluster: String) async throws {
+        try await updateRecords { records in
+            guard var record = records[name] else { throw OperatorError("no record of \(name)") }
+            record.id = id
+            record.initialCluster = initialCluster
+            records[name] = record
+        }
+    }
+
+    public func hasJoined(_ name: String) -> Bool { records[name].map { !$0.initialCluster.isEmpty } ?? false }
+
+    public func start(_ name: String) async throws {
+        guard let record = records[name] else { throw OperatorError("no record of \(name)") }
+        if let pod = pods[name] {
+            let phase = (pod["status"] as? [String: Any])?["phase"] as? String
+            guard phase == "Failed" || phase == "Succeeded" else { return }
+            // A pod that ended stays ended (restartPolicy Always aside): a new one on the same data.
+            try await deletePod(name)
+        }
+        do {
+            try await client.send(.POST, podsPath, body: memberPod(record))
+        } catch let error as KubeAPIError where error.isAlreadyExists {
+            // Made by an earlier pass that crashed before it saw the answer.
+        }
+        if !record.started {
+            try await updateRecords { $0[name]?.started = true }
+        }
+    }
+
+    func deletePod(_ name: String) async throws {
+        do {
+            try await client.send(.DELETE, podsPath + "/" + podName(name))
+        } catch let error as KubeAPIError where error.isNotFound {}
+        pods[name] = nil
+    }
+
+    public func delete(_ name: String) async throws {
+        try await deletePod(name)
+        try await updateRecords { $0[name] = nil }
+    }
+
+    /// The container's image changes in place (a strategic merge patch by container name): the
+    /// kubelet restarts the container on the same pod, node and data.
+    public func upgrade(_ name: String, to version: String) async throws {
+        let patch: [String: Any] = ["spec": ["containers": [["name": "etcdlite", "image": version]]]]
+        try await client.send(.PATCH, podsPath + "/" + podName(name), body: patch, contentType: "application/strategic-merge-patch+json")
+        try await updateRecords { $0[name]?.binary = version }
+    }
+
+    public func runningClientURLs() async -> [String] {
+        records.values.filter { pods[$0.name] != nil }.sorted { $0.name < $1.name }.map(\.clientURL)
+    }
+
+    /// Every member's pod goes; member-0 starts a new cluster on the operator's node from the
+    /// snapshot (an init container restores it into a new data directory). Old data stays on the
+    /// nodes' host paths.
+    public func reseed(from snapshot: String) async throws {
+        for name in records.keys { try await deletePod(name) }
+        // The backups are on the operator's node.
+        guard let node = operatorNode, let ip = nodeIP(node) else { throw OperatorError("no node to re-seed on (NODE_NAME unset or unknown)") }
+        let token = "\(clusterName)-\(Int(Date().timeIntervalSince1970))"
+        var record = MemberRecord(name: "member-0", id: nil, clientURL: "http://\(ip):\(clientPort)", peerURL: "http://\(ip):\(peerPort)", binary: image,
+                                  initialCluster: "member-0=http://\(ip):\(peerPort)", initialClusterState: "new", clusterToken: token, started: true,
+                                  node: node)
+        record.restoreFrom = snapshot
+        try await updateRecords { records in
+            records = ["member-0": record]
+        }
+        try await client.send(.POST, podsPath, body: memberPod(record))
+    }
+
+    public func createFirstMember() async throws -> String? {
+        // Never over a cluster that had members (its records lost): that needs a person.
+        let hadMembers = !(((cluster["status"] as? [String: Any])?["members"] as? [Any]) ?? []).isEmpty
+        guard bootEndpoint == nil, records.isEmpty, !hadMembers else { return nil }
+        _ = try await prepare("member-0")
+        guard var record = records["member-0"] else { return nil }
+        record.initialCluster = "member-0=\(record.peerURL)"
+        record.initialClusterState = "new"
+        let fixed = record
+        try await updateRecords { $0["member-0"] = fixed }
+        try await start("member-0")
+        return "member-0"
+    }
+
+    func nodeIP(_ name: String) -> String? {
+        let node = nodes.first { ($0["metadata"] as? [String: Any])?["name"] as? String == name }
+        return ((node?["status"] as? [String: Any])?["addresses"] as? [[String: Any]] ?? [])
+            .first { $0["type"] as? String == "InternalIP" }?["address"] as? String
+    }
+
+    public func verifySnapshot(_ path: String) async -> String? {
+        guard let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"),
+              let result = try? LocalPlatform.run(exe, ["snapshot", "status", path]) else { return "cannot run the snapshot check" }
+        return result.code == 0 ? nil : result.output
+    }
+
+    // MARK: The member's pod
+
+    /// A member's pod: on its node, on the host network, its data on the host path.
+    func memberPod(_ record: MemberRecord) -> [String: Any] {
+        let dataDir = "\(hostPath)/\(record.name)-\(record.id.map { String($0, radix: 16) } ?? "new")"
+        var command = ["etcdlite", "--name", record.name, "--data-dir", dataDir,
+                       "--listen-client-urls", "http://0.0.0.0:\(clientPort)", "--advertise-client-urls", record.clientURL,
+                       "--listen-peer-urls", "http://0.0.0.0:\(peerPort)", "--initial-advertise-peer-urls", record.peerURL,
+                       "--initial-cluster-token", record.clusterToken]
+        if !record.initialCluster.isEmpty {
+            command += ["--initial-cluster", record.initialCluster, "--initial-cluster-state", record.initialClusterState]
+        }
+        var volumes: [[String: Any]] = [["name": "data", "hostPath": ["path": hostPath, "type": "DirectoryOrCreate"]]]
+        var podSpec: [String: Any] = [
+            "nodeName": record.node ?? "",
+            "hostNetwork": true,
+            "dnsPolicy": "ClusterFirstWithHostNet",
+            "priorityClassName": "system-node-critical",
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "containers": [[
+                "name": "etcdlite",
+                "image": record.binary,
+                "command": command,
+                "ports": [["name": "client", "containerPort": clientPort], ["name": "peer", "containerPort": peerPort]],
+                "readinessProbe": ["httpGet": ["host": "127.0.0.1", "path": "/readyz", "port": clientPort], "periodSeconds": 5],
+                "livenessProbe": ["httpGet": ["host": "127.0.0.1", "path": "/livez", "port": clientPort], "periodSeconds": 10,
+                                  "failureThreshold": 6, "initialDelaySeconds": 15],
+                "volumeMounts": [["name": "data", "mountPath": hostPath]],
+            ] as [String: Any]],
+        ]
+        if let snapshot = record.restoreFrom {
+            let dir = (snapshot as NSString).deletingLastPathComponent
+            volumes.append(["name": "backups", "hostPath": ["path": dir, "type": "Directory"]])
+            podSpec["initContainers"] = [[
+                "name": "restore",
+                "image": record.binary,
+                // Idempotent: a restarted pod finds the directory restored already.
+                "command": ["sh", "-c", "test -d \(dataDir)/member || etcdlite snapshot restore \(snapshot) --data-dir \(dataDir)"],
+                "volumeMounts": [["name": "data", "mountPath": hostPath], ["name": "backups", "mountPath": dir, "readOnly": true]],
+            ] as [String: Any]]
+        }
+        podSpec["volumes"] = volumes
+        if let tolerations = spec["tolerations"] { podSpec["tolerations"] = tolerations }
+        if let resources = spec["resources"], var containers = podSpec["containers"] as? [[String: Any]] {
+            containers[0]["resources"] = resources
+            podSpec["containers"] = containers
+        }
+        return [
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": [
+                "name": podName(record.name), "namespace": namespace,
+                "labels": ["app.kubernetes.io/name": "etcdlite", "app.kubernetes.io/component": "member",
+                           "etcdlite.dev/cluster": clusterName, "etcdlite.dev/member": record.name],
+                "ownerReferences": ownerReferences,
+            ] as [String: Any],
+            "spec": podSpec,
+        ]
+    }
+
+    var ownerReferences: [[String: Any]] {
+        let metadata = cluster["metadata"] as? [String: Any] ?? [:]
+        guard let uid = metadata["uid"] as? String else { return [] }
+        return [["apiVersion": "\(Manifests.group)/\(Manifests.version)", "kind": "EtcdLiteCluster", "name": clusterName, "uid": uid,
+                 "controller": true, "blockOwnerDeletion": true]]
+    }
+
+    // MARK: Status and events
+
+    /// The status subresource, written with the resourceVersion last read; a conflict (the
+    /// object changed: a spec edit, another writer) reads it again and writes once more.
+    public func publish(_ status: ClusterStatus) async {
+        for _ in 0..<3 {
+            var object = cluster
+            object["status"] = statusObject(status)
+            do {
+                cluster = try await client.send(.PUT, clusterPath + "/status", body: object)
+                return
+            } catch let error as KubeAPIError where error.isConflict {
+                guard let fresh = try? await client.get(clusterPath) else { return }
+                cluster = fresh
+            } catch {
+                return
+            }
+        }
+    }
+
+    func statusObject(_ status: ClusterStatus) -> [String: Any] {
+        let time = ISO8601DateFormatter().string(from: status.updated ?? Date())
+        let previous = Dictionary(((cluster["status"] as? [String: Any])?["conditions"] as? [[String: Any]] ?? []).compactMap { c in
+            (c["type"] as? String).map { ($0, c) }
+        }, uniquingKeysWith: { a, _ in a })
+        var object: [String: Any] = [
+            "phase": status.phase,
+            "members": status.members.map { m -> [String: Any] in
+                var member: [String: Any] = ["id": m.id, "name": m.name, "pod": podName(m.name), "leader": m.leader, "learner": m.learner,
+                                             "healthy": m.healthy, "appliedIndex": Int(m.appliedIndex)]
+                if let node = records[m.name]?.node { member["node"] = node }
+                if m.name == bootMemberName { member["pod"] = "etcdlite-boot" }
+                return member
+            },
+            // A condition's transition time moves only when its status changes.
+            "conditions": status.conditions.map { c -> [String: Any] in
+                let old = previous[c.type]
+                let since = old?["status"] as? String == c.status ? old?["lastTransitionTime"] as? String ?? time : time
+                return ["type": c.type, "status": c.status, "reason": c.reason, "message": c.message, "lastTransitionTime": since]
+            },
+        ]
+        if let leader = status.leader { object["leader"] = leader }
+        if let action = status.action { object["plannedAction"] = action }
+        if let backup = status.lastBackup { object["lastBackup"] = backup }
+        if let generation = status.observedGeneration.flatMap(Int.init) { object["observedGeneration"] = generation }
+        return object
+    }
+
+    public func event(_ reason: String, _ message: String, warning: Bool) async {
+        let metadata = cluster["metadata"] as? [String: Any] ?? [:]
+        let now = ISO8601DateFormatter().string(from: Date())
+        let event: [String: Any] = [
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": ["name": "\(clusterName).\(String(UInt64(Date().timeIntervalSince1970 * 1e9), radix: 16))", "namespace": namespace],
+            "involvedObject": ["apiVersion": "\(Manifests.group)/\(Manifests.version)", "kind": "EtcdLiteCluster", "name": clusterName,
+                               "namespace": namespace, "uid": metadata["uid"] as? String ?? "",
+                               "resourceVersion": metadata["resourceVersion"] as? String ?? ""],
+            "reason": reason, "message": String(message.prefix(1024)), "type": warning ? "Warning" : "Normal",
+            "source": ["component": "etcdlite-operator"], "reportingComponent": "etcdlite-operator",
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        ]
+        _ = try? await client.send(.POST, "/api/v1/namespaces/\(namespace)/events", body: event)
+    }
+
+    // MARK: Watching
+
+    /// Watches the EtcdLiteCluster and the member pods and calls `changed` on every event; lists
+    /// again when the server says the version is gone (410), and watches again when a watch
+    /// ends. Returns when `shouldStop` says so.
+    public func watch(shouldStop: @escaping @Sendable () -> Bool, changed: @escaping @Sendable () -> Void) async {
+        let listPath = "/apis/\(Manifests.group)/\(Manifests.version)/namespaces/\(namespace)/etcdliteclusters?fieldSelector="
+            + Self.escape("metadata.name=\(clusterName)")
+        let podList = podsPath + "?labelSelector=" + Self.escape(memberSelector)
+        await withTaskGroup(of: Void.self) { group in
+            for path in [listPath, podList] {
+                group.addTask { [client] in
+                    var version: String?
+                    while !shouldStop() {
+                        do {
+                            if version == nil {
+                                let list = try await client.get(path)
+                                version = (list["metadata"] as? [String: Any])?["resourceVersion"] as? String
+                                changed()
+                            }
+                            let latest = LatestVersion(version)
+                            try await client.watch(path, resourceVersion: version, timeoutSeconds: 60) { event in
+                                if let v = (event.object["metadata"] as? [String: Any])?["resourceVersion"] as? String { latest.value = v }
+                                if event.type != "BOOKMARK" { changed() }
+                                return !shouldStop()
+                            }
+                            version = latest.value
+                        } catch let error as KubeAPIError where error.isGone {
+                            version = nil
+                        } catch {
+                            try? await Task.sleep(for: .seconds(1))
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // MARK: Helpers
+
+    static func labels(_ object: [String: Any]) -> [String: String] {
+        (object["metadata"] as? [String: Any])?["labels"] as? [String: String] ?? [:]
+    }
+
+    static func image(_ pod: [String: Any]) -> String? {
+        ((pod["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first { $0["name"] as? String == "etcdlite" }?["image"] as? String
+    }
+
+    static func escape(_ query: String) -> String {
+        query.addingPercentEncoding(withAllowedCharacters: .alphanumerics.union(CharacterSet(charactersIn: "-._~"))) ?? query
+    }
+}
+
+private final class LatestVersion: @unchecked Sendable {
+    var value: String?
+    init(_ value: String?) { self.value = value }
+}

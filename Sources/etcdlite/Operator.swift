@@ -1,0 +1,100 @@
+import ArgumentParser
+import EtcdLiteVerify
+import EtcdOperator
+import Foundation
+import Logging
+
+/// `etcdlite operator`: keeps a cluster's membership in step with its spec.
+struct Operator: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the operator: grow a cluster from a boot member, scale, replace, upgrade, back up and recover its members.")
+    @Option(help: "local (members as processes on this machine) or kubernetes.") var platform = "local"
+    @Option(help: "The local platform's configuration file (JSON; read again on every pass).") var config: String?
+    @Option(help: "Namespace of the EtcdLiteCluster (kubernetes).") var namespace = "kube-system"
+    @Option(help: "Name of the EtcdLiteCluster (kubernetes).") var cluster = "etcdlite"
+    @Option(help: "Stop after this many passes (0: run until SIGTERM).") var passes = 0
+    @Option(help: "Log level: debug, info, warn, error.") var logLevel = "info"
+
+    func run() async throws {
+        LoggingSystem.bootstrap { JSONLogHandler(logLevel: JSONLogHandler.level(logLevel) ?? .info, label: $0) }
+        if platform == "kubernetes" {
+            let kubernetes = KubernetesPlatform(client: try KubeClient.inCluster(), namespace: namespace, clusterName: cluster,
+                                                operatorNode: ProcessInfo.processInfo.environment["NODE_NAME"])
+            let reconciler = Reconciler(platform: kubernetes)
+            let stop = StopFlag()
+            let signals = ShutdownSignals { _ in stop.set() }
+            defer { signals.cancel() }
+            async let watching: Void = kubernetes.watch(shouldStop: { stop.isSet }, changed: { reconciler.nudge() })
+            await reconciler.run(passes: passes) { stop.isSet }
+            stop.set()
+            await watching
+            return
+        }
+        guard platform == "local" else { throw ValidationError("--platform must be local or kubernetes") }
+        guard let config else { throw ValidationError("--platform local needs --config FILE") }
+        let local = try LocalPlatform(configPath: config)
+        let reconciler = Reconciler(platform: local, resuming: local.savedStatus())
+        let stop = StopFlag()
+        let signals = ShutdownSignals { _ in stop.set() }
+        defer { signals.cancel() }
+        await reconciler.run(passes: passes) { stop.isSet }
+    }
+}
+
+/// `etcdlite recover`: bring a local cluster back by hand after every member stopped or lost its
+/// data (the operator does the same on its own).
+struct Recover: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Restart members on their own data from their recovery records, or re-seed from the newest snapshot, until a leader answers.")
+    @Option(help: "The local platform's configuration file.") var config: String
+    @Option(help: "Give up after this many seconds.") var timeout: Double = 120
+
+    func run() async throws {
+        LoggingSystem.bootstrap { JSONLogHandler(logLevel: .info, label: $0) }
+        let local = try LocalPlatform(configPath: config)
+        let reconciler = Reconciler(platform: local, resuming: local.savedStatus())
+        guard await reconciler.recover(timeout: timeout) else {
+            print("no leader after \(Int(timeout)) s; see \(local.statusPath) and the members' logs")
+            throw ExitCode(1)
+        }
+        print("the cluster has a leader")
+    }
+}
+
+final class StopFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.withLock { value = true } }
+    var isSet: Bool { lock.withLock { value } }
+}
+
+/// `etcdlite selfhost-demo`: the self-hosting scenario on the local platform, step by step.
+struct SelfHostDemo: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "selfhost-demo",
+        abstract: "Boot member → 3 self-hosted → 5 → 3 → rolling upgrade → kill -9 every member → back; a writer runs throughout.",
+        discussion: "Prints, for each step, the elections it caused and the longest time without an acknowledged write, then checks that every acknowledged write is there. Exit status 1 when a step is not reached or a write is missing.")
+    @Option(help: "The etcdlite binary members and the operator run (default: this one).") var binary: String?
+    @Option(help: "Directory for the members, the operator and their logs (default: a new one under the temporary directory).") var dir: String?
+    @Option(help: "First port: the boot member takes the two below it, member-N basePort+2N and +2N+1.") var basePort = 24402
+    @Flag(help: "Print the report as JSON.") var json = false
+
+    func run() async throws {
+        let directory = URL(fileURLWithPath: dir ?? NSTemporaryDirectory() + "etcdlite-selfhost-\(getpid())")
+        var scenario = SelfHostScenario(binary: try binary ?? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"),
+                                        directory: directory, basePort: basePort)
+        scenario.log = { line in
+            FileHandle.standardError.write(Data((line + "\n").utf8))
+        }
+        let report = try await scenario.run()
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        } else {
+            print(report.table)
+            print("members' data and logs: \(directory.path)")
+        }
+        if !report.passed { throw ExitCode(1) }
+    }
+}
