@@ -109,13 +109,16 @@ public final class Reconciler: @unchecked Sendable {
     }
 
     /// `etcdlite recover`: only the steps that bring a cluster without a quorum back (restarts on
-    /// members' own data, or a re-seed from a snapshot), until a leader answers. Returns whether
-    /// one did within `timeout` seconds.
+    /// members' own data, or a re-seed from a snapshot), until a leader answers and every member
+    /// with data runs. Returns whether that happened within `timeout` seconds.
     public func recover(timeout: Double) async -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             let observation = await observe()
-            if observation.members?.contains(where: \.isLeader) == true { return true }
+            // Done when a leader answers and every member that can run on its data does.
+            if observation.members?.contains(where: \.isLeader) == true && !observation.workloads.contains(where: { $0.state == .stopped }) {
+                return true
+            }
             let action = Planner.next(platform.desired, observation)
             switch action {
             case .restartInPlace, .restoreFromSnapshot:

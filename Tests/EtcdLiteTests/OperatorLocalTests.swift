@@ -137,6 +137,40 @@ import Testing
         dir.cleanup()
     }
 
+    /// With the operator gone too (a power-off), `etcdlite recover` brings the members back on
+    /// their own data from their records, by hand.
+    @Test func recoverByHandRestartsMembersFromTheirRecords() async throws {
+        let dir = TempDir()
+        let root = dir.url.appendingPathComponent("root")
+        let configPath = dir.url.appendingPathComponent("cluster.json").path
+        var config = LocalConfig(name: "homelab", dataRoot: root.path, basePort: Self.freePortBlock(8), size: 3, version: etcdliteBinary())
+        config.reconcileIntervalMilliseconds = 200
+        try config.save(configPath)
+        let operatorProcess = try ServerProcessHandle(etcdliteBinary(), ["operator", "--config", configPath], log: dir.url.appendingPathComponent("operator.log").path)
+        defer {
+            operatorProcess.kill()
+            for pid in Self.memberPids(root) { kill(pid, SIGKILL) }
+        }
+        let status = try await Self.waitSteady(root, count: 3, since: Date())
+        let endpoint = status.members.first { $0.leader }!.clientURL!
+        #expect(try etcdctlAt(["--endpoints=\(endpoint)", "put", "before", "power-off"]).status == 0)
+        operatorProcess.kill()
+        for pid in Self.memberPids(root) { kill(pid, SIGKILL) }
+        let down = try etcdctlAt(["--endpoints=\(endpoint)", "--command-timeout=1s", "get", "before"])
+        #expect(down.status != 0)
+        let recovered = try run(etcdliteBinary(), ["recover", "--config", configPath, "--timeout", "60"], timeout: 90)
+        #expect(recovered.status == 0 && recovered.stdout.contains("the cluster has a leader"), "\(recovered.stdout) \(recovered.stderr)")
+        let endpoints = status.members.compactMap(\.clientURL).joined(separator: ",")
+        let get = try etcdctlAt(["--endpoints=\(endpoints)", "get", "before", "--print-value-only"])
+        #expect(get.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "power-off", "\(get.stdout) \(get.stderr)")
+        // Every member runs again, on the data it had (the same IDs).
+        for member in status.members {
+            let answer = try etcdctlAt(["--endpoints=\(member.clientURL!)", "endpoint", "status"])
+            #expect(answer.status == 0 && answer.stdout.contains(member.id), "\(member.name): \(answer.stdout) \(answer.stderr)")
+        }
+        dir.cleanup()
+    }
+
     static func memberPids(_ root: URL) -> [pid_t] {
         let dir = root.appendingPathComponent("members").path
         return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasSuffix(".pid") }.compactMap {

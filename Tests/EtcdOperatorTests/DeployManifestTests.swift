@@ -1,0 +1,84 @@
+import Foundation
+import Testing
+
+/// deploy/statefulset.json: etcdlite as a plain StatefulSet (not self-hosted).
+@Suite struct DeployManifestTests {
+    static func items() throws -> [[String: Any]] {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let data = try Data(contentsOf: root.appendingPathComponent("deploy/statefulset.json"))
+        let list = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        return list["items"] as? [[String: Any]] ?? []
+    }
+
+    static func find(_ items: [[String: Any]], _ kind: String, _ name: String) -> [String: Any]? {
+        items.first { $0["kind"] as? String == kind && ($0["metadata"] as? [String: Any])?["name"] as? String == name }
+    }
+
+    @Test func theObjectsFitTogether() throws {
+        let items = try Self.items()
+        let set = try #require(Self.find(items, "StatefulSet", "etcdlite"))
+        let spec = set["spec"] as? [String: Any] ?? [:]
+        let replicas = spec["replicas"] as? Int ?? 0
+        let template = spec["template"] as? [String: Any] ?? [:]
+        let podLabels = (template["metadata"] as? [String: Any])?["labels"] as? [String: String] ?? [:]
+        let selector = (spec["selector"] as? [String: Any])?["matchLabels"] as? [String: String] ?? [:]
+        #expect(!selector.isEmpty && selector.allSatisfy { podLabels[$0.key] == $0.value }, "the selector matches the pods")
+        // Stable names through a headless Service that lists members before they are ready
+        // (peers must find each other to become ready at all).
+        let headless = try #require(Self.find(items, "Service", spec["serviceName"] as? String ?? ""))
+        let headlessSpec = headless["spec"] as? [String: Any] ?? [:]
+        #expect(headlessSpec["clusterIP"] as? String == "None" && headlessSpec["publishNotReadyAddresses"] as? Bool == true)
+        #expect(spec["podManagementPolicy"] as? String == "Parallel", "all members start together to form the first quorum")
+        // One claim per member, mounted where the data directory is.
+        let podSpec = template["spec"] as? [String: Any] ?? [:]
+        let container = try #require((podSpec["containers"] as? [[String: Any]])?.first)
+        let claims = (spec["volumeClaimTemplates"] as? [[String: Any]] ?? []).compactMap { ($0["metadata"] as? [String: Any])?["name"] as? String }
+        let mounts = container["volumeMounts"] as? [[String: Any]] ?? []
+        #expect(mounts.allSatisfy { claims.contains($0["name"] as? String ?? "") } && !mounts.isEmpty)
+        #expect(((container["readinessProbe"] as? [String: Any])?["httpGet"] as? [String: Any])?["path"] as? String == "/readyz")
+        let env = Dictionary(uniqueKeysWithValues: (container["env"] as? [[String: Any]] ?? []).compactMap { e in
+            (e["name"] as? String).map { ($0, e["value"] as? String ?? "") }
+        })
+        #expect(env["REPLICAS"] == String(replicas) && env["SET"] == "etcdlite" && env["SERVICE"] == spec["serviceName"] as? String)
+        // The budget keeps a quorum.
+        let pdb = try #require(Self.find(items, "PodDisruptionBudget", "etcdlite"))
+        #expect((pdb["spec"] as? [String: Any])?["minAvailable"] as? Int == replicas / 2 + 1)
+        for item in items {
+            let name = (item["metadata"] as? [String: Any])?["name"] as? String ?? ""
+            #expect(ManifestTests.isDNSSubdomain(name) && (item["apiVersion"] as? String)?.isEmpty == false)
+        }
+    }
+
+    /// The container's script, run here by /bin/sh with a stand-in `etcdlite` that prints its
+    /// arguments: member 1 of 3 gets its own name and every member's peer URL by stable DNS name.
+    @Test func theScriptDerivesTheInitialClusterFromTheOrdinals() throws {
+        let items = try Self.items()
+        let container = try #require(((((Self.find(items, "StatefulSet", "etcdlite")?["spec"] as? [String: Any])?["template"] as? [String: Any])?["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first)
+        let command = container["command"] as? [String] ?? []
+        #expect(command.prefix(2) == ["/bin/sh", "-c"])
+        let bin = FileManager.default.temporaryDirectory.appendingPathComponent("etcdlite-deploy-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: bin, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: bin) }
+        let fake = bin.appendingPathComponent("etcdlite")
+        try "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n".write(to: fake, atomically: true, encoding: .utf8)
+        chmod(fake.path, 0o755)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", command[2]]
+        process.environment = ["PATH": bin.path + ":/usr/bin:/bin", "HOSTNAME": "etcdlite-1", "SET": "etcdlite", "SERVICE": "etcdlite-peers",
+                               "REPLICAS": "3", "NAMESPACE": "db"]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        let args = output.split(separator: "\n").map(String.init)
+        func value(_ flag: String) -> String? { args.firstIndex(of: flag).map { args[$0 + 1] } }
+        #expect(value("--name") == "etcdlite-1")
+        #expect(value("--initial-cluster") == "etcdlite-0=http://etcdlite-0.etcdlite-peers.db.svc:2380,etcdlite-1=http://etcdlite-1.etcdlite-peers.db.svc:2380,etcdlite-2=http://etcdlite-2.etcdlite-peers.db.svc:2380")
+        #expect(value("--initial-advertise-peer-urls") == "http://etcdlite-1.etcdlite-peers.db.svc:2380")
+        #expect(value("--advertise-client-urls") == "http://etcdlite-1.etcdlite-peers.db.svc:2379")
+        #expect(value("--initial-cluster-state") == "new")
+    }
+}
