@@ -161,10 +161,15 @@ public struct SelfHostScenario: Sendable {
         return false
     }
 
+    /// The members' processes (a pid file's pid only while that process runs on our data root:
+    /// never a reused pid).
     static func memberPids(_ config: LocalConfig) -> [pid_t] {
         let dir = config.dataRoot + "/members"
         return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasSuffix(".pid") }.compactMap {
             (try? String(contentsOfFile: dir + "/" + $0, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }.filter { pid in
+            let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline").map { String(decoding: $0, as: UTF8.self) } ?? ""
+            return cmdline.contains(config.dataRoot + "/data/")
         }
     }
 

@@ -64,7 +64,14 @@ public struct EtcdAdmin: Sendable {
         let partial = path + ".part"
         FileManager.default.createFile(atPath: partial, contents: nil)
         guard let handle = FileHandle(forWritingAtPath: partial) else { throw ClientStatus(code: 13, message: "cannot write \(partial)") }
-        let connection = try await Self.connect(endpoint, timeout: self.timeout)
+        let connection: GRPCClientConnection
+        do {
+            connection = try await Self.connect(endpoint, timeout: self.timeout)
+        } catch {
+            try? handle.close()
+            try? FileManager.default.removeItem(atPath: partial)
+            throw error
+        }
         defer { Task { await connection.close() } }
         let observer = ChunkWriter(handle: handle)
         let status: ClientStatus = await withCheckedContinuation { continuation in

@@ -103,6 +103,9 @@ public struct MemberRecord: Codable, Sendable, Equatable {
     public var started: Bool
     /// The node it runs on (Kubernetes).
     public var node: String?
+    /// Its data directory's name, of this identity alone (a member added again gets a new one,
+    /// so it never starts on another identity's data).
+    public var dataName: String?
     /// A snapshot its data directory is restored from before it first starts (a re-seed).
     public var restoreFrom: String?
 }
@@ -114,6 +117,7 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
     public let configPath: String
     public private(set) var config: LocalConfig
     private var children: Set<pid_t> = []
+    private var operatorLock: Int32 = -1
 
     public init(configPath: String) throws {
         self.configPath = configPath
@@ -176,7 +180,9 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
     public var backupDir: String { config.backup?.dir ?? config.dataRoot + "/backups" }
     public var statusPath: String { config.dataRoot + "/status.json" }
 
-    public func dataDir(_ name: String) -> String { dataDir + "/" + name }
+    /// A member's data directory (records from before `dataName` use the member's name).
+    public func dataDir(_ name: String) -> String { dataDir(record(name)) ?? dataDir + "/" + name }
+    func dataDir(_ record: MemberRecord?) -> String? { record.map { dataDir + "/" + ($0.dataName ?? $0.name) } }
     func recordPath(_ name: String) -> String { recordsDir + "/" + name + ".json" }
     func pidPath(_ name: String) -> String { recordsDir + "/" + name + ".pid" }
 
@@ -220,7 +226,8 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
         guard let n = Int(name.split(separator: "-").last ?? "") else { throw OperatorError("member names are member-N, not \(name)") }
         let record = MemberRecord(name: name, id: nil, clientURL: "http://\(config.host ?? "127.0.0.1"):\(config.basePort + 2 * n)",
                                   peerURL: "http://\(config.host ?? "127.0.0.1"):\(config.basePort + 2 * n + 1)", binary: config.version,
-                                  initialCluster: "", initialClusterState: "existing", clusterToken: config.name, started: false)
+                                  initialCluster: "", initialClusterState: "existing", clusterToken: config.name, started: false,
+                                  dataName: "\(name)-\(String(UInt32.random(in: 0...UInt32.max), radix: 16))")
         try save(record)
         return record
     }
@@ -238,11 +245,14 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
         reapChildren()
         return records().filter(\.started).map { record in
             let state: ObservedWorkload.State
+            let member = dataDir(record.name) + "/member"
             if pid(of: record.name) != nil {
                 state = .running
-            } else if FileManager.default.fileExists(atPath: dataDir(record.name) + "/member") {
+            } else if FileManager.default.fileExists(atPath: member + "/store.db") && FileManager.default.fileExists(atPath: member + "/raft") {
                 state = .stopped
             } else {
+                // Gone, or a start that was refused before it had a log ("has already been
+                // bootstrapped": its data was lost after it had started once).
                 state = .dataLost
             }
             return ObservedWorkload(name: record.name, state: state, version: record.binary)
@@ -286,14 +296,16 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
             arguments += ["--initial-cluster", record.initialCluster, "--initial-cluster-state", record.initialClusterState]
         }
         arguments += config.memberFlags ?? []
-        try FileManager.default.createDirectory(atPath: dataDir(name), withIntermediateDirectories: true)
-        let pid = try Self.spawn(record.binary, arguments, log: logsDir + "/" + name + ".log")
-        children.insert(pid)
-        try String(pid).write(toFile: pidPath(name), atomically: true, encoding: .utf8)
+        // Started from now on: should it not come up, its missing data makes it `dataLost`
+        // (a learner that is removed and added again), never a record nobody starts.
         if !record.started {
             record.started = true
             try save(record)
         }
+        try FileManager.default.createDirectory(atPath: dataDir(name), withIntermediateDirectories: true)
+        let pid = try Self.spawn(record.binary, arguments, log: logsDir + "/" + name + ".log")
+        children.insert(pid)
+        try String(pid).write(toFile: pidPath(name), atomically: true, encoding: .utf8)
     }
 
     /// SIGTERM (the member finishes what is in flight), SIGKILL after `grace` seconds.
@@ -303,12 +315,7 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
         let deadline = Date().addingTimeInterval(grace)
         while Self.isAlive(pid, dataDir: dataDir(name)) {
             reapChildren()
-            if Date() > deadline {
-                kill(pid, SIGKILL)
-                usleep(100_000)
-                reapChildren()
-                break
-            }
+            if Date() > deadline { kill(pid, SIGKILL) }
             usleep(20_000)
         }
         try? FileManager.default.removeItem(atPath: pidPath(name))
@@ -317,7 +324,8 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
     /// Stops a member that is no longer one and deletes its data and record.
     public func delete(_ name: String) throws {
         stop(name)
-        try? FileManager.default.removeItem(atPath: dataDir(name))
+        let dir = dataDir(name)
+        if FileManager.default.fileExists(atPath: dir) { try FileManager.default.removeItem(atPath: dir) }
         try? FileManager.default.removeItem(atPath: recordPath(name))
     }
 
@@ -333,12 +341,13 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
     /// Re-seeds the cluster from a snapshot: every member's data moves aside (never deleted) to
     /// `<dataRoot>/lost/`, and member-0 starts a new cluster on the snapshot's image.
     public func reseed(from snapshot: String) throws {
-        let lost = config.dataRoot + "/lost/" + String(Int(Date().timeIntervalSince1970))
+        let lost = config.dataRoot + "/lost/\(Int(Date().timeIntervalSince1970))-\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
         try FileManager.default.createDirectory(atPath: lost, withIntermediateDirectories: true)
         for record in records() {
             stop(record.name)
-            if FileManager.default.fileExists(atPath: dataDir(record.name)) {
-                try FileManager.default.moveItem(atPath: dataDir(record.name), toPath: lost + "/" + record.name)
+            let dir = dataDir(record.name)
+            if FileManager.default.fileExists(atPath: dir) {
+                try FileManager.default.moveItem(atPath: dir, toPath: lost + "/" + (dir as NSString).lastPathComponent)
             }
             try FileManager.default.moveItem(atPath: recordPath(record.name), toPath: lost + "/" + record.name + ".json")
         }
@@ -363,6 +372,18 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
         try save(record)
         try start(record.name)
         return record.name
+    }
+
+    /// One operator (or `etcdlite recover`) per data root: an exclusive flock held while the
+    /// process lives.
+    public func lockOperator() throws {
+        let path = config.dataRoot + "/operator.lock"
+        try FileManager.default.createDirectory(atPath: config.dataRoot, withIntermediateDirectories: true)
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0, flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            throw OperatorError("another operator (or etcdlite recover) runs on \(config.dataRoot)")
+        }
+        operatorLock = fd
     }
 
     /// Checks a snapshot with the binary's own reader (`etcdlite snapshot status`).

@@ -8,6 +8,9 @@ public struct DesiredCluster: Sendable, Equatable {
     public var minimumSizeForUpgrade = 3
     /// Which spec this is (the status's observedGeneration).
     public var generation: String?
+    /// During an upgrade, every voter must be within this many entries of the leader before the
+    /// next member restarts.
+    public var upgradeLagEntries: UInt64 = 1000
 
     public init(size: Int, version: String) {
         self.size = size
@@ -73,12 +76,17 @@ public struct Observation: Sendable, Equatable {
     public var stalledLearners: Set<UInt64>
     /// False when the platform could not be asked (its API down): workloads are then unknown.
     public var platformAnswered: Bool
+    /// The voting members when a quorum was last seen (by name; nil: never seen). Without a
+    /// quorum, whether one can come back is judged against these.
+    public var lastVoters: [String]?
 
-    public init(members: [ObservedMember]?, workloads: [ObservedWorkload], stalledLearners: Set<UInt64> = [], platformAnswered: Bool = true) {
+    public init(members: [ObservedMember]?, workloads: [ObservedWorkload], stalledLearners: Set<UInt64> = [], platformAnswered: Bool = true,
+                lastVoters: [String]? = nil) {
         self.members = members
         self.workloads = workloads
         self.stalledLearners = stalledLearners
         self.platformAnswered = platformAnswered
+        self.lastVoters = lastVoters
     }
 }
 
@@ -120,10 +128,16 @@ public enum Planner {
         guard let members = observed.members else {
             // No quorum answers: bring back whatever can come back on its own data.
             if let stopped = observed.workloads.first(where: { $0.state == .stopped }) { return .restartInPlace(name: stopped.name) }
-            // Once all that can run does, a majority of the members' data makes a quorum again;
-            // less than that never will: re-seed (a survivor's store or the newest backup).
-            let withData = observed.workloads.filter { $0.state != .dataLost }.count
-            if withData * 2 > observed.workloads.count { return .wait("members are starting") }
+            // Once all that can run does, a majority of the last voters' data makes a quorum
+            // again; less than that never will: re-seed (a survivor's store or the newest backup).
+            // A voter without a workload here (the boot member) is counted as having its data.
+            let voters = observed.lastVoters ?? observed.workloads.map(\.name)
+            if voters.isEmpty {
+                // Never a quorum and nothing started: a new cluster (the platform decides).
+                return observed.workloads.isEmpty ? .restoreFromSnapshot : .wait("members are starting")
+            }
+            let withData = voters.filter { workloads[$0].map { $0.state != .dataLost } ?? true }.count
+            if withData * 2 > voters.count { return .wait("members are starting") }
             return .restoreFromSnapshot
         }
         let voters = members.filter { !$0.isLearner }
@@ -187,6 +201,10 @@ public enum Planner {
         if !behind.isEmpty {
             guard voters.count >= desired.minimumSizeForUpgrade else {
                 return .wait("an upgrade needs \(desired.minimumSizeForUpgrade) members, there are \(voters.count)")
+            }
+            // The last one restarted must have caught up before the next goes down.
+            if let lagging = voters.first(where: { $0.appliedIndex + desired.upgradeLagEntries < leader.appliedIndex }) {
+                return .wait("\(lagging.name) is catching up")
             }
             if let follower = behind.first(where: { !$0.isLeader }) { return .upgrade(name: follower.name, to: desired.version) }
             if let other = voters.first(where: { !$0.isLeader }) { return .moveLeader(to: other.id) }

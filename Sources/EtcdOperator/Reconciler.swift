@@ -41,6 +41,8 @@ public struct ClusterStatus: Codable, Sendable, Equatable {
     /// Operator metrics: passes made, actions by kind.
     public var reconciles = 0
     public var actions: [String: Int] = [:]
+    /// The voting members when a quorum was last seen (the planner's yardstick without one).
+    public var voters: [String]?
 }
 
 /// Observe, plan, act: one pass at a time, one action per pass.
@@ -121,7 +123,7 @@ public final class Reconciler: @unchecked Sendable {
             }
             let action = Planner.next(platform.desired, observation)
             switch action {
-            case .restartInPlace, .restoreFromSnapshot:
+            case .restartInPlace, .restoreFromSnapshot, .deleteWorkload:
                 record(observation, action)
                 await publish()
                 logger.info("recovering", metadata: ["action": "\(action)"])
@@ -167,9 +169,14 @@ public final class Reconciler: @unchecked Sendable {
         } catch {
             // Without the platform's view nothing is safe to change: wait.
             logger.warning("workloads not observed", metadata: ["error": "\(error)"])
-            return Observation(members: members, workloads: [], stalledLearners: stalled, platformAnswered: false)
+            return Observation(members: members, workloads: [], stalledLearners: stalled, platformAnswered: false, lastVoters: status.voters)
         }
-        return Observation(members: members, workloads: workloads, stalledLearners: stalled)
+        var observation = Observation(members: members, workloads: workloads, stalledLearners: stalled)
+        if let members, members.contains(where: \.isLeader) {
+            status.voters = members.filter { !$0.isLearner && !$0.name.isEmpty }.map(\.name).sorted()
+        }
+        observation.lastVoters = status.voters
+        return observation
     }
 
     func perform(_ action: PlannedAction, _ observation: Observation) async throws {
@@ -224,13 +231,21 @@ public final class Reconciler: @unchecked Sendable {
     /// No quorum of data survives: a survivor's store if one runs (newer than any backup), else
     /// the newest backup that verifies.
     func reseed(_ observation: Observation) async throws {
+        // The survivor that applied the most (a lagging or cut-off member, or a learner, would
+        // lose acknowledged writes), saved as a backup so that a crash from here on still has it.
+        var best: (url: String, applied: UInt64)?
+        for url in platform.endpoints {
+            guard let s = try? await admin.status(url), !s.isLearner else { continue }
+            if best == nil || s.raftAppliedIndex > best!.applied { best = (url, s.raftAppliedIndex) }
+        }
         var source: String?
-        for (n, url) in await platform.runningClientURLs().enumerated() {
-            let path = platform.backupDir + "/reseed-\(n).db"
+        if let best {
             try? FileManager.default.createDirectory(atPath: platform.backupDir, withIntermediateDirectories: true)
-            if (try? await admin.snapshot(url, to: path)) != nil, await platform.verifySnapshot(path) == nil {
+            let path = "\(platform.backupDir)/snapshot-\(Self.stamp())-survivor.db"
+            if (try? await admin.snapshot(best.url, to: path)) != nil, await platform.verifySnapshot(path) == nil {
                 source = path
-                break
+            } else {
+                try? FileManager.default.removeItem(atPath: path)
             }
         }
         if source == nil {
@@ -290,8 +305,7 @@ public final class Reconciler: @unchecked Sendable {
     func takeBackup(from endpoint: String, retain: Int) async {
         let dir = platform.backupDir
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let stamp = ISO8601DateFormatter().string(from: Date()).replacingOccurrences(of: ":", with: "")
-        let path = "\(dir)/snapshot-\(stamp).db"
+        let path = "\(dir)/snapshot-\(Self.stamp()).db"
         do {
             try await admin.snapshot(endpoint, to: path)
             if let problem = await platform.verifySnapshot(path) {
@@ -369,6 +383,13 @@ public final class Reconciler: @unchecked Sendable {
     func publish() async {
         status.updated = Date()
         await platform.publish(status)
+    }
+
+    /// A backup's time in its name (names sort by time).
+    static func stamp() -> String {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withFullDate, .withFullTime, .withFractionalSeconds]
+        return formatter.string(from: Date()).replacingOccurrences(of: ":", with: "")
     }
 
     static func reason(_ action: PlannedAction) -> String {

@@ -33,6 +33,7 @@ struct Operator: AsyncParsableCommand {
         guard platform == "local" else { throw ValidationError("--platform must be local or kubernetes") }
         guard let config else { throw ValidationError("--platform local needs --config FILE") }
         let local = try LocalPlatform(configPath: config)
+        try local.lockOperator()
         let reconciler = Reconciler(platform: local, resuming: local.savedStatus())
         let stop = StopFlag()
         let signals = ShutdownSignals { _ in stop.set() }
@@ -52,6 +53,7 @@ struct Recover: AsyncParsableCommand {
     func run() async throws {
         LoggingSystem.bootstrap { JSONLogHandler(logLevel: .info, label: $0) }
         let local = try LocalPlatform(configPath: config)
+        try local.lockOperator()
         let reconciler = Reconciler(platform: local, resuming: local.savedStatus())
         guard await reconciler.recover(timeout: timeout) else {
             print("no leader after \(Int(timeout)) s; see \(local.statusPath) and the members' logs")

@@ -104,6 +104,31 @@ import Testing
 
     /// Three members: a follower is removed (it stops, and never comes back with its old
     /// identity), then the leader (it hands over and stops); the last member carries on alone.
+    /// A member that has started once and then lost its data is refused under its old ID (etcd:
+    /// "member ... has already been bootstrapped"): it would vote without the entries it had
+    /// acknowledged. And a second process on a live member's data directory is refused.
+    @Test func aMemberWhoseDataIsLostIsRefusedUnderItsOldID() throws {
+        let (first, id, _, peerPort, peerURL) = try Self.memberWithLearner(keys: 5)
+        defer { first.process.stop() }
+        guard let id else { return }
+        let second = try Self.start("b", initialCluster: "\(first.initial),b=\(peerURL)", existing: true, peerPort: peerPort)
+        defer { second.process.stop() }
+        // A learner answers no linearizable health check: its name in the list says it started.
+        #expect(Self.eventually { try Self.memberList(first.process).contains { $0.hasPrefix("\(id), started, b,") } })
+        second.process.stop()
+        try FileManager.default.removeItem(at: second.process.dataDir.url.appendingPathComponent("data"))
+        try second.process.restart()
+        #expect(Self.waitForExit(second.process), "it must not come back under \(id)")
+        let log = (try? String(contentsOfFile: second.process.logPath, encoding: .utf8)) ?? ""
+        #expect(log.contains("member \(id) has already been bootstrapped"), "\(log.suffix(600))")
+
+        let intruder = try run(etcdliteBinary(), ["--name", "a", "--data-dir", first.process.dataDir.url.appendingPathComponent("data").path,
+                                                  "--listen-client-urls", "http://127.0.0.1:\(freePort())", "--listen-peer-urls", "http://127.0.0.1:\(freePort())"],
+                               timeout: 20)
+        #expect(intruder.status != 0 && (intruder.stdout + intruder.stderr).contains("is in use by another process"), "\(intruder.stdout) \(intruder.stderr)")
+        #expect(try first.process.etcdctl(["get", "k0", "--print-value-only"]).stdout.contains("v0"))
+    }
+
     @Test func removedMembersStopAndNeverRejoin() throws {
         let ports = (0..<3).map { _ in freePort() }
         let initial = ports.enumerated().map { "m\($0.offset)=http://127.0.0.1:\($0.element)" }.joined(separator: ",")

@@ -100,7 +100,8 @@ import Testing
         // One member loses its data: removed, then a new member (new ID) takes its place.
         let victim = status.members.first { !$0.leader }!
         kill(try Self.pid(root, victim.name), SIGKILL)
-        try FileManager.default.removeItem(at: root.appendingPathComponent("data/\(victim.name)"))
+        let record = try JSONDecoder().decode(MemberRecord.self, from: Data(contentsOf: root.appendingPathComponent("members/\(victim.name).json")))
+        try FileManager.default.removeItem(at: root.appendingPathComponent("data/\(record.dataName ?? victim.name)"))
         var changed = Date()
         status = try await Self.waitSteady(root, count: 3, since: changed) { !$0.members.map(\.id).contains(victim.id) }
         #expect(status.actions["removeMember", default: 0] >= 1 && status.actions["deleteWorkload", default: 0] >= 1)

@@ -84,7 +84,16 @@ import Testing
         let command = container["command"] as? [String] ?? []
         #expect(container["image"] as? String == "etcdlite:1")
         #expect(command.contains("--initial-cluster-state") && command.contains("existing") && command.contains("member-1=http://10.0.0.2:2380"))
-        #expect(command.contains("/var/lib/etcdlite/member-1-b2"), "a data directory of this identity: \(command)")
+        let dataDir = command.firstIndex(of: "--data-dir").map { command[$0 + 1] } ?? ""
+        #expect(dataDir.hasPrefix("/var/lib/etcdlite/member-1-"), "a data directory of this identity: \(command)")
+        // Added again (after its data was lost), the same name gets another directory.
+        try await platform.delete("member-1")
+        _ = try await platform.prepare("member-1")
+        try await platform.joined("member-1", id: 0xd4, initialCluster: "member-1=http://10.0.0.2:2380")
+        try await platform.start("member-1")
+        let again = ((server.object(Self.podsPath + "/etcdlite-member-1")?["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first?["command"] as? [String] ?? []
+        let newDir = again.firstIndex(of: "--data-dir").map { again[$0 + 1] } ?? ""
+        #expect(newDir.hasPrefix("/var/lib/etcdlite/member-1-") && newDir != dataDir)
         let mounts = (container["volumeMounts"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
         let volumes = (spec["volumes"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
         #expect(!mounts.isEmpty && mounts.allSatisfy(volumes.contains))
@@ -122,6 +131,16 @@ import Testing
         try await platform.refresh()
         var states = Dictionary(uniqueKeysWithValues: try await platform.workloads().map { ($0.name, $0.state) })
         #expect(states == ["member-0": .running, "member-1": .stopped, "member-2": .dataLost])
+        // A member whose data was wiped under it: etcdlite refuses the old ID, the container's
+        // termination message says so, and the member counts as lost.
+        server.modify(Self.podsPath + "/etcdlite-member-0") { pod in
+            pod["status"] = ["phase": "Running", "containerStatuses": [[
+                "name": "etcdlite", "ready": false, "image": "etcdlite:1",
+                "lastState": ["terminated": ["exitCode": 1, "message": "{\"msg\":\"failed to start\",\"error\":\"member a1 has already been bootstrapped\"}"]],
+            ]]]
+        }
+        try await platform.refresh()
+        #expect(try await platform.workloads().first { $0.name == "member-0" }?.state == .dataLost)
         // A deleted pod is a stopped member; starting it makes a new pod on the same node.
         server.remove(Self.podsPath + "/etcdlite-member-0")
         try await platform.refresh()
@@ -256,7 +275,8 @@ import Testing
         try await platform.refresh()
         _ = try await platform.prepare("member-0")
         try await platform.joined("member-0", id: 1, initialCluster: "member-0=http://10.0.0.1:2380")
-        // Forbidden (RBAC): the error names it, nothing is recorded as started.
+        // Forbidden (RBAC): the error names it; the member counts as started with no pod (a
+        // stopped member, which the next pass starts again).
         server.inject("POST", Self.podsPath, code: 403, reason: "Forbidden")
         do {
             try await platform.start("member-0")
@@ -265,7 +285,7 @@ import Testing
             #expect(error.code == 403 && error.reason == "Forbidden" && error.message == "injected Forbidden")
         }
         try await platform.refresh()
-        #expect(try await platform.workloads().isEmpty)
+        #expect(try await platform.workloads().map(\.state) == [.stopped])
         // A pod made by a pass that crashed before it saw the answer: AlreadyExists is success
         // (and the stale record write is a conflict, read again and retried).
         let late = Self.platform(server)

@@ -5,6 +5,7 @@ import Testing
 /// at a time, leader last, new identities for lost data), and whole sequences played on a model.
 struct PlannerTests {
     static let v1 = "v1"
+    static let v2 = "v2"
 
     static func member(_ id: UInt64, learner: Bool = false, healthy: Bool = true, leader: Bool = false, applied: UInt64 = 100,
                        boot: Bool = false) -> ObservedMember {
@@ -96,6 +97,40 @@ struct PlannerTests {
         // ... but a survivor's stopped peer comes back first.
         oneUp[1].state = .stopped
         #expect(Planner.next(desired, Observation(members: nil, workloads: oneUp)) == .restartInPlace(name: "member-1"))
+    }
+
+    /// Without a quorum, the yardstick is the voters last seen: during a pivot the boot member
+    /// (no workload of ours) counts as a voter with its data, so one lost member of three is
+    /// waited out, not re-seeded; a learner lost on top changes nothing.
+    @Test func withoutQuorumTheLastVotersDecideBetweenWaitingAndReseeding() {
+        let desired = DesiredCluster(size: 3, version: Self.v1)
+        var workloads = Self.running([0, 1])
+        workloads[0].state = .dataLost
+        let voters = ["boot", "member-0", "member-1"]
+        #expect(Planner.next(desired, Observation(members: nil, workloads: workloads, lastVoters: voters)) == .wait("members are starting"))
+        // Without that memory, one of the two workloads with data would look like no majority.
+        #expect(Planner.next(desired, Observation(members: nil, workloads: workloads)) == .restoreFromSnapshot)
+        // Two of three voters lost: re-seed.
+        workloads[1].state = .dataLost
+        #expect(Planner.next(desired, Observation(members: nil, workloads: workloads, lastVoters: voters)) == .restoreFromSnapshot)
+        // Never a quorum, something started: wait for it rather than start another cluster.
+        #expect(Planner.next(desired, Observation(members: nil, workloads: Self.running([0]), lastVoters: [])) == .wait("members are starting"))
+        // The platform's view missing: nothing is done at all.
+        #expect(Planner.next(desired, Observation(members: nil, workloads: [], platformAnswered: false)) == .wait("the platform did not answer"))
+    }
+
+    /// A rolling upgrade waits for the member restarted last to catch up with the leader.
+    @Test func anUpgradeWaitsForTheRestartedMemberToCatchUp() {
+        let desired = DesiredCluster(size: 3, version: Self.v2)
+        var workloads = Self.running([0, 1, 2])
+        workloads[1].version = Self.v2
+        var members = [Self.member(0, leader: true), Self.member(1), Self.member(2)]
+        members[0].appliedIndex = 50_000
+        members[1].appliedIndex = 10
+        members[2].appliedIndex = 50_000
+        #expect(Planner.next(desired, Observation(members: members, workloads: workloads)) == .wait("member-1 is catching up"))
+        members[1].appliedIndex = 49_990
+        #expect(Planner.next(desired, Observation(members: members, workloads: workloads)) == .upgrade(name: "member-2", to: Self.v2))
     }
 
     @Test func anUnhealthyVoterBlocksMembershipChanges() {

@@ -38,6 +38,8 @@ public final class EtcdLiteServer: Sendable {
     let tokens: SimpleTokens
     /// The JWT signer and checker when `--auth-token jwt,...`.
     let jwt: JWTTokens?
+    /// Held from start to close.
+    private let directoryLock: DirectoryLock
 
     /// Opens (or creates) the member's data directory, replays the log into the store and starts
     /// the apply loop.
@@ -64,6 +66,8 @@ public final class EtcdLiteServer: Sendable {
         let dataDir = URL(fileURLWithPath: config.effectiveDataDir)
         let memberDir = dataDir.appendingPathComponent("member")
         try FileManager.default.createDirectory(at: memberDir, withIntermediateDirectories: true)
+        // One process per data directory (etcd locks its WAL the same way).
+        directoryLock = try DirectoryLock(memberDir.appendingPathComponent("lock").path)
         backend = try Backend(path: memberDir.appendingPathComponent("store.db").path)
 
         // Identity: derived from the flags on first start of a new cluster, or asked of a member
@@ -95,6 +99,12 @@ public final class EtcdLiteServer: Sendable {
             }
             if let known = meta.memberID, known != me.id || meta.clusterID != cluster.clusterID {
                 throw ConfigError("cluster ID mismatch")
+            }
+            // etcd's rule: a member that has started before (it published its name) and has no
+            // data now lost it; under its old ID it would vote without the entries it acknowledged.
+            // It must be removed and added again.
+            if meta.memberID == nil && !me.name.isEmpty {
+                throw ConfigError("member \(String(me.id, radix: 16)) has already been bootstrapped")
             }
             meta.memberID = me.id
             meta.clusterID = cluster.clusterID
@@ -192,6 +202,7 @@ public final class EtcdLiteServer: Sendable {
         loop.stop()
         loop.transport.close()
         backend.closeReaders()
+        directoryLock.release()
     }
 
     var status: StoreStatus { published.value.withLock { $0 } }
@@ -467,4 +478,29 @@ final class PublishedStatus: Sendable {
 /// Lets the peer transport reach the apply loop, which is made after it.
 final class LoopInbox: @unchecked Sendable {
     var loop: ApplyLoop?
+}
+
+/// An exclusive `flock` on a file in the data directory: a second process on the same data is
+/// refused at start instead of writing the same log and database.
+final class DirectoryLock: Sendable {
+    private let fd: Mutex<Int32>
+
+    init(_ path: String) throws {
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw ConfigError("cannot open \(path): \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            throw ConfigError("data directory \((path as NSString).deletingLastPathComponent) is in use by another process")
+        }
+        self.fd = Mutex(fd)
+    }
+
+    func release() {
+        fd.withLock { fd in
+            if fd >= 0 { close(fd) }
+            fd = -1
+        }
+    }
+
+    deinit { release() }
 }

@@ -46,22 +46,22 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
 
     // MARK: Spec
 
+    /// Reads the cluster, the records, the member pods and the nodes; the view counts only when
+    /// every read succeeded (a pass never plans on half of an old view and half of a new one).
     public func refresh() async throws {
-        cluster = try await client.get(clusterPath)
+        nodesOK = false
+        let freshCluster = try await client.get(clusterPath)
         try await loadRecords()
         let podList = try await client.get(podsPath + "?labelSelector=" + Self.escape(memberSelector))
+        let freshNodes = try await client.get("/api/v1/nodes")["items"] as? [[String: Any]] ?? []
+        cluster = freshCluster
         pods = [:]
         for pod in podList["items"] as? [[String: Any]] ?? [] {
             guard let member = Self.labels(pod)["etcdlite.dev/member"] else { continue }
             pods[member] = pod
         }
-        do {
-            nodes = try await client.get("/api/v1/nodes")["items"] as? [[String: Any]] ?? []
-            nodesOK = true
-        } catch {
-            nodesOK = false
-            throw error
-        }
+        nodes = freshNodes
+        nodesOK = true
     }
 
     var spec: [String: Any] { cluster["spec"] as? [String: Any] ?? [:] }
@@ -158,13 +158,19 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         let nodeNames = Set(nodes.compactMap { ($0["metadata"] as? [String: Any])?["name"] as? String })
         return records.values.filter(\.started).sorted { $0.name < $1.name }.map { record in
             let pod = pods[record.name]
-            let version = pod.flatMap(Self.image) ?? record.binary
+            // The image the container runs (after a patch, the old one until the kubelet restarted it).
+            let version = pod.flatMap(Self.runningImage) ?? record.binary
             if let node = record.node, !nodeNames.contains(node) {
                 // Its node is gone, and the host path with it.
                 return ObservedWorkload(name: record.name, state: .dataLost, version: version)
             }
             guard let pod, (pod["metadata"] as? [String: Any])?["deletionTimestamp"] == nil else {
                 return ObservedWorkload(name: record.name, state: .stopped, version: version)
+            }
+            if Self.refusedForLostData(pod) {
+                // It started once, its data is gone, and etcdlite refuses to come back under the
+                // old ID ("has already been bootstrapped"): remove it and add it anew.
+                return ObservedWorkload(name: record.name, state: .dataLost, version: version)
             }
             let phase = (pod["status"] as? [String: Any])?["phase"] as? String ?? "Pending"
             return ObservedWorkload(name: record.name, state: phase == "Failed" || phase == "Succeeded" ? .stopped : .running, version: version)
@@ -195,20 +201,14 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
     }
 
     public func prepare(_ name: String) async throws -> String {
-        let taken = Set(records.values.filter { $0.name != name }.compactMap(\.node) + (bootNode.map { [$0] } ?? []))
+        // The boot member's node may take a member too: the boot member uses other ports.
+        let taken = Set(records.values.filter { $0.name != name }.compactMap(\.node))
         guard let node = chooseNode(excluding: taken) else { throw OperatorError("no Ready node without a member matches the nodeSelector") }
         let record = MemberRecord(name: name, id: nil, clientURL: "http://\(node.ip):\(clientPort)", peerURL: "http://\(node.ip):\(peerPort)", binary: image,
-                                  initialCluster: "", initialClusterState: "existing", clusterToken: clusterName, started: false, node: node.name)
+                                  initialCluster: "", initialClusterState: "existing", clusterToken: clusterName, started: false, node: node.name,
+                                  dataName: Self.dataName(name))
         try await updateRecords { $0[name] = record }
         return record.peerURL
-    }
-
-    /// The boot member's node (its peer URL's address), which self-hosted members avoid while it runs.
-    var bootNode: String? {
-        guard let endpoint = bootEndpoint, let host = URLComponents(string: endpoint)?.host else { return nil }
-        return nodes.first { node in
-            ((node["status"] as? [String: Any])?["addresses"] as? [[String: Any]] ?? []).contains { $0["address"] as? String == host }
-        }.flatMap { ($0["metadata"] as? [String: Any])?["name"] as? String }
     }
 
     public func joined(_ name: String, id: UInt64, initialCluster: String) async throws {
@@ -230,13 +230,15 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
             // A pod that ended stays ended (restartPolicy Always aside): a new one on the same data.
             try await deletePod(name)
         }
+        // Started from now on (a pod that never comes up is then a lost member, not a record
+        // nobody starts).
+        if !record.started {
+            try await updateRecords { $0[name]?.started = true }
+        }
         do {
             try await client.send(.POST, podsPath, body: memberPod(record))
         } catch let error as KubeAPIError where error.isAlreadyExists {
             // Made by an earlier pass that crashed before it saw the answer.
-        }
-        if !record.started {
-            try await updateRecords { $0[name]?.started = true }
         }
     }
 
@@ -274,7 +276,7 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         let token = "\(clusterName)-\(Int(Date().timeIntervalSince1970))"
         var record = MemberRecord(name: "member-0", id: nil, clientURL: "http://\(ip):\(clientPort)", peerURL: "http://\(ip):\(peerPort)", binary: image,
                                   initialCluster: "member-0=http://\(ip):\(peerPort)", initialClusterState: "new", clusterToken: token, started: true,
-                                  node: node)
+                                  node: node, dataName: Self.dataName("member-0"))
         record.restoreFrom = snapshot
         try await updateRecords { records in
             records = ["member-0": record]
@@ -283,9 +285,10 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
     }
 
     public func createFirstMember() async throws -> String? {
-        // Never over a cluster that had members (its records lost): that needs a person.
-        let hadMembers = !(((cluster["status"] as? [String: Any])?["members"] as? [Any]) ?? []).isEmpty
-        guard bootEndpoint == nil, records.isEmpty, !hadMembers else { return nil }
+        // Only when there was never anything: no records ever written (the ConfigMap does not
+        // exist) and no member pod of this cluster. A lost ConfigMap beside running members
+        // needs a person, not a second cluster.
+        guard bootEndpoint == nil, recordsVersion == nil, records.isEmpty, pods.isEmpty, nodesOK else { return nil }
         _ = try await prepare("member-0")
         guard var record = records["member-0"] else { return nil }
         record.initialCluster = "member-0=\(record.peerURL)"
@@ -312,7 +315,7 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
 
     /// A member's pod: on its node, on the host network, its data on the host path.
     func memberPod(_ record: MemberRecord) -> [String: Any] {
-        let dataDir = "\(hostPath)/\(record.name)-\(record.id.map { String($0, radix: 16) } ?? "new")"
+        let dataDir = "\(hostPath)/\(record.dataName ?? "\(record.name)-\(record.id.map { String($0, radix: 16) } ?? record.clusterToken)")"
         var command = ["etcdlite", "--name", record.name, "--data-dir", dataDir,
                        "--listen-client-urls", "http://0.0.0.0:\(clientPort)", "--advertise-client-urls", record.clientURL,
                        "--listen-peer-urls", "http://0.0.0.0:\(peerPort)", "--initial-advertise-peer-urls", record.peerURL,
@@ -337,6 +340,8 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
                 "livenessProbe": ["httpGet": ["host": "127.0.0.1", "path": "/livez", "port": clientPort], "periodSeconds": 10,
                                   "failureThreshold": 6, "initialDelaySeconds": 15],
                 "volumeMounts": [["name": "data", "mountPath": hostPath]],
+                // The last log lines tell a refused start ("has already been bootstrapped").
+                "terminationMessagePolicy": "FallbackToLogsOnError",
             ] as [String: Any]],
         ]
         if let snapshot = record.restoreFrom {
@@ -460,9 +465,20 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
                                 changed()
                             }
                             let latest = LatestVersion(version)
+                            let isCluster = path == listPath
                             try await client.watch(path, resourceVersion: version, timeoutSeconds: 60) { event in
-                                if let v = (event.object["metadata"] as? [String: Any])?["resourceVersion"] as? String { latest.value = v }
-                                if event.type != "BOOKMARK" { changed() }
+                                let metadata = event.object["metadata"] as? [String: Any]
+                                if let v = metadata?["resourceVersion"] as? String { latest.value = v }
+                                guard event.type != "BOOKMARK" else { return !shouldStop() }
+                                // The cluster object changes with every status write of ours:
+                                // only a new generation (a spec edit) is news.
+                                if isCluster {
+                                    let generation = metadata?["generation"] as? Int
+                                    if generation != latest.generation || event.type != "MODIFIED" { changed() }
+                                    latest.generation = generation
+                                } else {
+                                    changed()
+                                }
                                 return !shouldStop()
                             }
                             version = latest.value
@@ -483,6 +499,25 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         (object["metadata"] as? [String: Any])?["labels"] as? [String: String] ?? [:]
     }
 
+    /// A data directory name of one identity alone.
+    static func dataName(_ member: String) -> String { "\(member)-\(String(UInt32.random(in: 0...UInt32.max), radix: 16))" }
+
+    /// The image the etcdlite container runs: its status's while it is Ready, else unknown ("").
+    static func runningImage(_ pod: [String: Any]) -> String? {
+        let statuses = (pod["status"] as? [String: Any])?["containerStatuses"] as? [[String: Any]]
+        guard let status = statuses?.first(where: { $0["name"] as? String == "etcdlite" }) else { return image(pod) }
+        return status["ready"] as? Bool == true ? status["image"] as? String : ""
+    }
+
+    /// The container ended because etcdlite refused to start on lost data.
+    static func refusedForLostData(_ pod: [String: Any]) -> Bool {
+        let statuses = (pod["status"] as? [String: Any])?["containerStatuses"] as? [[String: Any]] ?? []
+        return statuses.contains { status in
+            let terminated = [(status["state"] as? [String: Any])?["terminated"], (status["lastState"] as? [String: Any])?["terminated"]]
+            return terminated.contains { ($0 as? [String: Any])?["message"].map { "\($0)".contains("has already been bootstrapped") } ?? false }
+        }
+    }
+
     static func image(_ pod: [String: Any]) -> String? {
         ((pod["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first { $0["name"] as? String == "etcdlite" }?["image"] as? String
     }
@@ -494,5 +529,6 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
 
 private final class LatestVersion: @unchecked Sendable {
     var value: String?
+    var generation: Int?
     init(_ value: String?) { self.value = value }
 }
