@@ -192,6 +192,7 @@ public final class Reconciler: @unchecked Sendable {
             guard let leader = members.first(where: \.isLeader) else { throw OperatorError("no leader") }
             let peerURL = try await platform.prepare(name)
             let added = try await admin.addMember(via: try endpoint(leader.id), peerURL: peerURL)
+            Self.failpoint("after-member-add")
             // etcd's rule for a joining member: every member by name, the new one by its own.
             let initialCluster = added.members.compactMap { member -> String? in
                 let memberName = member.id == added.member.id ? name : (member.name.isEmpty ? platform.memberName(peerURLs: member.peerUrls) : member.name)
@@ -383,6 +384,14 @@ public final class Reconciler: @unchecked Sendable {
     func publish() async {
         status.updated = Date()
         await platform.publish(status)
+    }
+
+    /// `ETCDLITE_OPERATOR_FAILPOINT=<name>`: the operator process exits at that point (tests of
+    /// what a crash between two steps leaves and how the next operator heals it).
+    static func failpoint(_ name: String) {
+        guard ProcessInfo.processInfo.environment["ETCDLITE_OPERATOR_FAILPOINT"] == name else { return }
+        FileHandle.standardError.write(Data("failpoint \(name): exiting\n".utf8))
+        exit(3)
     }
 
     /// A backup's time in its name (names sort by time).
