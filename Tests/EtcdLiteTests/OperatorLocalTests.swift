@@ -74,22 +74,10 @@ import Testing
     /// identity; an operator killed in the middle of a scale-up resumes from what it observes;
     /// after every member's data is gone the cluster is re-seeded from the newest backup.
     @Test func replacesLostMembersResumesAfterACrashAndReseedsFromABackup() async throws {
-        let dir = TempDir()
-        let root = dir.url.appendingPathComponent("root")
-        let configPath = dir.url.appendingPathComponent("cluster.json").path
-        let base = Self.freePortBlock(12)
-        var config = LocalConfig(name: "homelab", dataRoot: root.path, basePort: base, size: 3, version: etcdliteBinary())
-        config.reconcileIntervalMilliseconds = 200
-        config.backup = .init(intervalSeconds: 2, retain: 2)
-        try config.save(configPath)
-        func startOperator() throws -> ServerProcessHandle {
-            try ServerProcessHandle(etcdliteBinary(), ["operator", "--config", configPath], log: dir.url.appendingPathComponent("operator.log").path)
-        }
-        var operatorProcess = try startOperator()
-        defer {
-            operatorProcess.kill()
-            for pid in Self.memberPids(root) { kill(pid, SIGKILL) }
-        }
+        let cluster = try ManagedCluster(size: 3, ports: 12, backup: .init(intervalSeconds: 2, retain: 2))
+        defer { cluster.finish() }
+        let root = cluster.root
+        try cluster.startOperator()
         var status = try await Self.waitSteady(root, count: 3, since: Date())
         let first = status.members.first { $0.leader }!.clientURL!
         for i in 0..<20 {
@@ -107,15 +95,13 @@ import Testing
         #expect(status.actions["removeMember", default: 0] >= 1 && status.actions["deleteWorkload", default: 0] >= 1)
 
         // The operator dies right after a scale-up began; a new one finishes it.
-        config.size = 5
-        try config.save(configPath)
+        try cluster.resize(5)
         changed = Date()
         let seenAddition = Date().addingTimeInterval(30)
         while (try? Self.status(root))?.actions["addLearner", default: 0] ?? 0 < 4 && Date() < seenAddition {
             try await Task.sleep(for: .milliseconds(20))
         }
-        operatorProcess.kill()
-        operatorProcess = try startOperator()
+        try cluster.startOperator()
         status = try await Self.waitSteady(root, count: 5, since: changed)
 
         // Every member's data gone: re-seeded from the newest backup, keys written before it there.
@@ -135,65 +121,46 @@ import Testing
         #expect(FileManager.default.fileExists(atPath: root.appendingPathComponent("lost").path))
         let metrics = try String(contentsOf: root.appendingPathComponent("operator.prom"), encoding: .utf8)
         #expect(metrics.contains("etcdlite_operator_actions_total{kind=\"restoreFromSnapshot\"}"))
-        dir.cleanup()
     }
 
     /// The operator dies right after MemberAdd, before it recorded the answer or started the
     /// member: the next operator finds the member (unstarted, no name) by its peer URL, builds its
     /// `--initial-cluster` from the member list and starts it; the cluster reaches its size.
     @Test func aCrashBetweenMemberAddAndStartIsHealedOnTheNextPass() async throws {
-        let dir = TempDir()
-        let root = dir.url.appendingPathComponent("root")
-        let configPath = dir.url.appendingPathComponent("cluster.json").path
-        var config = LocalConfig(name: "homelab", dataRoot: root.path, basePort: Self.freePortBlock(8), size: 1, version: etcdliteBinary())
-        config.reconcileIntervalMilliseconds = 200
-        try config.save(configPath)
-        var operatorProcess = try ServerProcessHandle(etcdliteBinary(), ["operator", "--config", configPath], log: dir.url.appendingPathComponent("operator.log").path)
-        defer {
-            operatorProcess.kill()
-            for pid in Self.memberPids(root) { kill(pid, SIGKILL) }
-        }
+        let cluster = try ManagedCluster(size: 1)
+        defer { cluster.finish() }
+        let root = cluster.root
+        try cluster.startOperator()
         _ = try await Self.waitSteady(root, count: 1, since: Date())
-        operatorProcess.kill()
-        config.size = 2
-        try config.save(configPath)
-        let crashing = try ServerProcessHandle(etcdliteBinary(), ["operator", "--config", configPath], log: dir.url.appendingPathComponent("operator-crash.log").path,
-                                               environment: ["ETCDLITE_OPERATOR_FAILPOINT": "after-member-add"])
+        cluster.operatorProcess?.kill()
+        try cluster.resize(2)
+        let crashing = try cluster.startOperator(environment: ["ETCDLITE_OPERATOR_FAILPOINT": "after-member-add"])
         crashing.process.waitUntilExit()
         #expect(crashing.process.terminationStatus == 3)
         // What the crash left: a learner that MemberAdd made, never started, no name.
         let leader = try #require(Self.status(root).members.first?.clientURL)
         let list = try etcdctlAt(["--endpoints=\(leader)", "member", "list"])
         #expect(list.stdout.contains("unstarted, , ") && list.stdout.contains("true"), "\(list.stdout)")
-        operatorProcess = try ServerProcessHandle(etcdliteBinary(), ["operator", "--config", configPath], log: dir.url.appendingPathComponent("operator.log").path)
+        try cluster.startOperator()
         let status = try await Self.waitSteady(root, count: 2, since: Date())
         #expect(status.actions["startMember", default: 0] >= 1 && status.actions["promote", default: 0] >= 1, "\(status.actions)")
         #expect(status.actions["addLearner", default: 0] == 1, "healed, not added again: \(status.actions)")
-        dir.cleanup()
     }
 
     /// With the operator gone too (a power-off), `etcdlite recover` brings the members back on
     /// their own data from their records, by hand.
     @Test func recoverByHandRestartsMembersFromTheirRecords() async throws {
-        let dir = TempDir()
-        let root = dir.url.appendingPathComponent("root")
-        let configPath = dir.url.appendingPathComponent("cluster.json").path
-        var config = LocalConfig(name: "homelab", dataRoot: root.path, basePort: Self.freePortBlock(8), size: 3, version: etcdliteBinary())
-        config.reconcileIntervalMilliseconds = 200
-        try config.save(configPath)
-        let operatorProcess = try ServerProcessHandle(etcdliteBinary(), ["operator", "--config", configPath], log: dir.url.appendingPathComponent("operator.log").path)
-        defer {
-            operatorProcess.kill()
-            for pid in Self.memberPids(root) { kill(pid, SIGKILL) }
-        }
+        let cluster = try ManagedCluster(size: 3)
+        defer { cluster.finish() }
+        let root = cluster.root
+        try cluster.startOperator()
         let status = try await Self.waitSteady(root, count: 3, since: Date())
         let endpoint = status.members.first { $0.leader }!.clientURL!
         #expect(try etcdctlAt(["--endpoints=\(endpoint)", "put", "before", "power-off"]).status == 0)
-        operatorProcess.kill()
-        for pid in Self.memberPids(root) { kill(pid, SIGKILL) }
+        cluster.stopAll()
         let down = try etcdctlAt(["--endpoints=\(endpoint)", "--command-timeout=1s", "get", "before"])
         #expect(down.status != 0)
-        let recovered = try run(etcdliteBinary(), ["recover", "--config", configPath, "--timeout", "60"], timeout: 90)
+        let recovered = try run(etcdliteBinary(), ["recover", "--config", cluster.configPath, "--timeout", "60"], timeout: 90)
         #expect(recovered.status == 0 && recovered.stdout.contains("the cluster has a leader"), "\(recovered.stdout) \(recovered.stderr)")
         let endpoints = status.members.compactMap(\.clientURL).joined(separator: ",")
         let get = try etcdctlAt(["--endpoints=\(endpoints)", "get", "before", "--print-value-only"])
@@ -203,13 +170,15 @@ import Testing
             let answer = try etcdctlAt(["--endpoints=\(member.clientURL!)", "endpoint", "status"])
             #expect(answer.status == 0 && answer.stdout.contains(member.id), "\(member.name): \(answer.stdout) \(answer.stderr)")
         }
-        dir.cleanup()
     }
 
+    /// Every process running on a data directory under `root` (found in /proc: pid files may
+    /// be stale or missing after a crash).
     static func memberPids(_ root: URL) -> [pid_t] {
-        let dir = root.appendingPathComponent("members").path
-        return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasSuffix(".pid") }.compactMap {
-            (try? String(contentsOfFile: dir + "/" + $0, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        let data = root.appendingPathComponent("data").path + "/"
+        return ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap(pid_t.init).filter { pid in
+            let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline").map { String(decoding: $0, as: UTF8.self) } ?? ""
+            return cmdline.contains(data)
         }
     }
 
@@ -256,6 +225,51 @@ import Testing
         let sourceList = try source.etcdctl(["member", "list"]).stdout
         let newList = try member.etcdctl(["member", "list"]).stdout
         #expect(sourceList.split(separator: ",").first != newList.split(separator: ",").first, "a new member ID")
+    }
+}
+
+/// A cluster the operator manages on the local platform, in a temporary directory.
+final class ManagedCluster {
+    let dir = TempDir()
+    var root: URL { dir.url.appendingPathComponent("root") }
+    var configPath: String { dir.url.appendingPathComponent("cluster.json").path }
+    var config: LocalConfig
+    private(set) var operatorProcess: ServerProcessHandle?
+
+    init(size: Int, ports: Int = 8, backup: LocalConfig.Backup? = nil) throws {
+        config = LocalConfig(name: "homelab", dataRoot: "", basePort: OperatorLocalTests.freePortBlock(ports), size: size, version: etcdliteBinary())
+        config.dataRoot = root.path
+        config.reconcileIntervalMilliseconds = 200
+        config.backup = backup
+        try config.save(configPath)
+    }
+
+    func resize(_ size: Int) throws {
+        config.size = size
+        try config.save(configPath)
+    }
+
+    /// Starts an operator (the one before, if any, is killed first).
+    @discardableResult
+    func startOperator(environment: [String: String] = [:]) throws -> ServerProcessHandle {
+        operatorProcess?.kill()
+        let process = try ServerProcessHandle(etcdliteBinary(), ["operator", "--config", configPath],
+                                              log: dir.url.appendingPathComponent("operator.log").path, environment: environment)
+        operatorProcess = process
+        return process
+    }
+
+    /// kill -9 of the operator and every member.
+    func stopAll() {
+        operatorProcess?.kill()
+        for pid in OperatorLocalTests.memberPids(root) { kill(pid, SIGKILL) }
+    }
+
+    /// Everything stopped (members run in sessions of their own: nothing else stops them), the
+    /// directory removed.
+    func finish() {
+        stopAll()
+        dir.cleanup()
     }
 }
 
