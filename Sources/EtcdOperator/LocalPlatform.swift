@@ -108,6 +108,9 @@ public struct MemberRecord: Codable, Sendable, Equatable {
     public var dataName: String?
     /// A snapshot its data directory is restored from before it first starts (a re-seed).
     public var restoreFrom: String?
+    /// Kubernetes: its static pod manifest (JSON), which the node agent of its node writes for
+    /// the kubelet.
+    public var manifest: String?
 }
 
 /// Members as processes on this machine: `<dataRoot>/data/<name>` (data), `<dataRoot>/members/`

@@ -31,10 +31,13 @@ public enum Manifests {
     /// File name → object.
     public static func render(_ options: BootstrapOptions) -> [(file: String, object: [String: Any])] {
         [
-            ("boot-member.json", bootPod(options)),
+            // Copied to the boot node's kubelet manifest directory under this name, which the
+            // node agent deletes once the boot member has left.
+            (NodeAgent.bootManifest, bootPod(options)),
             ("crd.json", crd()),
             ("rbac.json", list(rbac(options))),
             ("operator.json", operatorDeployment(options)),
+            ("node-agent.json", nodeAgent(options)),
             ("services.json", list(services(options))),
             ("pdb.json", disruptionBudget(options)),
             ("cluster.json", cluster(options)),
@@ -159,7 +162,8 @@ public enum Manifests {
         let rules: [[String: Any]] = [
             ["apiGroups": [group], "resources": ["etcdliteclusters"], "verbs": ["get", "list", "watch", "update", "patch"]],
             ["apiGroups": [group], "resources": ["etcdliteclusters/status"], "verbs": ["get", "update", "patch"]],
-            ["apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete", "patch"]],
+            // Members are static pods (written by the node agents): the operator only reads their mirror pods.
+            ["apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]],
             ["apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "delete"]],
             ["apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]],
             // The members' records (`<cluster>-members`).
@@ -173,6 +177,13 @@ public enum Manifests {
             ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": metadata("etcdlite-operator", options),
              "roleRef": ["apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "etcdlite-operator"],
              "subjects": [["kind": "ServiceAccount", "name": "etcdlite-operator", "namespace": options.namespace]]],
+            // The node agents read the members' records only.
+            ["apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata("etcdlite-node-agent", options)],
+            ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": metadata("etcdlite-node-agent", options),
+             "rules": [["apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]]]],
+            ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": metadata("etcdlite-node-agent", options),
+             "roleRef": ["apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "etcdlite-node-agent"],
+             "subjects": [["kind": "ServiceAccount", "name": "etcdlite-node-agent", "namespace": options.namespace]]],
             // Nodes are cluster-scoped: a Role cannot grant them. The operator reads their
             // addresses and readiness to place members.
             ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
@@ -185,33 +196,52 @@ public enum Manifests {
         ]
     }
 
-    static func operatorDeployment(_ options: BootstrapOptions) -> [String: Any] {
-        let podLabels: [String: Any] = ["app.kubernetes.io/name": "etcdlite-operator"]
+    /// A Deployment or DaemonSet of one container on the control-plane nodes.
+    static func controller(_ kind: String, _ name: String, _ options: BootstrapOptions, spec extra: [String: Any],
+                           pod: [String: Any]) -> [String: Any] {
+        let podLabels: [String: Any] = ["app.kubernetes.io/name": name]
+        let podSpec: [String: Any] = [
+            "serviceAccountName": name,
+            "nodeSelector": ["node-role.kubernetes.io/control-plane": ""],
+        ].merging(pod) { $1 }
         return [
-            "apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": metadata("etcdlite-operator", options),
-            "spec": [
-                "replicas": 1,
-                "strategy": ["type": "Recreate"],
+            "apiVersion": "apps/v1", "kind": kind,
+            "metadata": metadata(name, options),
+            "spec": extra.merging([
                 "selector": ["matchLabels": podLabels],
-                "template": [
-                    "metadata": ["labels": podLabels],
-                    "spec": [
-                        "serviceAccountName": "etcdlite-operator",
-                        "priorityClassName": "system-cluster-critical",
-                        "nodeSelector": ["node-role.kubernetes.io/control-plane": ""],
-                        "tolerations": [["key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"]],
-                        "containers": [["name": "operator", "image": options.image,
-                                        "command": ["etcdlite", "operator", "--platform", "kubernetes", "--namespace", options.namespace,
-                                                    "--cluster", "etcdlite"],
-                                        // Backups and re-seeds happen on the operator's node.
-                                        "env": [["name": "NODE_NAME", "valueFrom": ["fieldRef": ["fieldPath": "spec.nodeName"]]]],
-                                        "volumeMounts": [["name": "backups", "mountPath": "\(options.hostPath)/backups"]]] as [String: Any]],
-                        "volumes": [["name": "backups", "hostPath": ["path": "\(options.hostPath)/backups", "type": "DirectoryOrCreate"]]],
-                    ] as [String: Any],
-                ] as [String: Any],
-            ] as [String: Any],
+                "template": ["metadata": ["labels": podLabels], "spec": podSpec] as [String: Any],
+            ]) { $1 },
         ]
+    }
+
+    static func operatorDeployment(_ options: BootstrapOptions) -> [String: Any] {
+        controller("Deployment", "etcdlite-operator", options, spec: ["replicas": 1, "strategy": ["type": "Recreate"]], pod: [
+            "priorityClassName": "system-cluster-critical",
+            "tolerations": [["key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"]],
+            "containers": [["name": "operator", "image": options.image,
+                            "command": ["etcdlite", "operator", "--platform", "kubernetes", "--namespace", options.namespace, "--cluster", "etcdlite"],
+                            // Backups and re-seeds happen on the operator's node.
+                            "env": [["name": "NODE_NAME", "valueFrom": ["fieldRef": ["fieldPath": "spec.nodeName"]]]],
+                            "volumeMounts": [["name": "backups", "mountPath": "\(options.hostPath)/backups"]]] as [String: Any]],
+            "volumes": [["name": "backups", "hostPath": ["path": "\(options.hostPath)/backups", "type": "DirectoryOrCreate"]]],
+        ])
+    }
+
+    /// The node agents: on every control-plane node, the members' static pod manifests from
+    /// their records (they must run where the kubelet reads its manifests).
+    static func nodeAgent(_ options: BootstrapOptions) -> [String: Any] {
+        controller("DaemonSet", "etcdlite-node-agent", options, spec: [:], pod: [
+            "priorityClassName": "system-node-critical",
+            "tolerations": [["operator": "Exists"]],
+            "containers": [["name": "node-agent", "image": options.image,
+                            "command": ["etcdlite", "node-agent", "--node", "$(NODE_NAME)", "--namespace", options.namespace,
+                                        "--cluster", "etcdlite", "--manifests", "/etc/kubernetes/manifests", "--host-path", options.hostPath],
+                            "env": [["name": "NODE_NAME", "valueFrom": ["fieldRef": ["fieldPath": "spec.nodeName"]]]],
+                            "volumeMounts": [["name": "manifests", "mountPath": "/etc/kubernetes/manifests"],
+                                             ["name": "data", "mountPath": options.hostPath]]] as [String: Any]],
+            "volumes": [["name": "manifests", "hostPath": ["path": "/etc/kubernetes/manifests", "type": "DirectoryOrCreate"]],
+                        ["name": "data", "hostPath": ["path": options.hostPath, "type": "DirectoryOrCreate"]]],
+        ])
     }
 
     static func services(_ options: BootstrapOptions) -> [[String: Any]] {

@@ -43,6 +43,13 @@ public protocol MemberPlatform: AnyObject, Sendable {
     func publish(_ status: ClusterStatus) async
     /// A note for people (a Kubernetes Event; a log line locally).
     func event(_ reason: String, _ message: String, warning: Bool) async
+    /// The boot member was removed from the cluster (its static pod manifest can go).
+    func bootMemberRemoved() async
+}
+
+extension MemberPlatform {
+    /// Locally the boot member stops by itself once removed.
+    public func bootMemberRemoved() async {}
 }
 
 /// The operator's knobs, from the spec.

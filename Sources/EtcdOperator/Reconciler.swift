@@ -220,6 +220,7 @@ public final class Reconciler: @unchecked Sendable {
             try await admin.moveLeader(leader: try endpoint(leader.id), to: target)
         case .removeMember(let id, let via):
             try await admin.remove(via: try endpoint(via), id: id)
+            if members.first(where: { $0.id == id })?.isBootMember == true { await platform.bootMemberRemoved() }
         case .deleteWorkload(let name):
             try await platform.delete(name)
         case .upgrade(let name, let version):

@@ -8,7 +8,7 @@ struct EtcdLiteCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "etcdlite",
         abstract: "An etcd-compatible key-value store: etcd's v3 API on SQLite.",
-        subcommands: [Serve.self, Bench.self, Verify.self, Bootstrap.self, Snapshot.self, Operator.self, Recover.self, SelfHostDemo.self, Version.self],
+        subcommands: [Serve.self, Bench.self, Verify.self, Bootstrap.self, Snapshot.self, Operator.self, Recover.self, NodeAgentCommand.self, SelfHostDemo.self, Version.self],
         defaultSubcommand: Serve.self)
 
     /// Go's flag package accepts `-flag` and `--flag=true`; ArgumentParser wants `--flag`.

@@ -100,3 +100,32 @@ struct SelfHostDemo: AsyncParsableCommand {
         if !report.passed { throw ExitCode(1) }
     }
 }
+
+/// `etcdlite node-agent`: writes the static pod manifests of the members on this node.
+struct NodeAgentCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "node-agent",
+        abstract: "Keep this node's members as static pods: write their manifests from the cluster's member records, remove them (and their data) when the records go.")
+    @Option(help: "This node's name (the downward API's spec.nodeName).") var node: String
+    @Option(help: "Namespace of the EtcdLiteCluster.") var namespace = "kube-system"
+    @Option(help: "Name of the EtcdLiteCluster.") var cluster = "etcdlite"
+    @Option(help: "The kubelet's static pod directory.") var manifests = "/etc/kubernetes/manifests"
+    @Option(help: "The members' host path (the EtcdLiteCluster's spec.storage.hostPath).") var hostPath = "/var/lib/etcdlite"
+    @Option(help: "Seconds between passes.") var interval = 5
+
+    func run() async throws {
+        LoggingSystem.bootstrap { JSONLogHandler(logLevel: .info, label: $0) }
+        let logger = Logger(label: "etcdlite.node-agent")
+        let agent = NodeAgent(node: node, manifestsDir: manifests, hostPath: hostPath, client: try KubeClient.inCluster(),
+                              namespace: namespace, clusterName: cluster)
+        let stop = StopFlag()
+        let signals = ShutdownSignals { _ in stop.set() }
+        defer { signals.cancel() }
+        await agent.run(interval: .seconds(interval), shouldStop: { stop.isSet }, onDone: { done in
+            for line in done { logger.info("\(line)") }
+        }, onError: { error in
+            // The API server away (a power-off, its own restart): the manifests stay as they are.
+            logger.warning("records not read; nothing changed", metadata: ["error": "\(error)"])
+        })
+    }
+}

@@ -53,11 +53,46 @@ import Testing
         return Int(UInt16(bigEndian: address.sin_port))
     }
 
+    /// A member's record as the operator wrote it, and its static pod manifest.
+    static func record(_ server: FakeAPIServer, _ member: String) -> (record: MemberRecord?, pod: [String: Any]) {
+        let data = server.object(recordsPath)?["data"] as? [String: String] ?? [:]
+        let record = data[member + ".json"].flatMap { try? JSONDecoder().decode(MemberRecord.self, from: Data($0.utf8)) }
+        let pod = record?.manifest.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] } ?? [:]
+        return (record, pod)
+    }
+
+    /// The mirror pod the kubelet of `node` shows for a member's static pod.
+    static func mirror(_ server: FakeAPIServer, _ member: String, on node: String, status: [String: Any]) {
+        server.seed(podsPath, ["apiVersion": "v1", "kind": "Pod",
+                               "metadata": ["name": "etcdlite-\(member)-\(node)", "namespace": ns,
+                                            "annotations": ["kubernetes.io/config.mirror": "x"],
+                                            "labels": ["app.kubernetes.io/name": "etcdlite", "app.kubernetes.io/component": "member",
+                                                       "etcdlite.dev/cluster": "etcdlite", "etcdlite.dev/member": member]],
+                               "spec": ["nodeName": node, "containers": [["name": "etcdlite", "image": "etcdlite:1"]]],
+                               "status": status])
+    }
+
+    /// A platform that placed and started `count` members (IDs 1, 2, ...).
+    static func withMembers(_ server: FakeAPIServer, _ count: Int) async throws -> KubernetesPlatform {
+        let platform = Self.platform(server)
+        try await platform.refresh()
+        for n in 0..<count {
+            _ = try await platform.prepare("member-\(n)")
+            try await platform.joined("member-\(n)", id: UInt64(n + 1), initialCluster: "x")
+            try await platform.start("member-\(n)")
+        }
+        return platform
+    }
+
+    static func container(_ pod: [String: Any]) -> [String: Any] {
+        ((pod["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first ?? [:]
+    }
+
     static func platform(_ server: FakeAPIServer, token: String = "test-token") -> KubernetesPlatform {
         KubernetesPlatform(client: KubeClient(host: "127.0.0.1", port: server.port, token: token), namespace: ns, operatorNode: "cp-a")
     }
 
-    @Test func membersArePlacedOnReadyNodesByAddressAndStartedAsPinnedPods() async throws {
+    @Test func membersArePlacedOnReadyNodesByAddressAsStaticPods() async throws {
         let server = try Self.server()
         defer { server.stop() }
         let platform = Self.platform(server)
@@ -77,31 +112,29 @@ import Testing
         #expect(peers == ["http://10.0.0.1:2380", "http://10.0.0.2:2380", "http://10.0.0.3:2380"])
         await #expect(throws: OperatorError.self) { _ = try await platform.prepare("member-3") }
 
-        let pod = try #require(server.object(Self.podsPath + "/etcdlite-member-1"))
+        let (record1, pod) = Self.record(server, "member-1")
+        #expect(record1?.node == "cp-b" && record1?.started == true)
         let spec = pod["spec"] as? [String: Any] ?? [:]
-        #expect(spec["nodeName"] as? String == "cp-b" && spec["hostNetwork"] as? Bool == true)
-        let container = (spec["containers"] as? [[String: Any]])?.first ?? [:]
+        #expect(spec["hostNetwork"] as? Bool == true && spec["nodeName"] == nil, "a static pod runs where its manifest is")
+        let container = Self.container(pod)
         let command = container["command"] as? [String] ?? []
         #expect(container["image"] as? String == "etcdlite:1")
         #expect(command.contains("--initial-cluster-state") && command.contains("existing") && command.contains("member-1=http://10.0.0.2:2380"))
         let dataDir = command.firstIndex(of: "--data-dir").map { command[$0 + 1] } ?? ""
-        #expect(dataDir.hasPrefix("/var/lib/etcdlite/member-1-"), "a data directory of this identity: \(command)")
+        #expect(dataDir == "/var/lib/etcdlite/" + (record1?.dataName ?? "?") && dataDir.hasPrefix("/var/lib/etcdlite/member-1-"),
+                "a data directory of this identity: \(command)")
         // Added again (after its data was lost), the same name gets another directory.
         try await platform.delete("member-1")
         _ = try await platform.prepare("member-1")
         try await platform.joined("member-1", id: 0xd4, initialCluster: "member-1=http://10.0.0.2:2380")
         try await platform.start("member-1")
-        let again = ((server.object(Self.podsPath + "/etcdlite-member-1")?["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first?["command"] as? [String] ?? []
-        let newDir = again.firstIndex(of: "--data-dir").map { again[$0 + 1] } ?? ""
-        #expect(newDir.hasPrefix("/var/lib/etcdlite/member-1-") && newDir != dataDir)
+        #expect(Self.record(server, "member-1").record.map { $0.dataName != record1?.dataName && $0.dataName?.hasPrefix("member-1-") == true } == true)
         let mounts = (container["volumeMounts"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
         let volumes = (spec["volumes"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
         #expect(!mounts.isEmpty && mounts.allSatisfy(volumes.contains))
         let metadata = pod["metadata"] as? [String: Any] ?? [:]
-        let owner = (metadata["ownerReferences"] as? [[String: Any]])?.first
-        let clusterUID = (server.object(Self.clusterPath + "/etcdlite")?["metadata"] as? [String: Any])?["uid"] as? String
-        #expect(owner?["kind"] as? String == "EtcdLiteCluster" && owner?["uid"] as? String == clusterUID && clusterUID != nil)
         #expect((metadata["labels"] as? [String: String])?["etcdlite.dev/member"] == "member-1")
+        #expect(server.objects(in: Self.podsPath).isEmpty, "the operator makes no pods: node agents write static pods")
 
         // The records: created once, then replaced with the version read; every request carried the token.
         let writes = server.locked { server.requests.filter { $0.path.hasPrefix("/api/v1/namespaces/kube-system/configmaps") && $0.method != "GET" } }
@@ -115,45 +148,36 @@ import Testing
         #expect(other.endpoints == ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"])
     }
 
-    @Test func workloadStatesFollowPodsAndNodes() async throws {
+    @Test func workloadStatesFollowMirrorPodsAndNodes() async throws {
         let server = try Self.server()
         defer { server.stop() }
-        let platform = Self.platform(server)
+        let platform = try await Self.withMembers(server, 3)
+        // No mirror pod yet: stopped (the node agent has not written it, or the node is down).
         try await platform.refresh()
-        for n in 0..<3 {
-            _ = try await platform.prepare("member-\(n)")
-            try await platform.joined("member-\(n)", id: UInt64(n + 1), initialCluster: "x")
-            try await platform.start("member-\(n)")
-        }
-        server.modify(Self.podsPath + "/etcdlite-member-0") { $0["status"] = ["phase": "Running"] }
-        server.modify(Self.podsPath + "/etcdlite-member-1") { $0["status"] = ["phase": "Failed"] }
+        #expect(try await platform.workloads().map(\.state) == [.stopped, .stopped, .stopped])
+        Self.mirror(server, "member-0", on: "cp-a", status: ["phase": "Running"])
+        Self.mirror(server, "member-1", on: "cp-b", status: ["phase": "Failed"])
         server.remove("/api/v1/nodes/cp-c")
         try await platform.refresh()
         var states = Dictionary(uniqueKeysWithValues: try await platform.workloads().map { ($0.name, $0.state) })
         #expect(states == ["member-0": .running, "member-1": .stopped, "member-2": .dataLost])
         // A member whose data was wiped under it: etcdlite refuses the old ID, the container's
         // termination message says so, and the member counts as lost.
-        server.modify(Self.podsPath + "/etcdlite-member-0") { pod in
+        server.modify(Self.podsPath + "/etcdlite-member-0-cp-a") { pod in
             pod["status"] = ["phase": "Running", "containerStatuses": [[
                 "name": "etcdlite", "ready": false, "image": "etcdlite:1",
                 "lastState": ["terminated": ["exitCode": 1, "message": "{\"msg\":\"failed to start\",\"error\":\"member a1 has already been bootstrapped\"}"]],
             ]]]
         }
         try await platform.refresh()
-        #expect(try await platform.workloads().first { $0.name == "member-0" }?.state == .dataLost)
-        // A deleted pod is a stopped member; starting it makes a new pod on the same node.
-        server.remove(Self.podsPath + "/etcdlite-member-0")
-        try await platform.refresh()
         states = Dictionary(uniqueKeysWithValues: try await platform.workloads().map { ($0.name, $0.state) })
-        #expect(states["member-0"] == .stopped)
-        try await platform.start("member-0")
-        #expect(((server.object(Self.podsPath + "/etcdlite-member-0")?["spec"] as? [String: Any])?["nodeName"] as? String) == "cp-a")
-        // A failed pod is replaced (deleted, created again).
-        try await platform.refresh()
+        #expect(states["member-0"] == .dataLost)
+        // Starting a started member changes nothing (the kubelet restarts its static pod).
+        let before = server.object(Self.recordsPath)?["data"] as? [String: String]
         try await platform.start("member-1")
-        let deletes = server.locked { server.requests.filter { $0.method == "DELETE" }.map(\.path) }
-        #expect(deletes == [Self.podsPath + "/etcdlite-member-1"])
-        // Deleting a member: its pod and its record go; deleting again is not an error (404 is done).
+        #expect(server.object(Self.recordsPath)?["data"] as? [String: String] == before)
+        // Deleting a member: its record goes (its node agent removes the manifest, then the data);
+        // deleting again is not an error.
         try await platform.delete("member-2")
         try await platform.delete("member-2")
         try await platform.refresh()
@@ -275,9 +299,8 @@ import Testing
         try await platform.refresh()
         _ = try await platform.prepare("member-0")
         try await platform.joined("member-0", id: 1, initialCluster: "member-0=http://10.0.0.1:2380")
-        // Forbidden (RBAC): the error names it; the member counts as started with no pod (a
-        // stopped member, which the next pass starts again).
-        server.inject("POST", Self.podsPath, code: 403, reason: "Forbidden")
+        // Forbidden (RBAC): the error names it, and nothing changed.
+        server.inject("PUT", Self.recordsPath, code: 403, reason: "Forbidden")
         do {
             try await platform.start("member-0")
             Issue.record("expected 403")
@@ -285,22 +308,22 @@ import Testing
             #expect(error.code == 403 && error.reason == "Forbidden" && error.message == "injected Forbidden")
         }
         try await platform.refresh()
-        #expect(try await platform.workloads().map(\.state) == [.stopped])
-        // A pod made by a pass that crashed before it saw the answer: AlreadyExists is success
-        // (and the stale record write is a conflict, read again and retried).
+        #expect(try await platform.workloads().isEmpty)
+        // Two writers from the same old view (an operator that restarted): the second write is a
+        // conflict, read again and applied on top.
         let late = Self.platform(server)
         try await late.refresh()
         try await platform.start("member-0")
         try await late.start("member-0")
         try await platform.refresh()
         #expect(try await platform.workloads().map(\.name) == ["member-0"])
-        #expect(server.locked { server.requests.contains { $0.method == "POST" && $0.path == Self.podsPath } })
+        #expect(server.locked { server.requests.filter { $0.method == "PUT" && $0.path == Self.recordsPath }.count } >= 3)
         // The API server down: workloads are unknown, and the planner waits rather than act.
         server.stop()
         await #expect(throws: (any Error).self) { try await platform.refresh() }
     }
 
-    @Test func upgradesPatchTheImageInPlaceAndEventsReferenceTheCluster() async throws {
+    @Test func upgradesRewriteTheManifestAndEventsReferenceTheCluster() async throws {
         let server = try Self.server()
         defer { server.stop() }
         let platform = Self.platform(server)
@@ -308,12 +331,17 @@ import Testing
         _ = try await platform.prepare("member-0")
         try await platform.joined("member-0", id: 1, initialCluster: "member-0=http://10.0.0.1:2380")
         try await platform.start("member-0")
+        let dataBefore = Self.record(server, "member-0").record?.dataName
         try await platform.upgrade("member-0", to: "etcdlite:2")
-        let patch = try #require(server.locked { server.requests.first { $0.method == "PATCH" } })
-        #expect(patch.contentType == "application/strategic-merge-patch+json")
-        let pod = try #require(server.object(Self.podsPath + "/etcdlite-member-0"))
-        let container = ((pod["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first ?? [:]
-        #expect(container["image"] as? String == "etcdlite:2" && (container["command"] as? [String])?.contains("--data-dir") == true)
+        let (record, pod) = Self.record(server, "member-0")
+        #expect(Self.container(pod)["image"] as? String == "etcdlite:2" && record?.binary == "etcdlite:2" && record?.dataName == dataBefore)
+        // Its version is what its Ready container runs: the old image until the kubelet restarted it.
+        Self.mirror(server, "member-0", on: "cp-a", status: ["phase": "Running", "containerStatuses": [["name": "etcdlite", "ready": true, "image": "etcdlite:1"]]])
+        try await platform.refresh()
+        #expect(try await platform.workloads().first?.version == "etcdlite:1")
+        server.modify(Self.podsPath + "/etcdlite-member-0-cp-a") { pod in
+            pod["status"] = ["phase": "Running", "containerStatuses": [["name": "etcdlite", "ready": true, "image": "etcdlite:2"]]]
+        }
         try await platform.refresh()
         #expect(try await platform.workloads().first?.version == "etcdlite:2")
 
@@ -348,15 +376,17 @@ import Testing
         let reconciler = Reconciler(platform: platform)
         let action = await reconciler.pass()
         #expect(action == .restoreFromSnapshot)
-        let pod = try #require(server.object(Self.podsPath + "/etcdlite-member-0"))
-        let command = ((pod["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first?["command"] as? [String] ?? []
+        let (record, pod) = Self.record(server, "member-0")
+        #expect(record?.node == "cp-a" && record?.started == true)
+        let command = Self.container(pod)["command"] as? [String] ?? []
         #expect(command.contains("new") && command.contains("member-0=http://127.0.0.1:\(peer)"))
         let reasons = server.objects(in: "/api/v1/namespaces/kube-system/events").compactMap { $0["reason"] as? String }
         #expect(reasons.contains("ClusterCreated"))
         let status = server.object(Self.clusterPath + "/etcdlite")?["status"] as? [String: Any]
         #expect(status?["phase"] as? String == "Recovering" && status?["plannedAction"] as? String == "restoreFromSnapshot")
-        // The next pass (the member has not answered yet) waits for it rather than make another.
-        #expect(await reconciler.pass() == .wait("members are starting"))
-        #expect(server.objects(in: Self.podsPath).count == 1)
+        // The next pass (no mirror pod yet: its node agent has not written it) starts it again,
+        // which changes nothing; no second cluster is made.
+        #expect(await reconciler.pass() == .restartInPlace(name: "member-0"))
+        #expect((server.object(Self.recordsPath)?["data"] as? [String: String])?.count == 1)
     }
 }

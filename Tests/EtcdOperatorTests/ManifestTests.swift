@@ -30,7 +30,7 @@ struct ManifestTests {
         let objects = try Self.objects()
         let kinds = objects.compactMap { $0["kind"] as? String }
         #expect(Set(kinds) == ["Pod", "CustomResourceDefinition", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding",
-                               "Deployment", "Service", "PodDisruptionBudget", "EtcdLiteCluster"])
+                               "Deployment", "DaemonSet", "Service", "PodDisruptionBudget", "EtcdLiteCluster"])
         for object in objects {
             let kind = object["kind"] as? String ?? "?"
             let metadata = object["metadata"] as? [String: Any] ?? [:]
@@ -48,7 +48,7 @@ struct ManifestTests {
                 }
                 let command = containers.first?["command"] as? [String] ?? []
                 #expect(command.contains("--initial-cluster") && command.contains("boot=http://10.0.0.5:12380"))
-            case "Deployment":
+            case "Deployment", "DaemonSet":
                 let selector = (spec["selector"] as? [String: Any])?["matchLabels"] as? [String: String] ?? [:]
                 let template = spec["template"] as? [String: Any] ?? [:]
                 let labels = (template["metadata"] as? [String: Any])?["labels"] as? [String: String] ?? [:]

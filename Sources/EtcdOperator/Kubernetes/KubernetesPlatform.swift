@@ -104,30 +104,42 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         do {
             let map = try await client.get(recordsPath)
             recordsVersion = (map["metadata"] as? [String: Any])?["resourceVersion"] as? String
-            let data = map["data"] as? [String: String] ?? [:]
-            recordsData = data
-            records = [:]
-            for (key, json) in data where key.hasSuffix(".json") {
-                if let record = try? JSONDecoder().decode(MemberRecord.self, from: Data(json.utf8)) { records[record.name] = record }
-            }
+            recordsData = map["data"] as? [String: String] ?? [:]
         } catch let error as KubeAPIError where error.isNotFound {
-            records = [:]
             recordsVersion = nil
             recordsData = [:]
         }
+        records = Self.records(in: recordsData)
+    }
+
+    /// The member records among a ConfigMap's data (`member-N.json`).
+    static func records(in data: [String: String]) -> [String: MemberRecord] {
+        var records: [String: MemberRecord] = [:]
+        for (key, json) in data where key.hasSuffix(".json") && key != NodeAgent.bootKey {
+            if let record = try? JSONDecoder().decode(MemberRecord.self, from: Data(json.utf8)) { records[record.name] = record }
+        }
+        return records
     }
 
     /// Changes the records and writes them back with the version read; on a conflict (someone
     /// else wrote in between) reads again and applies the change again, a few times.
     func updateRecords(_ change: (inout [String: MemberRecord]) throws -> Void) async throws {
-        for _ in 0..<5 {
-            var next = records
+        try await updateRecordsData { data in
+            let before = Self.records(in: data)
+            var next = before
             try change(&next)
-            var data = recordsData
-            for name in records.keys where next[name] == nil { data[name + ".json"] = nil }
+            for name in before.keys where next[name] == nil { data[name + ".json"] = nil }
             for (name, record) in next {
                 data[name + ".json"] = String(decoding: try JSONEncoder.status.encode(record), as: UTF8.self)
             }
+        }
+    }
+
+    /// Changes the ConfigMap's data (keys that are not ours are kept as read).
+    func updateRecordsData(_ change: (inout [String: String]) throws -> Void) async throws {
+        for _ in 0..<5 {
+            var data = recordsData
+            try change(&data)
             var metadata: [String: Any] = ["name": "\(clusterName)-members", "namespace": namespace,
                                            "labels": ["app.kubernetes.io/name": "etcdlite", "etcdlite.dev/cluster": clusterName]]
             let object: [String: Any]
@@ -145,7 +157,7 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
             }
             recordsVersion = (object["metadata"] as? [String: Any])?["resourceVersion"] as? String
             recordsData = data
-            records = next
+            records = Self.records(in: data)
             return
         }
         throw OperatorError("the member records kept changing under us (conflicts)")
@@ -222,55 +234,44 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
 
     public func hasJoined(_ name: String) -> Bool { records[name].map { !$0.initialCluster.isEmpty } ?? false }
 
+    /// A member runs as a static pod: the operator puts its manifest in its record, and the node
+    /// agent on its node writes it to the kubelet's manifest directory. The kubelet runs it with
+    /// or without the API server: after a power-off the members come back on their own data
+    /// before the API server (which needs them) does.
     public func start(_ name: String) async throws {
-        guard let record = records[name] else { throw OperatorError("no record of \(name)") }
-        if let pod = pods[name] {
-            let phase = (pod["status"] as? [String: Any])?["phase"] as? String
-            guard phase == "Failed" || phase == "Succeeded" else { return }
-            // A pod that ended stays ended (restartPolicy Always aside): a new one on the same data.
-            try await deletePod(name)
-        }
-        // Started from now on (a pod that never comes up is then a lost member, not a record
-        // nobody starts).
-        if !record.started {
-            try await updateRecords { $0[name]?.started = true }
-        }
-        do {
-            try await client.send(.POST, podsPath, body: memberPod(record))
-        } catch let error as KubeAPIError where error.isAlreadyExists {
-            // Made by an earlier pass that crashed before it saw the answer.
+        try await updateMember(name) { $0.started = true }
+    }
+
+    /// Changes a member's record and renders its manifest again from it.
+    func updateMember(_ name: String, _ change: @escaping (inout MemberRecord) -> Void) async throws {
+        guard records[name] != nil else { throw OperatorError("no record of \(name)") }
+        let manifest = try staticPodManifest
+        try await updateRecords { records in
+            guard var record = records[name] else { return }
+            change(&record)
+            record.manifest = try manifest(record)
+            records[name] = record
         }
     }
 
-    func deletePod(_ name: String) async throws {
-        do {
-            try await client.send(.DELETE, podsPath + "/" + podName(name))
-        } catch let error as KubeAPIError where error.isNotFound {}
-        pods[name] = nil
-    }
-
+    /// The record goes; the node agent removes the manifest, and the data once no process holds it.
     public func delete(_ name: String) async throws {
-        try await deletePod(name)
         try await updateRecords { $0[name] = nil }
     }
 
-    /// The container's image changes in place (a strategic merge patch by container name): the
-    /// kubelet restarts the container on the same pod, node and data.
+    /// The manifest with the new image: the kubelet restarts the member on the same node and data.
     public func upgrade(_ name: String, to version: String) async throws {
-        let patch: [String: Any] = ["spec": ["containers": [["name": "etcdlite", "image": version]]]]
-        try await client.send(.PATCH, podsPath + "/" + podName(name), body: patch, contentType: "application/strategic-merge-patch+json")
-        try await updateRecords { $0[name]?.binary = version }
+        try await updateMember(name) { $0.binary = version }
     }
 
     public func runningClientURLs() async -> [String] {
         records.values.filter { pods[$0.name] != nil }.sorted { $0.name < $1.name }.map(\.clientURL)
     }
 
-    /// Every member's pod goes; member-0 starts a new cluster on the operator's node from the
-    /// snapshot (an init container restores it into a new data directory). Old data stays on the
-    /// nodes' host paths.
+    /// Every member's record goes (their node agents stop them and move their data aside);
+    /// member-0 starts a new cluster on the operator's node from the snapshot (an init container
+    /// restores it into a new data directory).
     public func reseed(from snapshot: String) async throws {
-        for name in records.keys { try await deletePod(name) }
         // The backups are on the operator's node.
         guard let node = operatorNode, let ip = nodeIP(node) else { throw OperatorError("no node to re-seed on (NODE_NAME unset or unknown)") }
         let token = "\(clusterName)-\(Int(Date().timeIntervalSince1970))"
@@ -278,10 +279,11 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
                                   initialCluster: "member-0=http://\(ip):\(peerPort)", initialClusterState: "new", clusterToken: token, started: true,
                                   node: node, dataName: Self.dataName("member-0"))
         record.restoreFrom = snapshot
+        record.manifest = try staticPodManifest(record)
+        let seeded = record
         try await updateRecords { records in
-            records = ["member-0": record]
+            records = ["member-0": seeded]
         }
-        try await client.send(.POST, podsPath, body: memberPod(record))
     }
 
     public func createFirstMember() async throws -> String? {
@@ -313,7 +315,16 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
 
     // MARK: The member's pod
 
-    /// A member's pod: on its node, on the host network, its data on the host path.
+    /// A member's static pod manifest (JSON), as its node agent writes it.
+    var staticPodManifest: (MemberRecord) throws -> String {
+        { record in
+            String(decoding: try JSONSerialization.data(withJSONObject: self.memberPod(record), options: [.sortedKeys, .withoutEscapingSlashes]),
+                   as: UTF8.self)
+        }
+    }
+
+    /// A member's static pod: on the host network, its data on the host path. The kubelet of its
+    /// node runs it and shows it as a mirror pod named `<name>-<node>`.
     func memberPod(_ record: MemberRecord) -> [String: Any] {
         let dataDir = "\(hostPath)/\(record.dataName ?? "\(record.name)-\(record.id.map { String($0, radix: 16) } ?? record.clusterToken)")"
         var command = ["etcdlite", "--name", record.name, "--data-dir", dataDir,
@@ -325,7 +336,6 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         }
         var volumes: [[String: Any]] = [["name": "data", "hostPath": ["path": hostPath, "type": "DirectoryOrCreate"]]]
         var podSpec: [String: Any] = [
-            "nodeName": record.node ?? "",
             "hostNetwork": true,
             "dnsPolicy": "ClusterFirstWithHostNet",
             "priorityClassName": "system-node-critical",
@@ -367,17 +377,14 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
                 "name": podName(record.name), "namespace": namespace,
                 "labels": ["app.kubernetes.io/name": "etcdlite", "app.kubernetes.io/component": "member",
                            "etcdlite.dev/cluster": clusterName, "etcdlite.dev/member": record.name],
-                "ownerReferences": ownerReferences,
             ] as [String: Any],
             "spec": podSpec,
         ]
     }
 
-    var ownerReferences: [[String: Any]] {
-        let metadata = cluster["metadata"] as? [String: Any] ?? [:]
-        guard let uid = metadata["uid"] as? String else { return [] }
-        return [["apiVersion": "\(Manifests.group)/\(Manifests.version)", "kind": "EtcdLiteCluster", "name": clusterName, "uid": uid,
-                 "controller": true, "blockOwnerDeletion": true]]
+    /// The boot member left the cluster: the node agents delete its static pod manifest.
+    public func bootMemberRemoved() async {
+        _ = try? await updateRecordsData { $0[NodeAgent.bootKey] = "{\"removed\":true}" }
     }
 
     // MARK: Status and events
