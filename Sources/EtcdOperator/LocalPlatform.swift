@@ -262,11 +262,19 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
         }
     }
 
-    /// The process of a member, if one runs on its data directory.
+    /// The process of a member, if one runs on its data directory: its pid file's, or, when a
+    /// crash came between spawning it and writing that file, the one /proc shows on its data
+    /// directory (the pid file is written again).
     public func pid(of name: String) -> pid_t? {
-        guard let text = try? String(contentsOfFile: pidPath(name), encoding: .utf8),
-              let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return nil }
-        return Self.isAlive(pid, dataDir: dataDir(name)) ? pid : nil
+        let dir = dataDir(name)
+        if let text = try? String(contentsOfFile: pidPath(name), encoding: .utf8),
+           let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), Self.isAlive(pid, dataDir: dir) {
+            return pid
+        }
+        let candidates = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap(pid_t.init)
+        guard let found = candidates.first(where: { Self.isAlive($0, dataDir: dir) }) else { return nil }
+        try? String(found).write(toFile: pidPath(name), atomically: true, encoding: .utf8)
+        return found
     }
 
     /// The process exists, is not a zombie, and runs on that data directory (not a reused pid).
@@ -308,6 +316,7 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: dataDir(name), withIntermediateDirectories: true)
         let pid = try Self.spawn(record.binary, arguments, log: logsDir + "/" + name + ".log")
         children.insert(pid)
+        Reconciler.failpoint("after-spawn")
         try String(pid).write(toFile: pidPath(name), atomically: true, encoding: .utf8)
     }
 

@@ -166,6 +166,8 @@ public enum Manifests {
             ["apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]],
             ["apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "delete"]],
             ["apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]],
+            // One active operator (a leader lease).
+            ["apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]],
             // The members' records (`<cluster>-members`).
             ["apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update"]],
             ["apiGroups": ["apps"], "resources": ["statefulsets", "statefulsets/scale"], "verbs": ["get", "list", "watch", "update", "patch"]],
@@ -221,7 +223,9 @@ public enum Manifests {
             "containers": [["name": "operator", "image": options.image,
                             "command": ["etcdlite", "operator", "--platform", "kubernetes", "--namespace", options.namespace, "--cluster", "etcdlite"],
                             // Backups and re-seeds happen on the operator's node.
-                            "env": [["name": "NODE_NAME", "valueFrom": ["fieldRef": ["fieldPath": "spec.nodeName"]]]],
+                            "env": [["name": "NODE_NAME", "valueFrom": ["fieldRef": ["fieldPath": "spec.nodeName"]]],
+                                    // Its identity in the leader lease.
+                                    ["name": "POD_NAME", "valueFrom": ["fieldRef": ["fieldPath": "metadata.name"]]]],
                             "volumeMounts": [["name": "backups", "mountPath": "\(options.hostPath)/backups"]]] as [String: Any]],
             "volumes": [["name": "backups", "hostPath": ["path": "\(options.hostPath)/backups", "type": "DirectoryOrCreate"]]],
         ])

@@ -65,12 +65,13 @@ public final class Reconciler: @unchecked Sendable {
         if let saved { status = saved }
     }
 
-    /// Runs passes until `shouldStop` says so (or `passes` of them, when not 0).
-    public func run(passes: Int = 0, shouldStop: @Sendable () -> Bool = { false }) async {
+    /// Runs passes until `shouldStop` says so (or `passes` of them, when not 0). A pass runs
+    /// only when `gate` allows it (on Kubernetes: this operator holds the leader lease).
+    public func run(passes: Int = 0, shouldStop: @Sendable () -> Bool = { false }, gate: (@Sendable () async -> Bool)? = nil) async {
         var done = 0
         while !shouldStop() && (passes == 0 || done < passes) {
             done += 1
-            _ = await pass()
+            if await gate?() ?? true { _ = await pass() }
             // Until the interval passes or a watch says something changed.
             let until = ContinuousClock.now + platform.settings.reconcileInterval
             while ContinuousClock.now < until && !nudged.withLockedValue({ $0 }) && !shouldStop() {

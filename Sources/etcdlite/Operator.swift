@@ -18,14 +18,18 @@ struct Operator: AsyncParsableCommand {
     func run() async throws {
         LoggingSystem.bootstrap { JSONLogHandler(logLevel: JSONLogHandler.level(logLevel) ?? .info, label: $0) }
         if platform == "kubernetes" {
-            let kubernetes = KubernetesPlatform(client: try KubeClient.inCluster(), namespace: namespace, clusterName: cluster,
+            let client = try KubeClient.inCluster()
+            let kubernetes = KubernetesPlatform(client: client, namespace: namespace, clusterName: cluster,
                                                 operatorNode: ProcessInfo.processInfo.environment["NODE_NAME"])
+            // One active operator: the others stand by until the lease lapses.
+            let lease = LeaderLease(client: client, namespace: namespace, name: "\(cluster)-operator",
+                                    identity: ProcessInfo.processInfo.environment["POD_NAME"] ?? ProcessInfo.processInfo.hostName)
             let reconciler = Reconciler(platform: kubernetes)
             let stop = StopFlag()
             let signals = ShutdownSignals { _ in stop.set() }
             defer { signals.cancel() }
             async let watching: Void = kubernetes.watch(shouldStop: { stop.isSet }, changed: { reconciler.nudge() })
-            await reconciler.run(passes: passes) { stop.isSet }
+            await reconciler.run(passes: passes, shouldStop: { stop.isSet }, gate: { await lease.acquireOrRenew() })
             stop.set()
             await watching
             return
@@ -38,7 +42,7 @@ struct Operator: AsyncParsableCommand {
         let stop = StopFlag()
         let signals = ShutdownSignals { _ in stop.set() }
         defer { signals.cancel() }
-        await reconciler.run(passes: passes) { stop.isSet }
+        await reconciler.run(passes: passes, shouldStop: { stop.isSet })
     }
 }
 

@@ -19,7 +19,7 @@ final class FakeAPIServer: @unchecked Sendable {
         var body: [String: Any]?
     }
 
-    static let collections: Set<String> = ["pods", "configmaps", "events", "etcdliteclusters", "nodes"]
+    static let collections: Set<String> = ["pods", "configmaps", "events", "etcdliteclusters", "nodes", "leases"]
     let token = "test-token"
     private let lock = NSLock()
     private var objects: [String: [String: Any]] = [:]
