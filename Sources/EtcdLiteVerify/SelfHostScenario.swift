@@ -129,8 +129,13 @@ public struct SelfHostScenario: Sendable {
             }) { s in s.members.count == 3 && s.members.allSatisfy { $0.version == nextBinary } }
             var killedAt = Date()
             try await step("kill -9 every member", {
+                let pids = Self.memberPids(config)
+                for pid in pids { kill(pid, SIGKILL) }
+                // From the moment every member is gone (a put answered while SIGKILL was on its
+                // way does not count as recovered).
+                let deadline = Date().addingTimeInterval(5)
+                while pids.contains(where: Self.isRunning) && Date() < deadline { usleep(5_000) }
                 killedAt = Date()
-                for pid in Self.memberPids(config) { kill(pid, SIGKILL) }
             }) { s in s.members.count == 3 && s.reconciles > 0 }
             recovery = writer.firstAck(after: killedAt).map { $0.timeIntervalSince(killedAt) }
         } catch is Abort {}
@@ -171,6 +176,12 @@ public struct SelfHostScenario: Sendable {
             let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline").map { String(decoding: $0, as: UTF8.self) } ?? ""
             return cmdline.contains(config.dataRoot + "/data/")
         }
+    }
+
+    /// Still running (neither gone nor a zombie waiting for its parent).
+    static func isRunning(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return false }
+        return stat[stat.index(close, offsetBy: 2)] != "Z"
     }
 
     /// Every key under the writer's prefix, read (linearizable) from the first member that answers.

@@ -365,6 +365,12 @@ final class ApplyLoop: @unchecked Sendable {
                 guard raft.role == .leader else { continue }
                 propose(data, request, nil)
             case .proposal(let data, let request, let completion):
+                // Removed from the cluster: nothing proposed here can be committed (etcd answers
+                // "server stopped" as it shuts down).
+                if removedSince != nil {
+                    completion?(.failure(.stopped))
+                    continue
+                }
                 propose(data, request, completion)
             case .local(let body):
                 locals.append(body)
@@ -446,6 +452,15 @@ final class ApplyLoop: @unchecked Sendable {
         // An image the core did not take (it had the entries after all) is not kept.
         for path in receivedImages { SnapshotImage.remove(path) }
         receivedImages.removeAll()
+        if removedSince != nil && !waiters.isEmpty {
+            // Removed: what was proposed through this member and is not applied yet will not be
+            // (the others send a removed member nothing more). Its clients hear it now, as from
+            // a stopping etcd, rather than at their deadline; the outcome is unknown to them, as
+            // with any unavailable answer.
+            for (_, waiter) in waiters { waiter.completion?(.failure(.stopped)) }
+            waiters.removeAll()
+            proposedAt.removeAll()
+        }
         if let since = removedSince, !reportedRemoved, now.timeIntervalSince(since) >= 10 * tickInterval {
             reportedRemoved = true
             logger.warning("the member has been permanently removed from the cluster")
