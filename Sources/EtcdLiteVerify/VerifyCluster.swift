@@ -166,6 +166,9 @@ final class VerifyCluster: @unchecked Sendable {
             let log = (try? Data(contentsOf: dataDir(i).appendingPathComponent("member.log"))) ?? Data()
             let since = String(decoding: log.dropFirst(offset), as: UTF8.self)
             if since.contains("ready to serve client requests") { return since.contains("failpoint armed") }
+            // A sync failing early stops the member before it serves (its start syncs too): the
+            // failpoint took effect all the same.
+            if !isRunning(i) { return since.contains("failed to start") || since.contains("write path failed") }
             try? await Task.sleep(for: .milliseconds(100))
         }
         return false
