@@ -191,7 +191,7 @@ public struct SelfHostScenario: Sendable {
         request.rangeEnd = Array((Writer.prefix.dropLast() + "0").utf8).data
         request.keysOnly = true
         for endpoint in endpoints {
-            guard let connection = try? await Writer.connect(endpoint) else { continue }
+            guard let connection = try? await EtcdAdmin.connect(endpoint, timeout: .milliseconds(500)) else { continue }
             defer { Task { await connection.close() } }
             guard let bytes = try? await connection.unary("/etcdserverpb.KV/Range", try request.serializedBytes(), timeout: .seconds(10)),
                   let response = try? Etcdserverpb_RangeResponse(serializedBytes: bytes) else { continue }
@@ -215,17 +215,12 @@ final class Writer: Sendable {
 
     init(endpoints: [String]) { self.endpoints = endpoints }
 
-    static func connect(_ endpoint: String) async throws -> GRPCClientConnection {
-        let hostPort = endpoint.replacingOccurrences(of: "http://", with: "").split(separator: ":")
-        return try await GRPCClientConnection.connect(host: String(hostPort[0]), port: Int(hostPort[1])!, connectTimeout: .milliseconds(500))
-    }
-
     func run() async {
         var next = 0, seq = 0
         var connection: GRPCClientConnection?
         while !Task.isCancelled {
             if connection == nil {
-                connection = try? await Self.connect(endpoints[next % endpoints.count])
+                connection = try? await EtcdAdmin.connect(endpoints[next % endpoints.count], timeout: .milliseconds(500))
                 if connection == nil {
                     next += 1
                     try? await Task.sleep(for: .milliseconds(20))

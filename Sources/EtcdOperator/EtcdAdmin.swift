@@ -98,7 +98,7 @@ public struct EtcdAdmin: Sendable {
     }
 
     /// "host:port" or "http://host:port".
-    static func connect(_ endpoint: String, timeout: TimeAmount) async throws -> GRPCClientConnection {
+    public static func connect(_ endpoint: String, timeout: TimeAmount) async throws -> GRPCClientConnection {
         var rest = Substring(endpoint)
         if let scheme = rest.range(of: "://") { rest = rest[scheme.upperBound...] }
         let parts = rest.split(separator: ":")

@@ -88,7 +88,7 @@ import Testing
         let pod = try #require(try JSONSerialization.jsonObject(with: written) as? [String: Any])
         #expect(pod["kind"] as? String == "Pod" && (pod["metadata"] as? [String: Any])?["name"] as? String == "etcdlite-member-1")
         let command = KubernetesPlatformTests.container(pod)["command"] as? [String] ?? []
-        #expect(command.contains("--initial-cluster-advertise-peer-urls") || command.contains("--initial-advertise-peer-urls"))
+        #expect(command.contains("--initial-advertise-peer-urls") && command.contains("http://10.0.0.2:2380"))
 
         // The boot member removed: every agent learns it from the records.
         try Data("{}".utf8).write(to: URL(fileURLWithPath: manifests + "/" + NodeAgent.bootManifest))
