@@ -38,6 +38,9 @@ public struct KVBench: Sendable {
     public var readRatio = 0.5
     /// Called about twice a second with the answered count (progress display).
     public var progress: (@Sendable (Int) -> Void)?
+    /// Seeds the run's draws (key choice, read or write): drawn per request from it without a
+    /// system call (the system generator costs a getrandom per call on Linux).
+    public var seed = UInt64.random(in: 0...UInt64.max)
 
     public init(workload: Workload, endpoints: [Endpoint]) {
         self.workload = workload
@@ -78,7 +81,7 @@ public struct KVBench: Sendable {
     /// The key of operation `n` (exactly `keySize` bytes: the key index as a varint, zero-padded,
     /// as etcd's benchmark makes them).
     func key(_ n: Int) -> Data {
-        let index = sequentialKeys ? n % keySpaceSize : Int.random(in: 0..<keySpaceSize)
+        let index = sequentialKeys ? n % keySpaceSize : Int(draw(n, 1) % UInt64(keySpaceSize))
         var bytes = [UInt8](repeating: 0, count: keySize)
         var v = UInt64(bitPattern: Int64(index) << 1)  // zig-zag, as Go's PutVarint
         var i = 0
@@ -89,6 +92,14 @@ public struct KVBench: Sendable {
             if v == 0 { break }
         }
         return Data(bytes)
+    }
+
+    /// A uniformly distributed draw for operation `n` (SplitMix64 of the seed, `n` and `stream`).
+    func draw(_ n: Int, _ stream: UInt64) -> UInt64 {
+        var z = seed &+ UInt64(truncatingIfNeeded: n) &* 0x9E37_79B9_7F4A_7C15 &+ stream &* 0xD1B5_4A32_D192_ED03
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
     }
 
     /// The gRPC method and encoded request of operation `n`.
@@ -114,7 +125,7 @@ public struct KVBench: Sendable {
             return ("/etcdserverpb.KV/Txn", try txn.serializedBytes())
         case .txnMixed:
             var txn = Etcdserverpb_TxnRequest()
-            if Double.random(in: 0..<1) < readRatio {
+            if Double(draw(n, 2) >> 11) / Double(1 << 53) < readRatio {
                 let range = rangeRequest(n)
                 txn.success = [Etcdserverpb_RequestOp.with { $0.requestRange = range }]
             } else {
