@@ -102,8 +102,9 @@ import Testing
                 for key in ["a", "b", "c", "d"] { w.create(key) }
                 let created = await w.wait { $0.filter(\.created).count == 4 }.filter(\.created)
                 #expect(created.prefix(3).allSatisfy { !$0.canceled && $0.watchID >= 0 })
+                try #require(created.count == 4, "four creates answered: \(created)")
                 #expect(created.last?.canceled == true && created.last?.watchID == -1
-                        && created.last?.cancelReason == "etcdlite: too many watchers on this stream")
+                        && created.last?.cancelReason == "etcdlite: too many watchers on this stream", "\(created)")
                 // After a cancel there is room again.
                 w.cancel(created[0].watchID)
                 w.create("e")

@@ -200,6 +200,16 @@ public final class RaftLogStore: LogStorage {
     /// moves the commit index is written without one (as etcd's WAL does): a lost commit index is
     /// learned again, and the record goes to disk with the next synced write.
     public func save(hardState newHardState: HardState?, entries: [Entry], installed snapshot: Snapshot? = nil) throws {
+        guard let written = try write(hardState: newHardState, entries: entries, installed: snapshot) else { return }
+        try RecordSegments.sync(written)
+        try finishSync()
+    }
+
+    /// `save` in two steps, so that the fdatasync can run on another thread while this one goes on:
+    /// takes what a Ready asks to persist and writes it to the file (the page cache), returning the
+    /// descriptor to fdatasync, or nil when nothing needs a sync (only the commit index moved).
+    /// Until `finishSync` is called after that sync, nothing else may be written to the log.
+    public func write(hardState newHardState: HardState?, entries: [Entry], installed snapshot: Snapshot? = nil) throws -> Int32? {
         let mustSync = snapshot != nil || !entries.isEmpty
             || newHardState.map { $0.term != hardState.term || $0.vote != hardState.vote } == true
         if let snapshot {
@@ -221,8 +231,15 @@ public final class RaftLogStore: LogStorage {
             hardState.commit = snapshot.index
             buffer(hardState: hardState)
         }
-        guard mustSync else { return }
-        try sync()
+        guard mustSync, !pending.isEmpty else { return nil }
+        try RecordSegments.write(pending, to: segment.fileDescriptor)
+        segmentSize += pending.count
+        pending.removeAll(keepingCapacity: true)
+        return segment.fileDescriptor
+    }
+
+    /// After the sync of what `write` wrote: a full segment is closed and a new one started.
+    public func finishSync() throws {
         if segmentSize >= segmentLimit { try rotate() }
     }
 

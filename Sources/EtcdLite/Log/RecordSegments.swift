@@ -74,6 +74,12 @@ enum RecordSegments {
 
     /// Writes all of `bytes` at the file's position and makes them durable with one fdatasync.
     static func writeAndSync(_ bytes: [UInt8], to fd: Int32) throws {
+        try write(bytes, to: fd)
+        try sync(fd)
+    }
+
+    /// Writes all of `bytes` at the file's position (into the page cache: not durable yet).
+    static func write(_ bytes: [UInt8], to fd: Int32) throws {
         try bytes.withUnsafeBytes { raw in
             var written = 0
             while written < raw.count {
@@ -85,6 +91,10 @@ enum RecordSegments {
                 written += n
             }
         }
+    }
+
+    /// Makes what was written to `fd` durable.
+    static func sync(_ fd: Int32) throws {
         try Failpoints.beforeLogSync()
         if fdatasync(fd) != 0 { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
     }
