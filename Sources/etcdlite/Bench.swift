@@ -17,6 +17,14 @@ struct Bench: AsyncParsableCommand {
             try Endpoint(String(endpoints.split(separator: ",").first ?? ""))
         }
 
+        /// Runs `body` under a progress display of the time gone (none with --json).
+        func withProgress<R>(duration: Double?, _ body: () async throws -> R) async rethrows -> R {
+            let display = json ? nil : ProgressDisplay.standardError(total: nil, duration: duration)
+            display?.begin()
+            defer { display?.finish() }
+            return try await body()
+        }
+
         func report<R: Encodable>(_ result: R, text: String) throws {
             if json {
                 let encoder = JSONEncoder()
@@ -45,7 +53,8 @@ struct Bench: AsyncParsableCommand {
             bench.puts = puts
             bench.rate = rate
             bench.valueSize = valSize
-            let r = try await bench.run()
+            // About puts / rate seconds of puts, after the watchers are set up.
+            let r = try await common.withProgress(duration: nil) { try await bench.run() }
             try common.report(r, text: """
                 watch-latency: \(r.watchers) watchers on \(r.streams) streams, \(r.puts) puts at \(rate)/s
                 events: \(r.eventsReceived) of \(r.eventsExpected)
@@ -73,7 +82,8 @@ struct Bench: AsyncParsableCommand {
             bench.window = window
             bench.leases = leases
             bench.duration = duration
-            let r = try await bench.run()
+            // One second of warm-up, then the measured seconds.
+            let r = try await common.withProgress(duration: duration + 1) { try await bench.run() }
             try common.report(r, text: String(format: """
                 lease-keepalive: %d keep-alives in %.2f s = %.0f/s (streams %d, window %d, leases %d)
                 latency: %@
@@ -95,7 +105,7 @@ struct Bench: AsyncParsableCommand {
             bench.leases = leases
             bench.ttl = ttl
             bench.rate = rate
-            let r = try await bench.run()
+            let r = try await common.withProgress(duration: nil) { try await bench.run() }
             try common.report(r, text: String(format: """
                 lease-expiry: %d leases (TTL %d s) granted with keys in %.2f s; expired over %.2f s; %d keys left
                 writes during expiry: %@
@@ -150,12 +160,6 @@ struct Bench: AsyncParsableCommand {
             bench.serializable = consistency == "s"
             bench.prefix = prefix
             bench.readRatio = readRatio
-            if isatty(STDERR_FILENO) != 0 && !json {
-                let total = self.total
-                bench.progress = { answered in
-                    FileHandle.standardError.write(Data("\r\(answered) / \(total)".utf8))
-                }
-            }
             return bench
         }
 
@@ -165,10 +169,14 @@ struct Bench: AsyncParsableCommand {
                 return try await runCheck()
             }
             guard let compare else {
-                let bench = try await bench(workload, endpoints: endpoints)
+                var bench = try await bench(workload, endpoints: endpoints)
                 if fill { try await bench.fill() }
+                let display = json ? nil : ProgressDisplay.standardError(total: total, duration: duration)
+                if let display { bench.progress = { @Sendable answered in display.update(done: answered) } }
+                display?.begin()
                 let result = try await bench.run()
-                if bench.progress != nil { FileHandle.standardError.write(Data("\n".utf8)) }
+                display?.update(done: result.requests)
+                display?.finish()
                 print(json ? try Self.json(result) : result.text)
                 return
             }
@@ -178,7 +186,11 @@ struct Bench: AsyncParsableCommand {
                 try await a.fill()
                 try await b.fill()
             }
+            // Rounds alternate between the targets: the display shows the time gone.
+            let display = json ? nil : ProgressDisplay.standardError(total: nil, duration: nil)
+            display?.begin()
             let comparison = try await KVComparison.run(a, b, rounds: rounds)
+            display?.finish()
             print(json ? try Self.json(comparison) : comparison.text)
         }
 
@@ -260,7 +272,10 @@ struct Bench: AsyncParsableCommand {
             bench.objects = objects
             bench.valueSize = valSize
             bench.watch = watch
+            let display = json ? nil : ProgressDisplay.standardError(total: nil, duration: duration)
+            display?.begin()
             let result = try await bench.run()
+            display?.finish()
             print(json ? try KVOptions.json(result) : result.text)
         }
     }
@@ -282,7 +297,7 @@ struct Bench: AsyncParsableCommand {
             bench.revisions = revisions
             bench.gets = gets
             bench.clients = clients
-            let r = try await bench.run()
+            let r = try await common.withProgress(duration: nil) { try await bench.run() }
             try common.report(r, text: String(format: """
                 watch-get: %d gets (%.0f/s) while %d watchers replay %d revisions
                 get: %@

@@ -68,6 +68,11 @@ import Testing
         #expect(result.seconds >= 0.95 && result.seconds < 5 && result.requests > 0 && result.requests == result.succeeded)
     }
 
+    /// What a --json run writes on standard error.
+    func timedJSONStderr(_ endpoint: String) -> String {
+        (try? Self.bench(["put", "--endpoints", endpoint, "--duration", "1.2", "--total", "1000000", "--json"]).stderr) ?? "(did not run)"
+    }
+
     @Test func everyKVWorkloadAgainstAMember() throws {
         let member = try ServerProcess(executable: etcdliteBinary())
         defer { member.stop(); member.dataDir.cleanup() }
@@ -76,6 +81,18 @@ import Testing
         let text = try Self.bench(["put", "--endpoints", member.endpoint, "--total", "50"])
         for line in ["Summary:", "Requests/sec:", "Response time histogram:", "Latency distribution:", "99.99% in"] {
             #expect(text.stdout.contains(line), "\(line) in \(text.stdout)")
+        }
+        // Progress: plain lines on a pipe, a bar redrawn in place on a terminal (script(1) gives
+        // the run one), nothing with --json.
+        let piped = try Self.bench(["put", "--endpoints", member.endpoint, "--duration", "1.6", "--total", "1000000", "--clients", "2"])
+        #expect(piped.stderr.split(separator: "\n").contains { $0.hasPrefix("progress: ") && $0.contains("%") && $0.contains("/s") },
+                "\(piped.stderr)")
+        #expect(!piped.stderr.contains("\r"))
+        #expect(!timedJSONStderr(member.endpoint).contains("progress"))
+        if let script = which("script") {
+            let command = "\(etcdliteBinary()) bench put --endpoints \(member.endpoint) --total 3000 --clients 2"
+            let tty = try run(script, ["-qec", command, "/dev/null"], timeout: 60)
+            #expect(tty.stdout.contains("\r[") && tty.stdout.contains("100%  3000/3000"), "\(tty.stdout.prefix(400).debugDescription)")
         }
         // An error is counted by its message, and the run goes on.
         let refused = try Self.bench(["put", "--endpoints", member.endpoint, "--total", "20", "--key-size", "1", "--val-size", "2000000", "--json"])
