@@ -2,8 +2,9 @@
 # etcdlite against etcd 3.4 on this machine, side by side: a fresh etcd and a fresh etcdlite (one
 # member each, then three members each, the same flags, data under /var/tmp), every KV workload
 # through `etcdlite bench --compare` (rounds alternate etcd, etcdlite; medians), plus h2load rows
-# (Put and linearizable Range with 64 streams on one connection). Prints the ratio table that
-# BENCHMARKS.md shows.
+# (Put and linearizable Range with 64 streams on one connection) and wrk rows (the JSON gateway:
+# puts of new keys and serializable ranges, 64 connections, 5 s each). Prints the ratio table
+# that BENCHMARKS.md shows.
 #
 # Usage: scripts/bench-vs-etcd.sh [rounds] [requests per run]   (ROUNDS=3, TOTAL=20000 by default)
 set -euo pipefail
@@ -14,6 +15,7 @@ if ! command -v etcd > /dev/null || ! command -v etcdctl > /dev/null; then
   apt-get install -y etcd-server etcd-client > /dev/null
 fi
 command -v h2load > /dev/null || apt-get install -y nghttp2-client > /dev/null
+command -v wrk > /dev/null || apt-get install -y wrk > /dev/null
 [ -x .build/release/etcdlite ] || swift build -c release --product etcdlite
 source Benchmarks/lib.sh
 python3 Benchmarks/grpc_bodies.py bodies "$work"
@@ -49,6 +51,21 @@ h2row() { # setup etcd-port etcdlite-port
   done
 }
 
+wrkrow() { # setup etcd-port etcdlite-port (the range script reads bench/range/0042)
+  local value
+  value=$(head -c 192 /dev/zero | base64 -w0)
+  for port in "$2" "$3"; do
+    curl -sf -X POST "http://127.0.0.1:$port/v3/kv/put" \
+      -d "{\"key\":\"$(printf 'bench/range/0042' | base64)\",\"value\":\"$value\"}" > /dev/null
+  done
+  for script in put range; do
+    local e l
+    e=$(wrk -t 2 -c 64 -d 5s -s "Benchmarks/wrk/$script.lua" "http://127.0.0.1:$2" | awk '/^Requests\/sec/ {print $2}')
+    l=$(wrk -t 2 -c 64 -d 5s -s "Benchmarks/wrk/$script.lua" "http://127.0.0.1:$3" | awk '/^Requests\/sec/ {print $2}')
+    echo "| $1 | wrk JSON gateway $script, 64 connections | $e | $l | $(echo "scale=2; $l / $e" | bc)x | | | |"
+  done
+}
+
 machine_line
 echo "etcd: $(etcd --version | head -1); etcdlite: $lite_bin; rounds: $rounds; requests per run: $total"
 echo
@@ -66,6 +83,7 @@ for w in "${workloads[@]}"; do
     --rounds "$rounds" --total "$total" --clients 64 --conns 1 --json)"
 done
 h2row "1 member" 46000 46100
+wrkrow "1 member" 46000 46100
 kill -9 "$etcd_pid" "$lite_pid"
 
 # Three members each; every request to the leader.
@@ -79,6 +97,7 @@ for w in "${workloads[@]}"; do
     --rounds "$rounds" --total "$total" --clients 64 --conns 1 --json)"
 done
 h2row "3 members" "$etcd_leader" "$lite_leader"
+wrkrow "3 members" "$etcd_leader" "$lite_leader"
 stop_cluster "${etcd_pids[@]}" "${lite_pids[@]}"
 echo
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

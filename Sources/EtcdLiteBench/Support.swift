@@ -1,6 +1,7 @@
 import EtcdLiteClient
 import EtcdLiteProto
 import Foundation
+import Histogram
 import NIOSSL
 import SwiftProtobuf
 import Synchronization
@@ -13,7 +14,7 @@ public func monotonicNanos() -> UInt64 {
     return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)
 }
 
-/// Latency samples in nanoseconds; percentiles by sorting (exact).
+/// Latency samples in nanoseconds, kept for the summary's HDR histogram.
 final class LatencyRecorder: Sendable {
     private let samples = Mutex<[UInt64]>([])
 
@@ -25,34 +26,39 @@ final class LatencyRecorder: Sendable {
     func summary() -> LatencySummary { LatencySummary(samples.withLock { $0 }) }
 }
 
-/// Milliseconds at the usual percentiles.
+/// Milliseconds at the usual percentiles, from an HDR histogram (three significant digits), as
+/// the KV workloads report them.
 public struct LatencySummary: Sendable, Codable {
     public var count: Int
     public var p50: Double
     public var p90: Double
     public var p99: Double
     public var p999: Double
+    public var p9999: Double
     public var max: Double
     public var mean: Double
+    public var stddev: Double
 
     init(_ values: [UInt64]) {
-        let sorted = values.sorted()
-        count = sorted.count
-        func at(_ q: Double) -> Double {
-            guard !sorted.isEmpty else { return 0 }
-            let index = Swift.min(sorted.count - 1, Int((Double(sorted.count) * q).rounded(.up)) - 1)
-            return Double(sorted[Swift.max(0, index)]) / 1e6
+        var histogram = Histogram<UInt64>(highestTrackableValue: 600_000_000_000, numberOfSignificantValueDigits: .three)
+        for value in values { _ = histogram.record(Swift.min(Swift.max(1, value), 600_000_000_000)) }
+        count = values.count
+        func at(_ percentile: Double) -> Double {
+            values.isEmpty ? 0 : Double(histogram.valueAtPercentile(percentile)) / 1e6
         }
-        p50 = at(0.5)
-        p90 = at(0.9)
-        p99 = at(0.99)
-        p999 = at(0.999)
-        max = Double(sorted.last ?? 0) / 1e6
-        mean = sorted.isEmpty ? 0 : Double(sorted.reduce(0, +)) / Double(sorted.count) / 1e6
+        p50 = at(50)
+        p90 = at(90)
+        p99 = at(99)
+        p999 = at(99.9)
+        p9999 = at(99.99)
+        max = Double(values.max() ?? 0) / 1e6
+        mean = values.isEmpty ? 0 : histogram.mean / 1e6
+        stddev = values.isEmpty ? 0 : histogram.stdDeviation / 1e6
     }
 
     public var text: String {
-        String(format: "n=%d p50=%.3fms p90=%.3fms p99=%.3fms p99.9=%.3fms max=%.3fms mean=%.3fms", count, p50, p90, p99, p999, max, mean)
+        String(format: "n=%d p50=%.3fms p90=%.3fms p99=%.3fms p99.9=%.3fms p99.99=%.3fms max=%.3fms mean=%.3fms stddev=%.3fms",
+               count, p50, p90, p99, p999, p9999, max, mean, stddev)
     }
 }
 

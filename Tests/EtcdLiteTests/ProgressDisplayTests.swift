@@ -1,4 +1,4 @@
-import EtcdLiteBench
+@testable import EtcdLiteBench
 import Foundation
 import Synchronization
 import Testing
@@ -48,5 +48,29 @@ import Testing
                         "\(written.debugDescription)")
             }
         }
+    }
+}
+
+/// The latency summary of the watch and lease workloads: HDR percentiles to p99.99, as the KV report.
+@Suite struct LatencySummaryTests {
+    @Test func percentilesComeFromTheHistogramToThreeDigits() throws {
+        func recorder(_ values: [UInt64]) -> LatencySummary {
+            let recorder = LatencyRecorder()
+            recorder.record(contentsOf: values)
+            return recorder.summary()
+        }
+        // 1 ms … 10,000 ms, one sample each.
+        let summary = recorder((1...10_000).map { UInt64($0) * 1_000_000 })
+        #expect(summary.count == 10_000)
+        for (value, expected) in [(summary.p50, 5_000.0), (summary.p90, 9_000.0), (summary.p99, 9_900.0),
+                                  (summary.p999, 9_990.0), (summary.p9999, 9_999.0)] {
+            #expect(abs(value - expected) / expected < 0.001, "\(value) vs \(expected)")
+        }
+        #expect(summary.max == 10_000)
+        #expect(abs(summary.mean - 5_000.5) / 5_000.5 < 0.001)
+        #expect(abs(summary.stddev - 2_886.9) / 2_886.9 < 0.01)
+        #expect(summary.text.contains("p99.99="))
+        let empty = recorder([])
+        #expect(empty.count == 0 && empty.p50 == 0 && empty.max == 0 && empty.mean == 0)
     }
 }
