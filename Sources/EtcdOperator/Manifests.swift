@@ -216,12 +216,19 @@ public enum Manifests {
         ]
     }
 
+    /// Where the operator serves /metrics and /healthz.
+    static let operatorMetricsPort = 8080
+
     static func operatorDeployment(_ options: BootstrapOptions) -> [String: Any] {
         controller("Deployment", "etcdlite-operator", options, spec: ["replicas": 1, "strategy": ["type": "Recreate"]], pod: [
             "priorityClassName": "system-cluster-critical",
             "tolerations": [["key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"]],
             "containers": [["name": "operator", "image": options.image,
-                            "command": ["etcdlite", "operator", "--platform", "kubernetes", "--namespace", options.namespace, "--cluster", "etcdlite"],
+                            "command": ["etcdlite", "operator", "--platform", "kubernetes", "--namespace", options.namespace, "--cluster", "etcdlite",
+                                        "--metrics-address", "0.0.0.0:\(Self.operatorMetricsPort)"],
+                            // Reconciles, actions by kind, members by state, for a Prometheus scrape.
+                            "ports": [["name": "metrics", "containerPort": Self.operatorMetricsPort, "protocol": "TCP"]],
+                            "livenessProbe": ["httpGet": ["path": "/healthz", "port": "metrics"], "periodSeconds": 10, "failureThreshold": 6],
                             // Backups and re-seeds happen on the operator's node.
                             "env": [["name": "NODE_NAME", "valueFrom": ["fieldRef": ["fieldPath": "spec.nodeName"]]],
                                     // Its identity in the leader lease.

@@ -386,7 +386,11 @@ public final class Reconciler: @unchecked Sendable {
     func publish() async {
         status.updated = Date()
         await platform.publish(status)
+        published?(status)
     }
+
+    /// Also told of every status published (the metrics endpoint).
+    public var published: (@Sendable (ClusterStatus) -> Void)?
 
     /// `ETCDLITE_OPERATOR_FAILPOINT=<name>`: the operator process exits at that point (tests of
     /// what a crash between two steps leaves and how the next operator heals it).

@@ -14,6 +14,19 @@ struct Operator: AsyncParsableCommand {
     @Option(help: "Name of the EtcdLiteCluster (kubernetes).") var cluster = "etcdlite"
     @Option(help: "Stop after this many passes (0: run until SIGTERM).") var passes = 0
     @Option(help: "Log level: debug, info, warn, error.") var logLevel = "info"
+    @Option(help: "Serve /metrics (Prometheus text) and /healthz over HTTP on HOST:PORT (none when empty).") var metricsAddress = ""
+
+    /// The metrics endpoint, when --metrics-address asks for one; it follows `reconciler`.
+    func serveMetrics(_ reconciler: Reconciler) async throws -> MetricsServer? {
+        guard !metricsAddress.isEmpty else { return nil }
+        guard let colon = metricsAddress.lastIndex(of: ":"), let port = Int(metricsAddress[metricsAddress.index(after: colon)...]) else {
+            throw ValidationError("--metrics-address must be HOST:PORT")
+        }
+        let server = try await MetricsServer.start(host: String(metricsAddress[..<colon]), port: port)
+        server.update(reconciler.status)
+        reconciler.published = { server.update($0) }
+        return server
+    }
 
     func run() async throws {
         LoggingSystem.bootstrap { JSONLogHandler(logLevel: JSONLogHandler.level(logLevel) ?? .info, label: $0) }
@@ -25,6 +38,7 @@ struct Operator: AsyncParsableCommand {
             let lease = LeaderLease(client: client, namespace: namespace, name: "\(cluster)-operator",
                                     identity: ProcessInfo.processInfo.environment["POD_NAME"] ?? ProcessInfo.processInfo.hostName)
             let reconciler = Reconciler(platform: kubernetes)
+            let metrics = try await serveMetrics(reconciler)
             let stop = StopFlag()
             let signals = ShutdownSignals { _ in stop.set() }
             defer { signals.cancel() }
@@ -32,6 +46,7 @@ struct Operator: AsyncParsableCommand {
             await reconciler.run(passes: passes, shouldStop: { stop.isSet }, gate: { await lease.acquireOrRenew() })
             stop.set()
             await watching
+            await metrics?.close()
             return
         }
         guard platform == "local" else { throw ValidationError("--platform must be local or kubernetes") }
@@ -39,10 +54,12 @@ struct Operator: AsyncParsableCommand {
         let local = try LocalPlatform(configPath: config)
         try local.lockOperator()
         let reconciler = Reconciler(platform: local, resuming: local.savedStatus())
+        let metrics = try await serveMetrics(reconciler)
         let stop = StopFlag()
         let signals = ShutdownSignals { _ in stop.set() }
         defer { signals.cancel() }
         await reconciler.run(passes: passes, shouldStop: { stop.isSet })
+        await metrics?.close()
     }
 }
 

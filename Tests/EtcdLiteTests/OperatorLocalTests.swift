@@ -77,9 +77,15 @@ import Testing
         let cluster = try ManagedCluster(size: 3, ports: 12, backup: .init(intervalSeconds: 2, retain: 2))
         defer { cluster.finish() }
         let root = cluster.root
-        try cluster.startOperator()
+        let metricsPort = freePort()
+        try cluster.startOperator(extra: ["--metrics-address", "127.0.0.1:\(metricsPort)"])
         var status = try await Self.waitSteady(root, count: 3, since: Date())
         let first = status.members.first { $0.leader }!.clientURL!
+        // The operator's metrics endpoint follows its status (curl, as a scrape).
+        let scrape = try run("/usr/bin/curl", ["-s", "--max-time", "5", "http://127.0.0.1:\(metricsPort)/metrics"], timeout: 10).stdout
+        #expect(scrape.contains("etcdlite_operator_members{state=\"healthy\"} 3") && scrape.contains("etcdlite_operator_reconciles_total "),
+                "\(scrape)")
+        #expect(!scrape.contains("etcdlite_operator_reconciles_total 0\n"), "\(scrape)")
         for i in 0..<20 {
             let put = try etcdctlAt(["--endpoints=\(first)", "put", "key\(i)", "value\(i)"])
             #expect(put.status == 0, "\(put.stderr)")
@@ -260,9 +266,9 @@ final class ManagedCluster {
 
     /// Starts an operator (the one before, if any, is killed first).
     @discardableResult
-    func startOperator(environment: [String: String] = [:]) throws -> ServerProcessHandle {
+    func startOperator(environment: [String: String] = [:], extra: [String] = []) throws -> ServerProcessHandle {
         operatorProcess?.kill()
-        let process = try ServerProcessHandle(etcdliteBinary(), ["operator", "--config", configPath],
+        let process = try ServerProcessHandle(etcdliteBinary(), ["operator", "--config", configPath] + extra,
                                               log: dir.url.appendingPathComponent("operator.log").path, environment: environment)
         operatorProcess = process
         return process

@@ -55,6 +55,15 @@ struct ManifestTests {
                 #expect(!selector.isEmpty && selector.allSatisfy { labels[$0.key] == $0.value }, "selector must match the template")
                 let podSpec = template["spec"] as? [String: Any] ?? [:]
                 #expect(!(podSpec["containers"] as? [[String: Any]] ?? []).isEmpty)
+                if name == "etcdlite-operator", let container = (podSpec["containers"] as? [[String: Any]])?.first {
+                    // Its metrics endpoint: the port named in the liveness probe, and the flag that serves it.
+                    let ports = container["ports"] as? [[String: Any]] ?? []
+                    #expect(ports.contains { $0["name"] as? String == "metrics" && $0["containerPort"] as? Int == 8080 })
+                    let command = container["command"] as? [String] ?? []
+                    #expect(command.firstIndex(of: "--metrics-address").map { command[$0 + 1] } == "0.0.0.0:8080")
+                    let probe = (container["livenessProbe"] as? [String: Any])?["httpGet"] as? [String: Any]
+                    #expect(probe?["path"] as? String == "/healthz" && probe?["port"] as? String == "metrics")
+                }
             case "Service":
                 let ports = spec["ports"] as? [[String: Any]] ?? []
                 #expect(!ports.isEmpty && ports.allSatisfy { ($0["port"] as? Int).map { 1...65535 ~= $0 } ?? false })
