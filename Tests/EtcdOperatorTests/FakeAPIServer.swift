@@ -85,6 +85,29 @@ final class FakeAPIServer: @unchecked Sendable {
         }
     }
 
+    /// A strategic merge patch as the API server applies it to the objects these tests use: maps
+    /// merge key by key, `containers` lists merge by name, other values are replaced.
+    static func strategicMerge(_ stored: [String: Any], _ patch: [String: Any]) -> [String: Any] {
+        var result = stored
+        for (key, value) in patch {
+            if key == "containers", let patches = value as? [[String: Any]], var containers = stored[key] as? [[String: Any]] {
+                for item in patches {
+                    if let i = containers.firstIndex(where: { $0["name"] as? String == item["name"] as? String }) {
+                        containers[i] = strategicMerge(containers[i], item)
+                    } else {
+                        containers.append(item)
+                    }
+                }
+                result[key] = containers
+            } else if let map = value as? [String: Any], let old = stored[key] as? [String: Any] {
+                result[key] = strategicMerge(old, map)
+            } else {
+                result[key] = value
+            }
+        }
+        return result
+    }
+
     /// The next request of `method` on a path starting with `pathPrefix` fails with this Status.
     func inject(_ method: String, _ pathPrefix: String, code: Int, reason: String) {
         locked { injected.append((method, pathPrefix, code, reason)) }
@@ -247,16 +270,7 @@ final class FakeAPIServer: @unchecked Sendable {
             guard request.contentType == "application/strategic-merge-patch+json" else {
                 return (415, Self.status(415, "UnsupportedMediaType", "the body of the request was in an unknown format"))
             }
-            if let patchContainers = (body["spec"] as? [String: Any])?["containers"] as? [[String: Any]],
-               var spec = stored["spec"] as? [String: Any], var containers = spec["containers"] as? [[String: Any]] {
-                for patch in patchContainers {
-                    if let i = containers.firstIndex(where: { $0["name"] as? String == patch["name"] as? String }) {
-                        containers[i].merge(patch) { _, new in new }
-                    }
-                }
-                spec["containers"] = containers
-                stored["spec"] = spec
-            }
+            stored = Self.strategicMerge(stored, body)
             return (200, replace(path, stored))
         case ("DELETE", false):
             guard let object = objects.removeValue(forKey: path) else { return notFound }

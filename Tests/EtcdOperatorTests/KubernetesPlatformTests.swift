@@ -350,6 +350,23 @@ import Testing
         let involved = event["involvedObject"] as? [String: Any] ?? [:]
         #expect(involved["kind"] as? String == "EtcdLiteCluster" && involved["name"] as? String == "etcdlite" && (involved["uid"] as? String)?.isEmpty == false)
         #expect(event["type"] as? String == "Warning" && event["reason"] as? String == "RemovingMember")
+
+        // The same Event again: its count goes up (a strategic merge patch), no second object.
+        await platform.event("RemovingMember", "removeMember(id: 1, via: 2)", warning: true)
+        await platform.event("RemovingMember", "removeMember(id: 1, via: 2)", warning: true)
+        var events = server.objects(in: "/api/v1/namespaces/kube-system/events")
+        #expect(events.count == 1 && events.first?["count"] as? Int == 3, "\(events)")
+        #expect(events.first?["firstTimestamp"] as? String == event["firstTimestamp"] as? String)
+        // Another message is another Event.
+        await platform.event("RemovingMember", "removeMember(id: 2, via: 1)", warning: true)
+        events = server.objects(in: "/api/v1/namespaces/kube-system/events")
+        #expect(events.count == 2)
+        // An Event that expired meanwhile (the API server deletes them after an hour) is made anew.
+        let name = (event["metadata"] as? [String: Any])?["name"] as? String ?? ""
+        _ = try await KubeClient(host: "127.0.0.1", port: server.port, token: "test-token").send(.DELETE, "/api/v1/namespaces/kube-system/events/\(name)")
+        await platform.event("RemovingMember", "removeMember(id: 1, via: 2)", warning: true)
+        events = server.objects(in: "/api/v1/namespaces/kube-system/events")
+        #expect(events.count == 2 && events.allSatisfy { $0["count"] as? Int == 1 }, "\(events)")
     }
 
     /// A whole pass of the reconciler on an empty cluster (no boot member, nothing recorded):

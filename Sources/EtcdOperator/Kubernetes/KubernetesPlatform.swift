@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOHTTP1
 
 /// Members as pods, through the Kubernetes API with the operator's service account.
@@ -435,20 +436,48 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         return object
     }
 
+    /// Events recently emitted, by type, reason and message: a repeat within `eventAggregationWindow`
+    /// raises the first one's count instead of adding another (as client-go's event correlator
+    /// does), so a step retried every pass does not fill the namespace with Events.
+    private let recentEvents = NIOLockedValueBox<[String: (name: String, count: Int, last: Date)]>([:])
+    static let eventAggregationWindow: TimeInterval = 600
+    static let recentEventsKept = 64
+
     public func event(_ reason: String, _ message: String, warning: Bool) async {
+        let type = warning ? "Warning" : "Normal"
+        let text = String(message.prefix(1024))
+        let key = "\(type)|\(reason)|\(text)"
+        let now = Date()
+        let stamp = ISO8601DateFormatter().string(from: now)
+        let eventsPath = "/api/v1/namespaces/\(namespace)/events"
+        if let seen = recentEvents.withLockedValue({ $0[key] }), now.timeIntervalSince(seen.last) < Self.eventAggregationWindow {
+            let patch: [String: Any] = ["count": seen.count + 1, "lastTimestamp": stamp]
+            if (try? await client.send(.PATCH, "\(eventsPath)/\(seen.name)", body: patch,
+                                       contentType: "application/strategic-merge-patch+json")) != nil {
+                recentEvents.withLockedValue { $0[key] = (seen.name, seen.count + 1, now) }
+                return
+            }
+            // Gone (Events expire) or refused: a new one.
+        }
         let metadata = cluster["metadata"] as? [String: Any] ?? [:]
-        let now = ISO8601DateFormatter().string(from: Date())
+        let name = "\(clusterName).\(String(UInt64(now.timeIntervalSince1970 * 1e9), radix: 16))"
         let event: [String: Any] = [
             "apiVersion": "v1", "kind": "Event",
-            "metadata": ["name": "\(clusterName).\(String(UInt64(Date().timeIntervalSince1970 * 1e9), radix: 16))", "namespace": namespace],
+            "metadata": ["name": name, "namespace": namespace],
             "involvedObject": ["apiVersion": "\(Manifests.group)/\(Manifests.version)", "kind": "EtcdLiteCluster", "name": clusterName,
                                "namespace": namespace, "uid": metadata["uid"] as? String ?? "",
                                "resourceVersion": metadata["resourceVersion"] as? String ?? ""],
-            "reason": reason, "message": String(message.prefix(1024)), "type": warning ? "Warning" : "Normal",
+            "reason": reason, "message": text, "type": type,
             "source": ["component": "etcdlite-operator"], "reportingComponent": "etcdlite-operator",
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
         ]
-        _ = try? await client.send(.POST, "/api/v1/namespaces/\(namespace)/events", body: event)
+        guard (try? await client.send(.POST, eventsPath, body: event)) != nil else { return }
+        recentEvents.withLockedValue { recent in
+            recent[key] = (name, 1, now)
+            if recent.count > Self.recentEventsKept, let oldest = recent.min(by: { $0.value.last < $1.value.last })?.key {
+                recent[oldest] = nil
+            }
+        }
     }
 
     // MARK: Watching
