@@ -606,6 +606,9 @@ final class ApplyLoop: @unchecked Sendable {
     /// log is due for compaction.
     private func apply(_ entries: [Entry]) throws -> Bool {
         guard !entries.isEmpty else { return false }
+        // Entries a member alone applied while they were being synced come back committed: no
+        // transaction for them.
+        if entries.allSatisfy({ $0.kind == .normal && $0.index.value <= machine.state.appliedIndex }) { return false }
         try machine.begin()
         var batch = AppliedBatch()
         try applyEntries(entries, to: &batch)
