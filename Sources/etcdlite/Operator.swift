@@ -133,6 +133,8 @@ struct NodeAgentCommand: AsyncParsableCommand {
     @Option(help: "The kubelet's static pod directory.") var manifests = "/etc/kubernetes/manifests"
     @Option(help: "The members' host path (the EtcdLiteCluster's spec.storage.hostPath).") var hostPath = "/var/lib/etcdlite"
     @Option(help: "Seconds between passes.") var interval = 5
+    @Option(help: "Seconds between recovery checkpoints (a verified snapshot of each member on this node under <host-path>/checkpoints; 0: none).")
+    var checkpointInterval = 1_800
 
     func run() async throws {
         LoggingSystem.bootstrap { JSONLogHandler(logLevel: .info, label: $0) }
@@ -142,7 +144,8 @@ struct NodeAgentCommand: AsyncParsableCommand {
         let stop = StopFlag()
         let signals = ShutdownSignals { _ in stop.set() }
         defer { signals.cancel() }
-        await agent.run(interval: .seconds(interval), shouldStop: { stop.isSet }, onDone: { done in
+        await agent.run(interval: .seconds(interval), checkpointInterval: checkpointInterval > 0 ? .seconds(checkpointInterval) : nil,
+                        shouldStop: { stop.isSet }, onDone: { done in
             for line in done { logger.info("\(line)") }
         }, onError: { error in
             // The API server away (a power-off, its own restart): the manifests stay as they are.

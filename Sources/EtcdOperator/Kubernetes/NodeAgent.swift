@@ -16,6 +16,10 @@ import Glibc
 /// - The API server unreachable: nothing changes. The manifests stay where the kubelet reads them
 ///   at boot, so after a full power-off every member comes back on its own data, the API server
 ///   after them.
+/// - Recovery checkpoints: on an interval, a snapshot of each member on this node is written to
+///   `<hostPath>/checkpoints/<member>-<time>.db` and checked with `etcdlite snapshot status`; the
+///   newest `checkpointsKept` of each member are kept. With the manifest, it is the member's
+///   checkpoint on its own node: a store to re-seed from when no quorum of data survives.
 public final class NodeAgent: @unchecked Sendable {
     /// The ConfigMap key that says the boot member was removed.
     public static let bootKey = "boot.json"
@@ -23,6 +27,10 @@ public final class NodeAgent: @unchecked Sendable {
     public static let bootManifest = "etcdlite-boot.json"
     /// Data directories of removed members kept in `<hostPath>/.removed` (the newest).
     static let removedKept = 3
+    /// Recovery checkpoints kept per member (the newest).
+    public static let checkpointsKept = 2
+    /// The records of the last pass that read them.
+    private var lastRecords: [MemberRecord] = []
 
     public let node: String
     public let manifestsDir: String
@@ -61,7 +69,48 @@ public final class NodeAgent: @unchecked Sendable {
             data = [:]
         }
         let bootRemoved = data[Self.bootKey].map { $0.contains("\"removed\":true") } ?? false
-        return try apply(Array(KubernetesPlatform.records(in: data).values), bootRemoved: bootRemoved)
+        let records = Array(KubernetesPlatform.records(in: data).values)
+        lastRecords = records
+        return try apply(records, bootRemoved: bootRemoved)
+    }
+
+    var checkpointsDir: String { hostPath + "/checkpoints" }
+
+    /// A checkpoint of every member of this node among `records`: a snapshot from its client URL,
+    /// kept once `verify` (nil: it checks out) accepts it; the newest `checkpointsKept` of each
+    /// member stay. Returns what it did.
+    public func checkpoint(_ records: [MemberRecord], verify: (String) async -> String?) async -> [String] {
+        let fm = FileManager.default
+        var done: [String] = []
+        let admin = EtcdAdmin(timeout: .seconds(5))
+        for record in records where record.node == node && record.started {
+            try? fm.createDirectory(atPath: checkpointsDir, withIntermediateDirectories: true)
+            let stamp = String(format: "%016llx", UInt64(Date().timeIntervalSince1970 * 1e6))
+            let path = "\(checkpointsDir)/\(record.name)-\(stamp).db"
+            do {
+                let bytes = try await admin.snapshot(record.clientURL, to: path)
+                if let problem = await verify(path) {
+                    try? fm.removeItem(atPath: path)
+                    done.append("checkpoint of \(record.name) did not verify: \(problem)")
+                    continue
+                }
+                done.append("checkpoint of \(record.name): \(bytes) bytes")
+            } catch {
+                try? fm.removeItem(atPath: path)
+                try? fm.removeItem(atPath: path + ".part")
+                done.append("no checkpoint of \(record.name): \(error)")
+                continue
+            }
+            for old in checkpoints(of: record.name).dropLast(Self.checkpointsKept) { try? fm.removeItem(atPath: old) }
+        }
+        return done
+    }
+
+    /// A member's checkpoints on this node, oldest first.
+    public func checkpoints(of member: String) -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: checkpointsDir)) ?? []
+        return names.filter { $0.hasPrefix(member + "-") && $0.hasSuffix(".db") && $0.dropFirst(member.count + 1).count == 19 }
+            .sorted().map { checkpointsDir + "/" + $0 }
     }
 
     /// Makes the files match the records; returns what it did.
@@ -135,14 +184,22 @@ public final class NodeAgent: @unchecked Sendable {
 
     /// Passes every `interval` until `shouldStop`; failures (the API server away) are logged by
     /// the caller's `onError` and change nothing.
-    public func run(interval: Duration = .seconds(5), shouldStop: @Sendable () -> Bool,
+    /// Checkpoints are taken every `checkpointInterval` (nil: never), from the records last read.
+    public func run(interval: Duration = .seconds(5), checkpointInterval: Duration? = nil, shouldStop: @Sendable () -> Bool,
                     onDone: @Sendable ([String]) -> Void, onError: @Sendable (any Error) -> Void) async {
+        // The first soon after start (a node back from a power-off has none newer than before it).
+        var nextCheckpoint = ContinuousClock.now + min(checkpointInterval ?? .zero, .seconds(60))
         while !shouldStop() {
             do {
                 let done = try await pass()
                 if !done.isEmpty { onDone(done) }
             } catch {
                 onError(error)
+            }
+            if let checkpointInterval, ContinuousClock.now >= nextCheckpoint, !lastRecords.isEmpty {
+                nextCheckpoint = ContinuousClock.now + checkpointInterval
+                let done = await checkpoint(lastRecords) { KubernetesPlatform.checkSnapshot($0) }
+                if !done.isEmpty { onDone(done) }
             }
             try? await Task.sleep(for: interval)
         }
