@@ -45,8 +45,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
 
     private var context: ChannelHandlerContext?
     private var streams: [UInt32: Stream] = [:]
-    private var waiting: [WaitingCall] = []
-    private var waitingHead = 0
+    private var waiting = CircularBuffer<WaitingCall>()
     private var nextStreamID: UInt32 = 1
     /// Header blocks of calls without per-call metadata, by path.
     private var headerBlocks: [String: [UInt8]] = [:]
@@ -119,7 +118,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
             return
         }
         let entry = WaitingCall(call: call, path: path, metadata: metadata, messages: messages, end: endRequest, observer: observer)
-        if streams.count >= peerMaxStreams || waitingHead < waiting.count {
+        if streams.count >= peerMaxStreams || !waiting.isEmpty {
             waiting.append(entry)
             return
         }
@@ -186,7 +185,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
             return
         }
         // Not opened yet: it waits for a stream with what it has to send.
-        guard let index = waiting[waitingHead...].firstIndex(where: { $0.call === call }) else { return }
+        guard let index = waiting.firstIndex(where: { $0.call === call }) else { return }
         waiting[index].messages += messages
         if end { waiting[index].end = true }
     }
@@ -200,7 +199,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
             openWaiting()
             return
         }
-        guard let index = waiting[waitingHead...].firstIndex(where: { $0.call === call }) else { return }
+        guard let index = waiting.firstIndex(where: { $0.call === call }) else { return }
         let entry = waiting.remove(at: index)
         entry.observer.closed(ClientStatus(code: 1, message: "cancelled"))
     }
@@ -252,17 +251,8 @@ final class ClientFrameHandler: ChannelInboundHandler {
 
     /// Calls waiting for a stream, as the server's limit allows.
     private func openWaiting() {
-        while waitingHead < waiting.count, streams.count < peerMaxStreams, !closed, goAwayLastStream == nil {
-            let entry = waiting[waitingHead]
-            waitingHead += 1
-            startStream(entry)
-        }
-        if waitingHead == waiting.count {
-            waiting.removeAll(keepingCapacity: true)
-            waitingHead = 0
-        } else if waitingHead > 1024 {
-            waiting.removeFirst(waitingHead)
-            waitingHead = 0
+        while !waiting.isEmpty, streams.count < peerMaxStreams, !closed, goAwayLastStream == nil {
+            startStream(waiting.removeFirst())
         }
         scheduleFlush()
     }
@@ -511,9 +501,8 @@ final class ClientFrameHandler: ChannelInboundHandler {
     }
 
     private func failWaiting(_ status: ClientStatus) {
-        let entries = waiting[waitingHead...]
+        let entries = waiting
         waiting.removeAll()
-        waitingHead = 0
         for entry in entries { entry.observer.closed(status) }
     }
 

@@ -90,6 +90,18 @@ public struct EtcdAdmin: Sendable {
         return observer.written
     }
 
+    /// `snapshot`, then `verify` (nil: it checks out) on the file; a snapshot that does not
+    /// verify is removed and thrown as an error. Returns the bytes written.
+    @discardableResult
+    public func verifiedSnapshot(_ endpoint: String, to path: String, verify: (String) async -> String?) async throws -> Int {
+        let bytes = try await snapshot(endpoint, to: path)
+        if let problem = await verify(path) {
+            try? FileManager.default.removeItem(atPath: path)
+            throw OperatorError("the snapshot did not verify: \(problem)")
+        }
+        return bytes
+    }
+
     public func call<Request: Message, Response: Message>(_ endpoint: String, _ path: String, _ request: Request,
                                                           timeout: TimeAmount? = nil) async throws -> Response {
         let connection = try await Self.connect(endpoint, timeout: self.timeout)

@@ -310,11 +310,7 @@ public final class Reconciler: @unchecked Sendable {
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let path = "\(dir)/snapshot-\(Self.stamp()).db"
         do {
-            try await admin.snapshot(endpoint, to: path)
-            if let problem = await platform.verifySnapshot(path) {
-                try? FileManager.default.removeItem(atPath: path)
-                throw OperatorError("the snapshot did not verify: \(problem)")
-            }
+            try await admin.verifiedSnapshot(endpoint, to: path) { await platform.verifySnapshot($0) }
             status.lastBackup = path
             status.lastBackupTime = Date()
             count("backup")

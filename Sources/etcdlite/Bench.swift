@@ -9,6 +9,14 @@ struct Bench: AsyncParsableCommand {
         subcommands: [Put.self, Range.self, TxnPut.self, TxnMixed.self, Delete.self, Apiserver.self, WatchGet.self,
                       WatchLatency.self, LeaseKeepAlive.self, LeaseExpiry.self])
 
+    /// Runs `body` under a progress display of the time gone, or of `duration` (none with --json).
+    static func withProgress<R>(json: Bool, duration: Double?, _ body: () async throws -> R) async rethrows -> R {
+        let display = json ? nil : ProgressDisplay.standardError(total: nil, duration: duration)
+        display?.begin()
+        defer { display?.finish() }
+        return try await body()
+    }
+
     struct Common: ParsableArguments {
         @Option(help: "Endpoint to load (host:port).") var endpoints = "127.0.0.1:2379"
         @Flag(help: "Print the result as one JSON object.") var json = false
@@ -17,12 +25,8 @@ struct Bench: AsyncParsableCommand {
             try Endpoint(String(endpoints.split(separator: ",").first ?? ""))
         }
 
-        /// Runs `body` under a progress display of the time gone (none with --json).
         func withProgress<R>(duration: Double?, _ body: () async throws -> R) async rethrows -> R {
-            let display = json ? nil : ProgressDisplay.standardError(total: nil, duration: duration)
-            display?.begin()
-            defer { display?.finish() }
-            return try await body()
+            try await Bench.withProgress(json: json, duration: duration, body)
         }
 
         func report<R: Encodable>(_ result: R, text: String) throws {
@@ -187,10 +191,7 @@ struct Bench: AsyncParsableCommand {
                 try await b.fill()
             }
             // Rounds alternate between the targets: the display shows the time gone.
-            let display = json ? nil : ProgressDisplay.standardError(total: nil, duration: nil)
-            display?.begin()
-            let comparison = try await KVComparison.run(a, b, rounds: rounds)
-            display?.finish()
+            let comparison = try await Bench.withProgress(json: json, duration: nil) { try await KVComparison.run(a, b, rounds: rounds) }
             print(json ? try Self.json(comparison) : comparison.text)
         }
 
@@ -272,10 +273,7 @@ struct Bench: AsyncParsableCommand {
             bench.objects = objects
             bench.valueSize = valSize
             bench.watch = watch
-            let display = json ? nil : ProgressDisplay.standardError(total: nil, duration: duration)
-            display?.begin()
-            let result = try await bench.run()
-            display?.finish()
+            let result = try await Bench.withProgress(json: json, duration: duration) { try await bench.run() }
             print(json ? try KVOptions.json(result) : result.text)
         }
     }

@@ -313,8 +313,9 @@ final class ApplyLoop: @unchecked Sendable {
         while true {
             // When work has lately come back within a client's round trip of the last answer,
             // look for it a little while before sleeping: a sleeping thread takes tens of µs to
-            // wake here, a single client's put ~40 µs longer (measured). A member whose work
-            // arrives further apart (or not at all) does not spin.
+            // wake here, which a single client's puts paid on every request (A/B in
+            // BENCHMARKS.md (s)). A member whose work arrives further apart (or not at all) does
+            // not spin.
             let idleSince = DispatchTime.now().uptimeNanoseconds
             if averageIdleNanoseconds < Self.spinNanoseconds {
                 let spinUntil = idleSince + Self.spinNanoseconds
@@ -583,7 +584,7 @@ final class ApplyLoop: @unchecked Sendable {
             condition.unlock()
             return false
         }
-        var proposals: [(data: [UInt8], request: InternalRequest, completion: Completion?)] = []
+        var proposals: [Proposal] = []
         queue.removeAll { work in
             guard case .proposal(let data, let request, let completion) = work else { return false }
             proposals.append((data, request, completion))

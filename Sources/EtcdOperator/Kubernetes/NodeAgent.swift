@@ -88,16 +88,9 @@ public final class NodeAgent: @unchecked Sendable {
             let stamp = String(format: "%016llx", UInt64(Date().timeIntervalSince1970 * 1e6))
             let path = "\(checkpointsDir)/\(record.name)-\(stamp).db"
             do {
-                let bytes = try await admin.snapshot(record.clientURL, to: path)
-                if let problem = await verify(path) {
-                    try? fm.removeItem(atPath: path)
-                    done.append("checkpoint of \(record.name) did not verify: \(problem)")
-                    continue
-                }
+                let bytes = try await admin.verifiedSnapshot(record.clientURL, to: path, verify: verify)
                 done.append("checkpoint of \(record.name): \(bytes) bytes")
             } catch {
-                try? fm.removeItem(atPath: path)
-                try? fm.removeItem(atPath: path + ".part")
                 done.append("no checkpoint of \(record.name): \(error)")
                 continue
             }
