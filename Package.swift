@@ -51,12 +51,13 @@ let package = Package(
                 "CSQLite",
                 "Raft",
                 "EtcdLiteProto",
+                "EtcdLiteHTTP2",
                 .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
-                .product(name: "NIOHTTP2", package: "swift-nio-http2"),
                 .product(name: "NIOHPACK", package: "swift-nio-http2"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "X509", package: "swift-certificates"),
@@ -84,8 +85,14 @@ let package = Package(
         ),
         // A lean gRPC client speaking HTTP/2 on bytes, for load generation (no task per call).
         .target(
+            name: "EtcdLiteHTTP2",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+        ),
+        .target(
             name: "EtcdLiteClient",
             dependencies: [
+                "EtcdLiteHTTP2",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # libFuzzer over everything a member decodes from bytes others control: client requests (decoded
-# and validated), JSON gateway bodies, peer messages, log segments.
+# and validated), JSON gateway bodies, peer messages, log segments, a client's HTTP/2 frames.
 #   scripts/fuzz.sh [--debug] [runs per target] [targets...]
 # Builds EtcdLiteFuzz with coverage instrumentation (ETCDLITE_FUZZ=1; release unless --debug),
 # starts each target from Tests/EtcdLiteTests/fuzz-regressions/<target> (crashers found before,
@@ -12,7 +12,7 @@ if [ "${1:-}" = "--debug" ]; then config=debug; shift; fi
 runs="${1:-1000000}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(request gateway peer log)
+[ ${#targets[@]} -gt 0 ] || targets=(request gateway peer log http2)
 
 ETCDLITE_FUZZ=1 swift build -c "$config" --product EtcdLiteFuzz 2>&1 | tail -n 3
 binary=".build/$config/EtcdLiteFuzz"

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOHPACK
+import EtcdLiteHTTP2
 
 /// The client side of one HTTP/2 connection, on bytes: opens streams, frames messages within the
 /// server's flow-control windows, reassembles responses, keeps the receive windows open, answers
@@ -57,8 +58,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
     /// Set by GOAWAY: streams above it were not processed, and no new stream may open.
     private var goAwayLastStream: UInt32?
 
-    /// Bytes of a frame not yet complete.
-    private var partial: ByteBuffer?
+    private var reader = HTTP2Wire.FrameReader(maxFrameSize: ClientFrameHandler.maxReceiveFrameSize)
     /// A header block waiting for its CONTINUATION frames.
     private var headerBlock: (stream: UInt32, endStream: Bool, bytes: ByteBuffer)?
 
@@ -88,6 +88,11 @@ final class ClientFrameHandler: ChannelInboundHandler {
         self.context = context
         out = context.channel.allocator.buffer(capacity: 16 << 10)
         if context.channel.isActive { sendPreface() }
+    }
+
+    /// The context refers to this handler: drop it, or the two keep each other alive.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -161,20 +166,8 @@ final class ClientFrameHandler: ChannelInboundHandler {
         return encoder.bytes
     }
 
-    /// HEADERS, then CONTINUATION frames when the block is larger than the server's frame size.
     private func writeHeaderBlock(_ block: [UInt8], stream: UInt32, endStream: Bool) {
-        var offset = 0
-        var first = true
-        repeat {
-            let length = min(block.count - offset, peerMaxFrameSize)
-            let last = offset + length == block.count
-            var flags: UInt8 = last ? HTTP2Wire.Flag.endHeaders : 0
-            if first && endStream { flags |= HTTP2Wire.Flag.endStream }
-            HTTP2Wire.writeFrameHeader(&out, length: length, type: first ? .headers : .continuation, flags: flags, stream: stream)
-            out.writeBytes(block[offset..<(offset + length)])
-            offset += length
-            first = false
-        } while offset < block.count
+        HTTP2Wire.writeHeaderBlock(&out, block, stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize)
     }
 
     func send(_ call: ClientCall, _ messages: [[UInt8]], end: Bool) {
@@ -260,30 +253,10 @@ final class ClientFrameHandler: ChannelInboundHandler {
     // MARK: - Frames from the server
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var bytes = unwrapInboundIn(data)
-        if var earlier = partial.take() {
-            earlier.writeBuffer(&bytes)
-            bytes = earlier
-        }
-        while !closed, bytes.readableBytes >= HTTP2Wire.frameHeaderLength {
-            let start = bytes.readerIndex
-            let length = Int(bytes.getInteger(at: start, as: UInt8.self)!) << 16 | Int(bytes.getInteger(at: start + 1, as: UInt16.self)!)
-            guard length <= Self.maxReceiveFrameSize else {
-                connectionError(.frameSizeError)
-                return
-            }
-            guard bytes.readableBytes >= HTTP2Wire.frameHeaderLength + length else { break }
-            let type = bytes.getInteger(at: start + 3, as: UInt8.self)!
-            let flags = bytes.getInteger(at: start + 4, as: UInt8.self)!
-            let stream = bytes.getInteger(at: start + 5, as: UInt32.self)! & 0x7FFF_FFFF
-            bytes.moveReaderIndex(forwardBy: HTTP2Wire.frameHeaderLength)
-            let payload = bytes.readSlice(length: length)!
+        let error = reader.read(unwrapInboundIn(data), proceed: { !closed }) { type, flags, stream, payload in
             frame(type: type, flags: flags, stream: stream, payload: payload)
         }
-        if bytes.readableBytes > 0 && !closed {
-            bytes.discardReadBytes()
-            partial = bytes
-        }
+        if let error { connectionError(error) }
     }
 
     private func frame(type rawType: UInt8, flags: UInt8, stream id: UInt32, payload: ByteBuffer) {
@@ -298,12 +271,12 @@ final class ClientFrameHandler: ChannelInboundHandler {
         case .data:
             guard id != 0 else { return connectionError(.protocolError) }
             let consumed = payload.readableBytes
-            guard stripPadding(&payload, flags: flags) else { return connectionError(.protocolError) }
+            guard HTTP2Wire.stripPadding(&payload, flags: flags) else { return connectionError(.protocolError) }
             returnWindow(id, consumed: consumed, endStream: flags & HTTP2Wire.Flag.endStream != 0)
             receive(id, &payload)
             if flags & HTTP2Wire.Flag.endStream != 0 { finish(id, HPACKHeaders()) }
         case .headers:
-            guard id != 0, stripPadding(&payload, flags: flags) else { return connectionError(.protocolError) }
+            guard id != 0, HTTP2Wire.stripPadding(&payload, flags: flags) else { return connectionError(.protocolError) }
             if flags & HTTP2Wire.Flag.priority != 0 {
                 guard payload.readableBytes >= 5 else { return connectionError(.protocolError) }
                 payload.moveReaderIndex(forwardBy: 5)
@@ -380,29 +353,17 @@ final class ClientFrameHandler: ChannelInboundHandler {
         }
     }
 
-    /// Removes DATA/HEADERS padding; false when the padding is longer than the frame.
-    private func stripPadding(_ payload: inout ByteBuffer, flags: UInt8) -> Bool {
-        guard flags & HTTP2Wire.Flag.padded != 0 else { return true }
-        guard let pad = payload.readInteger(as: UInt8.self), Int(pad) <= payload.readableBytes else { return false }
-        payload = payload.getSlice(at: payload.readerIndex, length: payload.readableBytes - Int(pad))!
-        return true
-    }
-
     private func apply(setting key: UInt16, value: Int) -> Bool {
+        if let error = HTTP2Wire.settingError(key, value) {
+            connectionError(error)
+            return false
+        }
         switch HTTP2Wire.Setting(rawValue: key) {
         case .initialWindowSize:
-            guard value <= HTTP2Wire.maxWindow else {
-                connectionError(.flowControlError)
-                return false
-            }
             let delta = value - peerInitialWindow
             peerInitialWindow = value
             for id in streams.keys { streams[id]!.sendWindow += delta }
         case .maxFrameSize:
-            guard value >= HTTP2Wire.defaultMaxFrameSize && value <= (1 << 24) - 1 else {
-                connectionError(.protocolError)
-                return false
-            }
             peerMaxFrameSize = value
         case .maxConcurrentStreams:
             peerMaxStreams = value

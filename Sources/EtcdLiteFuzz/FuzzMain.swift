@@ -2,15 +2,16 @@
 import Foundation
 
 /// libFuzzer's entry point (built only with ETCDLITE_FUZZ=1, see scripts/fuzz.sh). The target is
-/// chosen by ETCDLITE_FUZZ_TARGET: request, gateway, peer or log.
+/// chosen by ETCDLITE_FUZZ_TARGET: request, gateway, peer, log or http2.
 private let target: @Sendable ([UInt8]) -> Void = {
     switch ProcessInfo.processInfo.environment["ETCDLITE_FUZZ_TARGET"] ?? "" {
     case "request": return FuzzTargets.request
     case "gateway": return FuzzTargets.gatewayJSON
     case "peer": return FuzzTargets.peer
     case "log": return FuzzTargets.logSegment
+    case "http2": return FuzzTargets.http2
     default:
-        FileHandle.standardError.write(Data("set ETCDLITE_FUZZ_TARGET to request, gateway, peer or log\n".utf8))
+        FileHandle.standardError.write(Data("set ETCDLITE_FUZZ_TARGET to request, gateway, peer, log or http2\n".utf8))
         exit(2)
     }
 }()

@@ -11,13 +11,7 @@ import Testing
 /// Against real servers it is exercised by every test that uses the client (bench, verify, the
 /// operator's admin calls).
 @Suite struct ClientFrameHandlerTests {
-    struct Frame {
-        var type: UInt8
-        var flags: UInt8
-        var stream: UInt32
-        var payload: ByteBuffer
-        var endStream: Bool { flags & 0x1 != 0 }
-    }
+    typealias Frame = HTTP2TestFrame
 
     final class Recorder: ClientCallObserver, @unchecked Sendable {
         private let lock = NIOLock()
@@ -57,39 +51,16 @@ import Testing
                 #expect(preface == Array("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".utf8))
                 sawPreface = true
             }
-            var frames: [Frame] = []
-            while pending.readableBytes >= 9 {
-                let length = Int(pending.getInteger(at: pending.readerIndex, as: UInt8.self)!) << 16
-                    | Int(pending.getInteger(at: pending.readerIndex + 1, as: UInt16.self)!)
-                guard pending.readableBytes >= 9 + length else { break }
-                pending.moveReaderIndex(forwardBy: 3)
-                let type = pending.readInteger(as: UInt8.self)!
-                let flags = pending.readInteger(as: UInt8.self)!
-                let stream = pending.readInteger(as: UInt32.self)!
-                frames.append(Frame(type: type, flags: flags, stream: stream, payload: pending.readSlice(length: length)!))
-            }
-            return frames
+            return Frame.take(from: &pending)
         }
 
         func send(type: UInt8, flags: UInt8 = 0, stream: UInt32, _ payload: [UInt8]) throws {
-            var buffer = ByteBuffer()
-            buffer.writeInteger(UInt8(payload.count >> 16))
-            buffer.writeInteger(UInt16(truncatingIfNeeded: payload.count))
-            buffer.writeInteger(type)
-            buffer.writeInteger(flags)
-            buffer.writeInteger(stream)
-            buffer.writeBytes(payload)
-            try channel.writeInbound(buffer)
+            try channel.writeInbound(ByteBuffer(bytes: Frame.bytes(type: type, flags: flags, stream: stream, payload)))
             channel.embeddedEventLoop.run()
         }
 
         func settings(_ values: [(UInt16, UInt32)]) throws {
-            var payload: [UInt8] = []
-            for (key, value) in values {
-                payload += [UInt8(key >> 8), UInt8(key & 0xFF)]
-                payload += withUnsafeBytes(of: value.bigEndian, Array.init)
-            }
-            try send(type: 4, stream: 0, payload)
+            try send(type: 4, stream: 0, Frame.settings(values))
         }
 
         func block(_ headers: [(String, String)]) throws -> [UInt8] {
@@ -114,7 +85,7 @@ import Testing
         [0] + withUnsafeBytes(of: UInt32(bytes.count).bigEndian, Array.init) + bytes
     }
 
-    static func windowUpdate(_ increment: UInt32) -> [UInt8] { withUnsafeBytes(of: increment.bigEndian, Array.init) }
+    static func windowUpdate(_ increment: UInt32) -> [UInt8] { Frame.windowUpdate(increment) }
 
     @Test func theConnectionOpensWithItsSettingsAndAWiderWindow() throws {
         let harness = try Harness()

@@ -14,7 +14,7 @@ import Testing
         }
     }
 
-    @Test(arguments: ["request", "gateway", "peer", "log"])
+    @Test(arguments: ["request", "gateway", "peer", "log", "http2"])
     func everySavedInputRunsThrough(_ target: String) throws {
         let inputs = try Self.inputs(target)
         #expect(!inputs.isEmpty)
@@ -23,6 +23,7 @@ import Testing
             case "request": FuzzTargets.request(input)
             case "gateway": FuzzTargets.gatewayJSON(input)
             case "peer": FuzzTargets.peer(input)
+            case "http2": FuzzTargets.http2(input)
             default: FuzzTargets.logSegment(input)
             }
         }

@@ -1,14 +1,16 @@
+import EtcdLiteHTTP2
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHPACK
-import NIOHTTP2
 
-/// Serves gRPC on one HTTP/2 connection, working on frames directly (no channel per stream):
-/// requests are reassembled from DATA frames, each call runs as one task, and responses go out as
-/// HEADERS, DATA and trailers. Runs on the connection's event loop; tasks hop back to it.
+/// Serves gRPC on one HTTP/2 connection, on bytes (RFC 9113 framing done here, HPACK decoding by
+/// NIOHPACK): requests are reassembled from DATA frames, each call runs on the event loop, in a
+/// task, or on the apply loop, and answers go out as HEADERS, DATA and trailers within the
+/// client's flow-control windows. Answer header blocks use no HPACK dynamic table, so the common
+/// ones are encoded once. Everything here runs on the connection's event loop; tasks hop back.
 final class GRPCConnectionHandler: ChannelInboundHandler {
-    typealias InboundIn = HTTP2Frame
-    typealias OutboundOut = HTTP2Frame
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
 
     private struct Call {
         let path: String
@@ -23,30 +25,75 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         var headersSent = false
     }
 
+    /// Answer bytes of one stream waiting for flow-control window, and whether the trailers that
+    /// end the stream follow them.
+    private struct Outbound {
+        /// What the client's window lets us send on this stream.
+        var window: Int
+        var pending = CircularBuffer<PendingData>()
+        var trailers: [UInt8]?
+    }
+
+    private struct PendingData {
+        var bytes: ByteBuffer
+        /// Completed when the last of these bytes is on the socket (a streaming call's writer waits).
+        let promise: EventLoopPromise<Void>?
+        let size: Int
+    }
+
     private let methods: GRPCMethods
     /// Answers of calls completed on other threads, delivered with one hop per burst.
     private let mailbox = ResponseMailbox()
-    private var calls: [HTTP2StreamID: Call] = [:]
+    private var calls: [UInt32: Call] = [:]
+    /// Streams we have not ended yet (our side of every open stream).
+    private var outbound: [UInt32: Outbound] = [:]
+    /// Streams with bytes waiting for the connection's window, in the order they blocked.
+    private var blocked: [UInt32] = []
     private var context: ChannelHandlerContext?
+    private var out: ByteBuffer
+    /// What completes once `out` has been written: writers' promises and the unsent-byte count.
+    private var outSize = 0
+    private var outPromises: [EventLoopPromise<Void>] = []
     private var flushScheduled = false
-    private var lastStreamID = HTTP2StreamID.rootStream
+    private var prefaceSent = false
+    /// Bytes of the client's connection preface still to skip.
+    private var prefaceRemaining = HTTP2Wire.preface.count
+    private var closed = false
+    private var lastStreamID: UInt32 = 0
     private var draining = false
-    /// Inbound bytes not yet returned to the connection window; returned in bulk.
-    private var unacknowledgedBytes = 0
     private var lastPing: NIODeadline?
     private var pingStrikes = 0
-    /// Response bytes handed to the HTTP/2 layer and not yet written to the socket: a client that
-    /// does not read (or reads slowly) leaves them queued behind its flow-control window.
+    /// Response bytes queued or handed to the socket and not yet written: a client that does not
+    /// read (or reads slowly) leaves them behind its flow-control window.
     private var unsentResponseBytes = 0
+
+    private var reader = HTTP2Wire.FrameReader(maxFrameSize: HTTP2Wire.defaultMaxFrameSize)
+    /// A header block waiting for its CONTINUATION frames.
+    private var headerBlock: (stream: UInt32, endStream: Bool, bytes: ByteBuffer)?
+    private var decoder = HPACKDecoder(allocator: ByteBufferAllocator(), maxDynamicTableSize: HPACKDecoder.maxDynamicTableSize,
+                                       maxHeaderListSize: GRPCConnectionHandler.maxHeaderListSize)
+
+    // The client's settings.
+    private var peerMaxFrameSize = HTTP2Wire.defaultMaxFrameSize
+    private var peerInitialWindow = HTTP2Wire.defaultWindow
+    private var connectionSendWindow = HTTP2Wire.defaultWindow
+
+    // What we announce, and the receive side's accounting.
+    private let maxConcurrentStreams: UInt32
+    static let streamReceiveWindow = 1 << 20
+    static let maxHeaderListSize = 16 << 20
+    /// The connection-level receive window we open at the start (the protocol starts it at 64 KiB);
+    /// consumed bytes are returned once half of it is used, not frame by frame.
+    static let connectionWindow = 16 << 20
+    private var connectionReceiveWindow = GRPCConnectionHandler.connectionWindow
+    private var connectionUnacknowledged = 0
+    /// Received bytes of each stream not yet returned to its window (only streams still reading).
+    private var streamUnacknowledged: [UInt32: Int] = [:]
 
     /// Past this many unsent response bytes the connection takes no new calls: new streams are
     /// refused (RST_STREAM REFUSED_STREAM, which gRPC clients retry transparently) until the
     /// client has read enough. Reading goes on, so the client's window updates still arrive.
     static let maxUnsentResponseBytes = 64 << 20
-
-    /// The connection-level receive window we open at the start (the protocol starts it at 64 KiB);
-    /// consumed bytes are returned once half of it is used, not frame by frame.
-    static let connectionWindow = 16 << 20
 
     /// etcd's keepalive enforcement: pings closer than `minPingInterval` count as strikes.
     private let minPingInterval: TimeAmount
@@ -55,110 +102,279 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     /// The CN of the client's verified certificate, when there is one.
     private let commonName: String?
 
-    init(methods: GRPCMethods, minPingInterval: TimeAmount = .seconds(5), commonName: String? = nil) {
+    /// Answer header blocks that never change.
+    private static let responseHeaders: [UInt8] = {
+        var encoder = HTTP2Wire.HeaderBlockEncoder()
+        encoder.indexed(8)  // :status: 200
+        encoder.literal(nameIndex: 31, value: "application/grpc")
+        return encoder.bytes
+    }()
+    private static let okTrailers: [UInt8] = {
+        var encoder = HTTP2Wire.HeaderBlockEncoder()
+        encoder.literal(name: "grpc-status", value: "0")
+        return encoder.bytes
+    }()
+
+    init(methods: GRPCMethods, maxConcurrentStreams: UInt32 = .max, minPingInterval: TimeAmount = .seconds(5), commonName: String? = nil) {
         self.methods = methods
+        self.maxConcurrentStreams = maxConcurrentStreams
         self.minPingInterval = minPingInterval
         self.commonName = commonName
+        out = ByteBufferAllocator().buffer(capacity: 16 << 10)
+    }
+
+    /// etcd's SETTINGS (grpc-go): the stream limit when one is set, a 1 MiB stream window, and a
+    /// 16 MiB header list.
+    static func settings(maxConcurrentStreams: UInt32) -> [(HTTP2Wire.Setting, UInt32)] {
+        [(.maxConcurrentStreams, maxConcurrentStreams), (.initialWindowSize, UInt32(streamReceiveWindow)),
+         (.maxHeaderListSize, UInt32(maxHeaderListSize))]
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        out = context.channel.allocator.buffer(capacity: 16 << 10)
+        if context.channel.isActive { sendPreface() }
     }
 
-    private var connectionWindowOpened = false
+    /// The context refers to this handler: drop it, or the two keep each other alive.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        sendPreface()
+        context.fireChannelActive()
+    }
+
+    /// Our SETTINGS, then a connection window wider than HTTP/2's 64 KiB.
+    private func sendPreface() {
+        guard !prefaceSent else { return }
+        prefaceSent = true
+        HTTP2Wire.writeSettings(&out, Self.settings(maxConcurrentStreams: maxConcurrentStreams))
+        HTTP2Wire.writeWindowUpdate(&out, stream: 0, increment: Self.connectionWindow - HTTP2Wire.defaultWindow)
+        flushNow()
+    }
 
     func channelInactive(context: ChannelHandlerContext) {
+        closed = true
         for (_, call) in calls {
             call.task?.cancel()
             call.inbound?.finish()
         }
         calls.removeAll()
+        for (_, stream) in outbound {
+            for data in stream.pending { data.promise?.fail(ChannelError.ioOnClosedChannel) }
+        }
+        outbound.removeAll()
+        for promise in outPromises { promise.fail(ChannelError.ioOnClosedChannel) }
+        outPromises.removeAll()
         context.fireChannelInactive()
     }
 
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    // MARK: - Frames from the client
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
-        let id = frame.streamID
-        if !connectionWindowOpened {
-            // The client's preface has arrived, so frames may flow both ways: widen the window.
-            connectionWindowOpened = true
-            write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: Self.connectionWindow - 65_535)))
+        var bytes = unwrapInboundIn(data)
+        if prefaceRemaining > 0 {
+            // The sniffer has checked the preface; skip it.
+            let skipped = min(prefaceRemaining, bytes.readableBytes)
+            bytes.moveReaderIndex(forwardBy: skipped)
+            prefaceRemaining -= skipped
         }
-        switch frame.payload {
-        case .headers(let headers):
-            if calls[id] != nil {
-                if headers.endStream { endOfRequest(id) }  // trailers from the client
-            } else {
-                start(id, headers.headers, endStream: headers.endStream)
-            }
-        case .data(let payload):
-            guard case .byteBuffer(var bytes) = payload.data else { return }
-            let consumed = bytes.readableBytes + (payload.paddingBytes ?? 0)
-            if consumed > 0 {
-                // Keep both windows open: what a call may buffer is bounded by the message limit.
-                unacknowledgedBytes += consumed
-                if unacknowledgedBytes >= Self.connectionWindow / 2 {
-                    write(HTTP2Frame(streamID: .rootStream, payload: .windowUpdate(windowSizeIncrement: unacknowledgedBytes)))
-                    unacknowledgedBytes = 0
-                }
-                if !payload.endStream && calls[id] != nil {
-                    write(HTTP2Frame(streamID: id, payload: .windowUpdate(windowSizeIncrement: consumed)))
-                }
-            }
-            receive(id, &bytes)
-            if payload.endStream { endOfRequest(id) }
-        case .rstStream:
-            if let call = calls.removeValue(forKey: id) {
-                handled(call, 1)
-                call.task?.cancel()
-                call.inbound?.finish()
-            }
-        case .ping(_, ack: false):
-            // NIOHTTP2Handler answers pings; we only police their rate.
-            let now = NIODeadline.now()
-            if unsentResponseBytes > 0 {
-                // A response is still going out (a large one leaves in many frames as the client's
-                // window opens, and grpc-go pings for bandwidth as they arrive): data is flowing,
-                // which clears the strikes (grpc-go's server resets them on every DATA frame).
-                pingStrikes = 0
-            } else if let lastPing, now - lastPing < minPingInterval {
-                pingStrikes += 1
-            }
-            lastPing = now
-            if pingStrikes > Self.maxPingStrikes {
-                goAway(.enhanceYourCalm, debug: "too_many_pings")
-                context.close(promise: nil)
-            }
-        default:
-            break
+        let error = reader.read(bytes, proceed: { !closed }) { type, flags, stream, payload in
+            frame(type: type, flags: flags, stream: stream, payload: payload)
         }
+        if let error { connectionError(error) }
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
-        flushIfNeeded()
+        flushNow()
+    }
+
+    private func frame(type rawType: UInt8, flags: UInt8, stream id: UInt32, payload: ByteBuffer) {
+        if let pending = headerBlock, rawType != HTTP2Wire.FrameType.continuation.rawValue || id != pending.stream {
+            // A header block must continue without anything in between.
+            return connectionError(.protocolError)
+        }
+        guard let type = HTTP2Wire.FrameType(rawValue: rawType) else { return }  // unknown types are ignored
+        var payload = payload
+        switch type {
+        case .data:
+            guard id != 0, id <= lastStreamID else { return connectionError(.protocolError) }
+            let consumed = payload.readableBytes
+            let endStream = flags & HTTP2Wire.Flag.endStream != 0
+            connectionReceiveWindow -= consumed
+            guard connectionReceiveWindow >= 0 else { return connectionError(.flowControlError) }
+            guard HTTP2Wire.stripPadding(&payload, flags: flags) else { return connectionError(.protocolError) }
+            returnWindow(id, consumed: consumed, endStream: endStream)
+            receive(id, &payload)
+            if endStream { endOfRequest(id) }
+        case .headers:
+            guard id != 0, id & 1 == 1, HTTP2Wire.stripPadding(&payload, flags: flags) else { return connectionError(.protocolError) }
+            if flags & HTTP2Wire.Flag.priority != 0 {
+                guard payload.readableBytes >= 5 else { return connectionError(.protocolError) }
+                payload.moveReaderIndex(forwardBy: 5)
+            }
+            let endStream = flags & HTTP2Wire.Flag.endStream != 0
+            if flags & HTTP2Wire.Flag.endHeaders != 0 {
+                headers(id, payload, endStream: endStream)
+            } else {
+                headerBlock = (id, endStream, payload)
+            }
+        case .continuation:
+            guard var pending = headerBlock.take() else { return connectionError(.protocolError) }
+            guard pending.bytes.readableBytes + payload.readableBytes <= Self.maxHeaderListSize else {
+                return connectionError(.enhanceYourCalm)
+            }
+            pending.bytes.writeBuffer(&payload)
+            if flags & HTTP2Wire.Flag.endHeaders != 0 {
+                headers(id, pending.bytes, endStream: pending.endStream)
+            } else {
+                headerBlock = pending
+            }
+        case .rstStream:
+            guard id != 0 else { return connectionError(.protocolError) }
+            guard payload.readableBytes == 4 else { return connectionError(.frameSizeError) }
+            reset(id)
+        case .settings:
+            guard id == 0 else { return connectionError(.protocolError) }
+            guard flags & HTTP2Wire.Flag.ack == 0 else { return }
+            guard payload.readableBytes % 6 == 0 else { return connectionError(.frameSizeError) }
+            while let key = payload.readInteger(as: UInt16.self), let value = payload.readInteger(as: UInt32.self) {
+                guard apply(setting: key, value: Int(value)) else { return }
+            }
+            HTTP2Wire.writeFrameHeader(&out, length: 0, type: .settings, flags: HTTP2Wire.Flag.ack, stream: 0)
+            unblock()
+        case .ping:
+            guard id == 0 else { return connectionError(.protocolError) }
+            guard payload.readableBytes == 8 else { return connectionError(.frameSizeError) }
+            guard flags & HTTP2Wire.Flag.ack == 0 else { return }
+            HTTP2Wire.writeFrameHeader(&out, length: 8, type: .ping, flags: HTTP2Wire.Flag.ack, stream: 0)
+            out.writeBuffer(&payload)
+            policePing()
+        case .goAway:
+            // The client opens no more streams; what it has open goes on.
+            guard id == 0 else { return connectionError(.protocolError) }
+        case .windowUpdate:
+            guard payload.readableBytes == 4 else { return connectionError(.frameSizeError) }
+            let increment = Int(payload.readInteger(as: UInt32.self)! & 0x7FFF_FFFF)
+            if id == 0 {
+                guard increment > 0 else { return connectionError(.protocolError) }
+                connectionSendWindow += increment
+                guard connectionSendWindow <= HTTP2Wire.maxWindow else { return connectionError(.flowControlError) }
+                unblock()
+            } else if outbound[id] != nil {
+                guard increment > 0 else { return streamError(id, .protocolError) }
+                outbound[id]!.window += increment
+                guard outbound[id]!.window <= HTTP2Wire.maxWindow else { return streamError(id, .flowControlError) }
+                pump(id)
+            }
+        case .priority:
+            guard payload.readableBytes == 5 else { return connectionError(.frameSizeError) }
+        case .pushPromise:
+            // Clients may not push.
+            connectionError(.protocolError)
+        }
+    }
+
+    private func apply(setting key: UInt16, value: Int) -> Bool {
+        if let error = HTTP2Wire.settingError(key, value) {
+            connectionError(error)
+            return false
+        }
+        switch HTTP2Wire.Setting(rawValue: key) {
+        case .initialWindowSize:
+            let delta = value - peerInitialWindow
+            peerInitialWindow = value
+            for id in outbound.keys { outbound[id]!.window += delta }
+            for id in outbound.keys { pump(id) }
+        case .maxFrameSize:
+            peerMaxFrameSize = value
+        default:
+            break  // our blocks never use the dynamic table, and we never push
+        }
+        return true
+    }
+
+    /// Returns received bytes to the windows in bulk, once half of a window is used.
+    private func returnWindow(_ id: UInt32, consumed: Int, endStream: Bool) {
+        guard consumed > 0 else { return }
+        connectionUnacknowledged += consumed
+        if connectionUnacknowledged >= Self.connectionWindow / 2 {
+            HTTP2Wire.writeWindowUpdate(&out, stream: 0, increment: connectionUnacknowledged)
+            connectionReceiveWindow += connectionUnacknowledged
+            connectionUnacknowledged = 0
+            scheduleFlush()
+        }
+        guard !endStream, calls[id] != nil else { return }
+        let unacknowledged = streamUnacknowledged[id, default: 0] + consumed
+        if unacknowledged >= Self.streamReceiveWindow / 2 {
+            HTTP2Wire.writeWindowUpdate(&out, stream: id, increment: unacknowledged)
+            streamUnacknowledged[id] = nil
+            scheduleFlush()
+        } else {
+            streamUnacknowledged[id] = unacknowledged
+        }
+    }
+
+    /// A request's header block (a new stream), or the trailers that end a request.
+    private func headers(_ id: UInt32, _ block: ByteBuffer, endStream: Bool) {
+        // Every block is decoded: the decoder's table must follow the client's encoder.
+        var block = block
+        let headers: HPACKHeaders
+        do {
+            headers = try decoder.decodeHeaders(from: &block)
+        } catch {
+            return connectionError(.compressionError)
+        }
+        if id <= lastStreamID {
+            // Trailers of a request (or HEADERS on a stream already over, which has no effect).
+            if endStream && calls[id] != nil { endOfRequest(id) }
+            return
+        }
+        lastStreamID = id
+        start(id, headers, endStream: endStream)
+    }
+
+    private func policePing() {
+        let now = NIODeadline.now()
+        if unsentResponseBytes > 0 {
+            // A response is still going out (a large one leaves in many frames as the client's
+            // window opens, and grpc-go pings for bandwidth as they arrive): data is flowing,
+            // which clears the strikes (grpc-go's server resets them on every DATA frame).
+            pingStrikes = 0
+        } else if let lastPing, now - lastPing < minPingInterval {
+            pingStrikes += 1
+        }
+        lastPing = now
+        if pingStrikes > Self.maxPingStrikes {
+            goAway(.enhanceYourCalm, debug: "too_many_pings")
+            context?.close(promise: nil)
+        }
     }
 
     // MARK: - Requests
 
-    private func start(_ id: HTTP2StreamID, _ headers: HPACKHeaders, endStream: Bool) {
-        if draining {
-            write(HTTP2Frame(streamID: id, payload: .rstStream(.refusedStream)))
+    private func start(_ id: UInt32, _ headers: HPACKHeaders, endStream: Bool) {
+        if draining || unsentResponseBytes > Self.maxUnsentResponseBytes || outbound.count >= Int(maxConcurrentStreams) {
+            HTTP2Wire.writeRstStream(&out, stream: id, code: .refusedStream)
+            scheduleFlush()
             return
         }
-        lastStreamID = max(lastStreamID, id)
-        if unsentResponseBytes > Self.maxUnsentResponseBytes {
-            write(HTTP2Frame(streamID: id, payload: .rstStream(.refusedStream)))
-            return
-        }
+        outbound[id] = Outbound(window: peerInitialWindow)
         let path = headers.first(name: ":path") ?? ""
         guard let contentType = headers.first(name: "content-type"), contentType.hasPrefix("application/grpc") else {
-            var response = HPACKHeaders()
-            response.add(name: ":status", value: "415")
-            write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: response, endStream: true))))
+            var encoder = HTTP2Wire.HeaderBlockEncoder()
+            encoder.literal(nameIndex: 8, value: "415")  // :status
+            closeStream(id, trailers: encoder.bytes)
             return
         }
         guard let method = methods[path] else {
-            respondWithStatus(id, .unimplemented(path), headersSent: false)
+            writeTrailers(id, .unimplemented(path), trailersOnly: true)
             return
         }
         methods.metrics?.rpcStarted(path)
@@ -184,7 +400,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         if endStream { endOfRequest(id) }
     }
 
-    private func receive(_ id: HTTP2StreamID, _ bytes: inout ByteBuffer) {
+    private func receive(_ id: UInt32, _ bytes: inout ByteBuffer) {
         guard calls[id] != nil else { return }
         // Usually a DATA frame holds whole messages: parse it in place; keep only a partial tail.
         var pending: ByteBuffer
@@ -224,7 +440,8 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    private func endOfRequest(_ id: HTTP2StreamID) {
+    private func endOfRequest(_ id: UInt32) {
+        streamUnacknowledged[id] = nil
         guard var call = calls[id] else { return }
         if let inbound = call.inbound {
             inbound.finish()
@@ -257,41 +474,62 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         }
     }
 
+    /// The client reset the stream: its call is cancelled and its answer dropped.
+    private func reset(_ id: UInt32) {
+        streamUnacknowledged[id] = nil
+        if let call = calls.removeValue(forKey: id) {
+            handled(call, 1)
+            call.task?.cancel()
+            call.inbound?.finish()
+        }
+        if let stream = outbound.removeValue(forKey: id) {
+            for data in stream.pending {
+                unsentResponseBytes -= data.size
+                data.promise?.fail(CancellationError())
+            }
+        }
+        callEnded()
+    }
+
     // MARK: - Responses
 
     fileprivate func drainMailbox() {
         for (id, result) in mailbox.take() { respond(id, result) }
     }
 
-    private func respond(_ id: HTTP2StreamID, _ result: Result<[UInt8], GRPCStatus>) {
+    private func respond(_ id: UInt32, _ result: Result<[UInt8], GRPCStatus>) {
         guard let call = calls.removeValue(forKey: id) else { return }  // reset meanwhile
-        if case .failure(let status) = result { handled(call, status.code) } else { handled(call, 0) }
+        streamUnacknowledged[id] = nil
         switch result {
         case .success(let message):
-            writeHeaders(id)
+            handled(call, 0)
+            writeHeaderBlock(Self.responseHeaders, stream: id, endStream: false)
             writeMessages(id, [message], promise: nil)
-            writeTrailers(id, .ok, trailersOnly: false)
+            closeStream(id, trailers: Self.okTrailers)
         case .failure(let status):
+            handled(call, status.code)
             writeTrailers(id, status, trailersOnly: true)
         }
         callEnded()
     }
 
     /// A streaming call's handler returned.
-    private func finish(_ id: HTTP2StreamID, _ status: GRPCStatus) {
+    private func finish(_ id: UInt32, _ status: GRPCStatus) {
         guard let call = calls.removeValue(forKey: id) else { return }
+        streamUnacknowledged[id] = nil
         call.inbound?.finish()
         handled(call, status.code)
         writeTrailers(id, status, trailersOnly: !call.headersSent)
         callEnded()
     }
 
-    private func fail(_ id: HTTP2StreamID, _ status: GRPCStatus) {
+    private func fail(_ id: UInt32, _ status: GRPCStatus) {
         guard let call = calls.removeValue(forKey: id) else { return }
+        streamUnacknowledged[id] = nil
         call.task?.cancel()
         call.inbound?.finish()
         handled(call, status.code)
-        respondWithStatus(id, status, headersSent: call.headersSent)
+        writeTrailers(id, status, trailersOnly: !call.headersSent)
         callEnded()
     }
 
@@ -299,11 +537,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         methods.metrics?.rpcHandled(call.path, code: code)
     }
 
-    private func respondWithStatus(_ id: HTTP2StreamID, _ status: GRPCStatus, headersSent: Bool) {
-        writeTrailers(id, status, trailersOnly: !headersSent)
-    }
-
-    private func makeWriter(_ id: HTTP2StreamID) -> ResponseWriter {
+    private func makeWriter(_ id: UInt32) -> ResponseWriter {
         let loop = loopBound()
         return ResponseWriter { messages in
             guard !messages.isEmpty else { return }
@@ -315,7 +549,7 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
                 }
                 if !handler.calls[id]!.headersSent {
                     handler.calls[id]!.headersSent = true
-                    handler.writeHeaders(id)
+                    handler.writeHeaderBlock(Self.responseHeaders, stream: id, endStream: false)
                 }
                 handler.writeMessages(id, messages, promise: promise)
             }
@@ -323,50 +557,118 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         }
     }
 
-    private func writeHeaders(_ id: HTTP2StreamID) {
-        var headers = HPACKHeaders()
-        headers.add(name: ":status", value: "200")
-        headers.add(name: "content-type", value: "application/grpc")
-        write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers, endStream: false))))
-    }
-
-    /// Several messages of one stream in a single DATA frame (split by the HTTP/2 layer when it
-    /// exceeds the peer's frame size): one frame instead of one per message.
-    private func writeMessages(_ id: HTTP2StreamID, _ messages: [[UInt8]], promise: EventLoopPromise<Void>?) {
-        guard let context else { return }
-        var buffer = context.channel.allocator.buffer(capacity: messages.reduce(0) { $0 + 5 + $1.count })
-        for message in messages {
-            buffer.writeInteger(UInt8(0))
-            buffer.writeInteger(UInt32(message.count))
-            buffer.writeBytes(message)
-        }
-        pingStrikes = 0
-        // Counted until the socket has the bytes (or the stream or connection is gone).
-        let size = buffer.readableBytes
-        unsentResponseBytes += size
-        let written = promise ?? context.eventLoop.makePromise(of: Void.self)
-        let loop = loopBound()
-        written.futureResult.whenComplete { _ in loop.value.unsentResponseBytes -= size }
-        write(HTTP2Frame(streamID: id, payload: .data(.init(data: .byteBuffer(buffer)))), promise: written)
-    }
-
-    private func writeTrailers(_ id: HTTP2StreamID, _ status: GRPCStatus, trailersOnly: Bool) {
-        var headers = HPACKHeaders()
-        if trailersOnly {
-            headers.add(name: ":status", value: "200")
-            headers.add(name: "content-type", value: "application/grpc")
-        }
-        headers.add(name: "grpc-status", value: String(status.code))
-        if !status.message.isEmpty { headers.add(name: "grpc-message", value: status.encodedMessage) }
-        write(HTTP2Frame(streamID: id, payload: .headers(.init(headers: headers, endStream: true))))
-    }
-
-    private func write(_ frame: HTTP2Frame, promise: EventLoopPromise<Void>? = nil) {
-        guard let context else {
-            promise?.fail(ChannelError.ioOnClosedChannel)
+    /// Messages of one stream, gRPC-framed, as DATA within the windows; what does not fit waits
+    /// in the stream's queue. `promise` completes once the socket has the last of the bytes.
+    private func writeMessages(_ id: UInt32, _ messages: [[UInt8]], promise: EventLoopPromise<Void>?) {
+        guard outbound[id] != nil else {
+            promise?.fail(CancellationError())
             return
         }
-        context.write(wrapOutboundOut(frame), promise: promise)
+        pingStrikes = 0
+        let size = messages.reduce(0) { $0 + 5 + $1.count }
+        unsentResponseBytes += size
+        let window = min(outbound[id]!.window, connectionSendWindow)
+        if outbound[id]!.pending.isEmpty && size <= window && size <= peerMaxFrameSize {
+            // The usual case: one frame straight into the output.
+            HTTP2Wire.writeFrameHeader(&out, length: size, type: .data, stream: id)
+            for message in messages {
+                out.writeInteger(UInt8(0))
+                out.writeInteger(UInt32(message.count))
+                out.writeBytes(message)
+            }
+            outbound[id]!.window -= size
+            connectionSendWindow -= size
+            written(size, promise)
+            scheduleFlush()
+            return
+        }
+        var bytes = ByteBufferAllocator().buffer(capacity: size)
+        for message in messages {
+            bytes.writeInteger(UInt8(0))
+            bytes.writeInteger(UInt32(message.count))
+            bytes.writeBytes(message)
+        }
+        outbound[id]!.pending.append(PendingData(bytes: bytes, promise: promise, size: size))
+        pump(id)
+    }
+
+    /// Bytes (and their promise) now in `out`: settled when `out` is written.
+    private func written(_ size: Int, _ promise: EventLoopPromise<Void>?) {
+        outSize += size
+        if let promise { outPromises.append(promise) }
+    }
+
+    /// Sends the stream's waiting bytes as far as both windows and the frame size allow, then its
+    /// trailers once nothing is left.
+    private func pump(_ id: UInt32) {
+        guard var stream = outbound[id] else { return }
+        while var data = stream.pending.first {
+            let length = min(data.bytes.readableBytes, stream.window, connectionSendWindow, peerMaxFrameSize)
+            guard length > 0 else {
+                if stream.window > 0 && !blocked.contains(id) { blocked.append(id) }
+                outbound[id] = stream
+                return
+            }
+            HTTP2Wire.writeFrameHeader(&out, length: length, type: .data, stream: id)
+            var slice = data.bytes.readSlice(length: length)!
+            out.writeBuffer(&slice)
+            stream.window -= length
+            connectionSendWindow -= length
+            if data.bytes.readableBytes == 0 {
+                stream.pending.removeFirst()
+                written(data.size, data.promise)
+            } else {
+                stream.pending[stream.pending.startIndex] = data
+            }
+        }
+        scheduleFlush()
+        if let trailers = stream.trailers {
+            writeHeaderBlock(trailers, stream: id, endStream: true)
+            outbound[id] = nil
+            callEnded()
+        } else {
+            outbound[id] = stream
+        }
+    }
+
+    /// Streams that waited for the connection's window get another go.
+    private func unblock() {
+        guard !blocked.isEmpty else { return }
+        let ids = blocked
+        blocked.removeAll()
+        for id in ids { pump(id) }
+    }
+
+    private func writeTrailers(_ id: UInt32, _ status: GRPCStatus, trailersOnly: Bool) {
+        var encoder = HTTP2Wire.HeaderBlockEncoder()
+        if trailersOnly {
+            encoder.indexed(8)  // :status: 200
+            encoder.literal(nameIndex: 31, value: "application/grpc")
+        }
+        encoder.literal(name: "grpc-status", value: String(status.code))
+        if !status.message.isEmpty { encoder.literal(name: "grpc-message", value: status.encodedMessage) }
+        closeStream(id, trailers: encoder.bytes)
+    }
+
+    /// Ends our side of the stream with `trailers`, after any answer bytes still waiting.
+    private func closeStream(_ id: UInt32, trailers: [UInt8]) {
+        guard let stream = outbound[id] else { return }
+        if stream.pending.isEmpty {
+            outbound[id] = nil
+            writeHeaderBlock(trailers, stream: id, endStream: true)
+        } else {
+            outbound[id]!.trailers = trailers
+        }
+    }
+
+    private func writeHeaderBlock(_ block: [UInt8], stream: UInt32, endStream: Bool) {
+        HTTP2Wire.writeHeaderBlock(&out, block, stream: stream, endStream: endStream, maxFrameSize: peerMaxFrameSize)
+        scheduleFlush()
+    }
+
+    private func streamError(_ id: UInt32, _ code: HTTP2Wire.ErrorCode) {
+        HTTP2Wire.writeRstStream(&out, stream: id, code: code)
+        reset(id)
         scheduleFlush()
     }
 
@@ -375,13 +677,30 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
         guard !flushScheduled, let context else { return }
         flushScheduled = true
         let loop = loopBound()
-        context.eventLoop.execute { loop.value.flushIfNeeded() }
+        context.eventLoop.execute { loop.value.flushNow() }
     }
 
-    private func flushIfNeeded() {
-        guard flushScheduled, let context else { return }
+    private func flushNow() {
         flushScheduled = false
-        context.flush()
+        guard let context, out.readableBytes > 0 else { return }
+        let bytes = out
+        out = context.channel.allocator.buffer(capacity: 16 << 10)
+        guard outSize > 0 || !outPromises.isEmpty else {
+            context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
+            return
+        }
+        // Counted until the socket has the bytes (or the connection is gone).
+        let size = outSize
+        let promises = outPromises
+        outSize = 0
+        outPromises.removeAll()
+        let written = context.eventLoop.makePromise(of: Void.self)
+        let loop = loopBound()
+        written.futureResult.whenComplete { result in
+            loop.value.unsentResponseBytes -= size
+            for promise in promises { promise.completeWith(result) }
+        }
+        context.writeAndFlush(wrapOutboundOut(bytes), promise: written)
     }
 
     // MARK: - Shutdown
@@ -395,17 +714,22 @@ final class GRPCConnectionHandler: ChannelInboundHandler {
     }
 
     private func callEnded() {
-        if draining && calls.isEmpty {
-            flushIfNeeded()
+        if draining && calls.isEmpty && outbound.isEmpty {
+            flushNow()
             context?.close(promise: nil)
         }
     }
 
-    private func goAway(_ code: HTTP2ErrorCode, debug: String) {
-        guard let context else { return }
-        let data = context.channel.allocator.buffer(string: debug)
-        write(HTTP2Frame(streamID: .rootStream, payload: .goAway(lastStreamID: lastStreamID, errorCode: code, opaqueData: data)))
-        flushIfNeeded()
+    private func goAway(_ code: HTTP2Wire.ErrorCode, debug: String) {
+        HTTP2Wire.writeGoAway(&out, lastStream: lastStreamID, code: code, debug: debug)
+        flushNow()
+    }
+
+    private func connectionError(_ code: HTTP2Wire.ErrorCode) {
+        guard !closed, let context else { return }
+        goAway(code, debug: "")
+        closed = true
+        context.close(promise: nil)
     }
 
     private func loopBound() -> LoopBoundHandler {
@@ -428,9 +752,9 @@ struct LoopBoundHandler: Sendable {
 /// Completed answers waiting for the connection's event loop. The first post of a burst schedules
 /// the one hop that delivers them all (the apply loop completes a whole batch at once).
 final class ResponseMailbox: Sendable {
-    private let pending = NIOLockedValueBox<[(HTTP2StreamID, Result<[UInt8], GRPCStatus>)]>([])
+    private let pending = NIOLockedValueBox<[(UInt32, Result<[UInt8], GRPCStatus>)]>([])
 
-    func post(_ id: HTTP2StreamID, _ result: Result<[UInt8], GRPCStatus>, to loop: LoopBoundHandler) {
+    func post(_ id: UInt32, _ result: Result<[UInt8], GRPCStatus>, to loop: LoopBoundHandler) {
         let first = pending.withLockedValue { pending in
             pending.append((id, result))
             return pending.count == 1
@@ -438,7 +762,7 @@ final class ResponseMailbox: Sendable {
         if first { loop.execute { $0.drainMailbox() } }
     }
 
-    func take() -> [(HTTP2StreamID, Result<[UInt8], GRPCStatus>)] {
+    func take() -> [(UInt32, Result<[UInt8], GRPCStatus>)] {
         pending.withLockedValue { pending in
             defer { pending.removeAll(keepingCapacity: true) }
             return pending

@@ -1,7 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
-import NIOHTTP2
 import NIOPosix
 import NIOSSL
 import X509
@@ -16,7 +15,8 @@ final class ClientListener: Sendable {
     let methods: GRPCMethods
     let makeHTTPHandler: @Sendable () -> any ChannelHandler & Sendable
     let tls: TLSContexts?
-    let connectionConfiguration: NIOHTTP2Handler.ConnectionConfiguration
+    /// etcd's --max-concurrent-streams, announced in the connection's SETTINGS.
+    let maxConcurrentStreams: UInt32
     let minPingInterval: TimeAmount
     /// Connections one remote address may have open (0: no limit).
     let maxConnectionsPerClient: Int
@@ -37,48 +37,13 @@ final class ClientListener: Sendable {
         self.tls = tls
         self.maxConnectionsPerClient = maxConnectionsPerClient
         self.minPingInterval = minPingInterval
-        connectionConfiguration = Self.connectionConfiguration(maxConcurrentStreams: maxConcurrentStreams)
+        self.maxConcurrentStreams = maxConcurrentStreams
         self.host = host
         self.port = port
         self.group = group
         self.methods = methods
         self.makeHTTPHandler = makeHTTPHandler
     }
-
-    /// HTTP/2 settings in the spirit of grpc-go's server: effectively unlimited streams, large
-    /// windows and header lists.
-    /// `maxConcurrentStreams`: etcd's --max-concurrent-streams (default math.MaxUint32).
-    static func http2Settings(maxConcurrentStreams: UInt32) -> HTTP2Settings {
-        [
-            HTTP2Setting(parameter: .maxConcurrentStreams, value: Int(maxConcurrentStreams)),
-            HTTP2Setting(parameter: .initialWindowSize, value: 1 << 20),
-            HTTP2Setting(parameter: .maxHeaderListSize, value: 16 << 20),
-        ]
-    }
-
-    static func connectionConfiguration(maxConcurrentStreams: UInt32) -> NIOHTTP2Handler.ConnectionConfiguration {
-        var configuration = NIOHTTP2Handler.ConnectionConfiguration()
-        configuration.initialSettings = http2Settings(maxConcurrentStreams: maxConcurrentStreams)
-        // We send constant, valid headers; checking every field of every request and response
-        // cost ~3 % of the event loop (perf).
-        configuration.headerBlockValidation = .disabled
-        configuration.contentLengthValidation = .disabled
-        // grpc-go clients send a BDP ping whenever data arrives and none is outstanding, so a busy
-        // watch stream brings thousands of pings a second; their rate is policed by etcd's rule
-        // (strikes for pings without data in between, GOAWAY too_many_pings), not by a count.
-        configuration.controlFrameRateLimit.maximumCount = Int.max / 2
-        configuration.controlFrameRateLimit.windowLength = .seconds(1)
-        return configuration
-    }
-
-    static let streamConfiguration: NIOHTTP2Handler.StreamConfiguration = {
-        var configuration = NIOHTTP2Handler.StreamConfiguration()
-        // Clients cancel RPCs with RST_STREAM (kube-apiserver's request timeouts, closed watches,
-        // etcdctl's deadlines); grpc-go servers take any number of them.
-        configuration.streamResetFrameRateLimit.maximumCount = 100_000
-        configuration.streamResetFrameRateLimit.windowLength = .seconds(10)
-        return configuration
-    }()
 
     /// The last commonName of a certificate's subject.
     static func commonName(_ certificate: NIOSSLCertificate) -> String? {
@@ -127,10 +92,7 @@ final class ClientListener: Sendable {
                             let commonName = tls?.files.clientCertAuth == true
                                 ? (try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self))?.peerCertificate.flatMap(Self.commonName)
                                 : nil
-                            let handler = GRPCConnectionHandler(methods: methods, minPingInterval: minPingInterval, commonName: commonName)
-                            try channel.pipeline.syncOperations.addHandler(NIOHTTP2Handler(
-                                mode: .server, connectionConfiguration: connectionConfiguration,
-                                streamConfiguration: Self.streamConfiguration))
+                            let handler = GRPCConnectionHandler(methods: methods, maxConcurrentStreams: maxConcurrentStreams, minPingInterval: minPingInterval, commonName: commonName)
                             try channel.pipeline.syncOperations.addHandler(handler)
                             let bound = NIOLoopBound(handler, eventLoop: channel.eventLoop)
                             connections.withLockedValue { $0[key]?.grpc = bound }

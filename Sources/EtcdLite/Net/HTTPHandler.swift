@@ -31,6 +31,11 @@ final class HTTPHandler: ChannelInboundHandler, @unchecked Sendable {
         self.context = context
     }
 
+    /// The context refers to this handler: drop it, or the two keep each other alive.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
     func channelInactive(context: ChannelHandlerContext) {
         streamTask?.cancel()
         streamTask = nil
