@@ -162,8 +162,10 @@ public enum Manifests {
         let rules: [[String: Any]] = [
             ["apiGroups": [group], "resources": ["etcdliteclusters"], "verbs": ["get", "list", "watch", "update", "patch"]],
             ["apiGroups": [group], "resources": ["etcdliteclusters/status"], "verbs": ["get", "update", "patch"]],
-            // Members are static pods (written by the node agents): the operator only reads their mirror pods.
-            ["apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]],
+            // Self-hosted members are static pods (written by the node agents): the operator reads their
+            // mirror pods. A StatefulSet's members are its pods: the operator deletes one to upgrade
+            // or replace it.
+            ["apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "delete"]],
             ["apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "delete"]],
             ["apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]],
             // One active operator (a leader lease).

@@ -8,6 +8,11 @@ public struct DesiredCluster: Sendable, Equatable {
     public var minimumSizeForUpgrade = 3
     /// Which spec this is (the status's observedGeneration).
     public var generation: String?
+    /// New members are `<namePrefix>-N` with the lowest N free.
+    public var namePrefix = "member"
+    /// Members are a StatefulSet's pods: a scale-down removes the highest ordinal (the only pod
+    /// the StatefulSet can drop), whichever member leads.
+    public var ordinalScaleDown = false
     /// During an upgrade, every voter must be within this many entries of the leader before the
     /// next member restarts.
     public var upgradeLagEntries: UInt64 = 1000
@@ -189,10 +194,12 @@ public enum Planner {
         }
         // 5. Scale: up through a learner, down never below one member, the leader last.
         if selfHosted.count < desired.size {
-            return .addLearner(name: newName(members.map(\.name) + observed.workloads.map(\.name)))
+            return .addLearner(name: newName(members.map(\.name) + observed.workloads.map(\.name), prefix: desired.namePrefix))
         }
         if selfHosted.count > desired.size && voters.count > 1 {
-            let target = selfHosted.last { !$0.isLeader } ?? selfHosted.last!
+            let target = desired.ordinalScaleDown
+                ? selfHosted.max { ordinal($0.name) < ordinal($1.name) }!
+                : selfHosted.last { !$0.isLeader } ?? selfHosted.last!
             if target.isLeader, let other = voters.first(where: { $0.id != target.id }) { return .moveLeader(to: other.id) }
             return .removeMember(id: target.id, via: leader.id)
         }
@@ -215,10 +222,15 @@ public enum Planner {
     /// The lowest `member-N` not taken by a member or a workload. A replacement may get the name
     /// of a member that was removed and whose workload is gone; MemberAdd gives it a new ID and it
     /// starts on empty data, so nothing of the old identity is reused.
-    static func newName(_ taken: [String]) -> String {
+    static func newName(_ taken: [String], prefix: String = "member") -> String {
         let used = Set(taken)
         var n = 0
-        while used.contains("member-\(n)") { n += 1 }
-        return "member-\(n)"
+        while used.contains("\(prefix)-\(n)") { n += 1 }
+        return "\(prefix)-\(n)"
+    }
+
+    /// The N of `<prefix>-N` (-1 when the name has none).
+    static func ordinal(_ name: String) -> Int {
+        name.split(separator: "-").last.flatMap { Int($0) } ?? -1
     }
 }

@@ -8,7 +8,8 @@ import Logging
 struct Operator: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run the operator: grow a cluster from a boot member, scale, replace, upgrade, back up and recover its members.")
-    @Option(help: "local (members as processes on this machine) or kubernetes.") var platform = "local"
+    @Option(help: "local (members as processes on this machine), kubernetes (self-hosted members as static pods) or statefulset (the pods of a plain StatefulSet).") var platform = "local"
+    @Option(help: "The StatefulSet whose pods are the members (statefulset).") var statefulset = "etcdlite"
     @Option(help: "The local platform's configuration file (JSON; read again on every pass).") var config: String?
     @Option(help: "Namespace of the EtcdLiteCluster (kubernetes).") var namespace = "kube-system"
     @Option(help: "Name of the EtcdLiteCluster (kubernetes).") var cluster = "etcdlite"
@@ -30,14 +31,23 @@ struct Operator: AsyncParsableCommand {
 
     func run() async throws {
         LoggingSystem.bootstrap { JSONLogHandler(logLevel: JSONLogHandler.level(logLevel) ?? .info, label: $0) }
-        if platform == "kubernetes" {
+        if platform == "kubernetes" || platform == "statefulset" {
             let client = try KubeClient.inCluster()
-            let kubernetes = KubernetesPlatform(client: client, namespace: namespace, clusterName: cluster,
-                                                operatorNode: ProcessInfo.processInfo.environment["NODE_NAME"])
+            let node = ProcessInfo.processInfo.environment["NODE_NAME"]
+            let members: any MemberPlatform
+            let kubernetes: KubernetesPlatform
+            if platform == "statefulset" {
+                let set = StatefulSetPlatform(client: client, namespace: namespace, clusterName: cluster, setName: statefulset, operatorNode: node)
+                members = set
+                kubernetes = set.base
+            } else {
+                kubernetes = KubernetesPlatform(client: client, namespace: namespace, clusterName: cluster, operatorNode: node)
+                members = kubernetes
+            }
             // One active operator: the others stand by until the lease lapses.
             let lease = LeaderLease(client: client, namespace: namespace, name: "\(cluster)-operator",
                                     identity: ProcessInfo.processInfo.environment["POD_NAME"] ?? ProcessInfo.processInfo.hostName)
-            let reconciler = Reconciler(platform: kubernetes)
+            let reconciler = Reconciler(platform: members)
             let metrics = try await serveMetrics(reconciler)
             let stop = StopFlag()
             let signals = ShutdownSignals { _ in stop.set() }
@@ -49,7 +59,7 @@ struct Operator: AsyncParsableCommand {
             await metrics?.close()
             return
         }
-        guard platform == "local" else { throw ValidationError("--platform must be local or kubernetes") }
+        guard platform == "local" else { throw ValidationError("--platform must be local, kubernetes or statefulset") }
         guard let config else { throw ValidationError("--platform local needs --config FILE") }
         let local = try LocalPlatform(configPath: config)
         try local.lockOperator()

@@ -34,7 +34,15 @@ import Testing
         let container = try #require((podSpec["containers"] as? [[String: Any]])?.first)
         let claims = (spec["volumeClaimTemplates"] as? [[String: Any]] ?? []).compactMap { ($0["metadata"] as? [String: Any])?["name"] as? String }
         let mounts = container["volumeMounts"] as? [[String: Any]] ?? []
-        #expect(mounts.allSatisfy { claims.contains($0["name"] as? String ?? "") } && !mounts.isEmpty)
+        let podVolumes = (podSpec["volumes"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+        #expect(mounts.allSatisfy { claims.contains($0["name"] as? String ?? "") || podVolumes.contains($0["name"] as? String ?? "") })
+        #expect(mounts.contains { $0["mountPath"] as? String == "/var/lib/etcdlite" && claims.contains($0["name"] as? String ?? "") })
+        // The operator's join answers (optional: a set without the operator runs without them).
+        let join = (podSpec["volumes"] as? [[String: Any]] ?? []).first { $0["name"] as? String == "join" }?["configMap"] as? [String: Any]
+        #expect(join?["name"] as? String == "etcdlite-join" && join?["optional"] as? Bool == true)
+        #expect(mounts.contains { $0["name"] as? String == "join" && $0["mountPath"] as? String == "/etc/etcdlite-join" })
+        // etcdlite's refusal of an old identity on empty data shows in the pod's status.
+        #expect(container["terminationMessagePolicy"] as? String == "FallbackToLogsOnError")
         #expect(((container["readinessProbe"] as? [String: Any])?["httpGet"] as? [String: Any])?["path"] as? String == "/readyz")
         let env = Dictionary(uniqueKeysWithValues: (container["env"] as? [[String: Any]] ?? []).compactMap { e in
             (e["name"] as? String).map { ($0, e["value"] as? String ?? "") }
@@ -49,9 +57,9 @@ import Testing
         }
     }
 
-    /// The container's script, run here by /bin/sh with a stand-in `etcdlite` that prints its
-    /// arguments: member 1 of 3 gets its own name and every member's peer URL by stable DNS name.
-    @Test func theScriptDerivesTheInitialClusterFromTheOrdinals() throws {
+    /// The container's script, run by /bin/sh with a stand-in `etcdlite` that prints its
+    /// arguments; `during` runs while the script does (after `settle` seconds).
+    static func runScript(_ extra: [String: String], settle: Double = 0, during: () throws -> Void = {}) throws -> (status: Int32, args: [String], waitedAtLeast: Bool) {
         let items = try Self.items()
         let container = try #require(((((Self.find(items, "StatefulSet", "etcdlite")?["spec"] as? [String: Any])?["template"] as? [String: Any])?["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first)
         let command = container["command"] as? [String] ?? []
@@ -66,19 +74,63 @@ import Testing
         process.executableURL = URL(fileURLWithPath: "/bin/sh")
         process.arguments = ["-c", command[2]]
         process.environment = ["PATH": bin.path + ":/usr/bin:/bin", "HOSTNAME": "etcdlite-1", "SET": "etcdlite", "SERVICE": "etcdlite-peers",
-                               "REPLICAS": "3", "NAMESPACE": "db"]
+                               "REPLICAS": "3", "NAMESPACE": "db", "DATA_DIR": bin.appendingPathComponent("data").path,
+                               "JOIN_DIR": bin.appendingPathComponent("absent").path].merging(extra) { $1 }
         let pipe = Pipe()
         process.standardOutput = pipe
+        process.standardError = FileHandle.nullDevice
         try process.run()
+        var waited = true
+        if settle > 0 {
+            Thread.sleep(forTimeInterval: settle)
+            waited = process.isRunning
+            try during()
+        }
         let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         process.waitUntilExit()
-        #expect(process.terminationStatus == 0)
-        let args = output.split(separator: "\n").map(String.init)
-        func value(_ flag: String) -> String? { args.firstIndex(of: flag).map { args[$0 + 1] } }
-        #expect(value("--name") == "etcdlite-1")
-        #expect(value("--initial-cluster") == "etcdlite-0=http://etcdlite-0.etcdlite-peers.db.svc:2380,etcdlite-1=http://etcdlite-1.etcdlite-peers.db.svc:2380,etcdlite-2=http://etcdlite-2.etcdlite-peers.db.svc:2380")
-        #expect(value("--initial-advertise-peer-urls") == "http://etcdlite-1.etcdlite-peers.db.svc:2380")
-        #expect(value("--advertise-client-urls") == "http://etcdlite-1.etcdlite-peers.db.svc:2379")
-        #expect(value("--initial-cluster-state") == "new")
+        return (process.terminationStatus, output.split(separator: "\n").map(String.init), waited)
+    }
+
+    static func value(_ args: [String], _ flag: String) -> String? { args.firstIndex(of: flag).map { args[$0 + 1] } }
+
+    /// Member 1 of 3 gets its own name and every member's peer URL by stable DNS name.
+    @Test func theScriptDerivesTheInitialClusterFromTheOrdinals() throws {
+        let run = try Self.runScript([:])
+        #expect(run.status == 0)
+        #expect(Self.value(run.args, "--name") == "etcdlite-1")
+        #expect(Self.value(run.args, "--initial-cluster") == "etcdlite-0=http://etcdlite-0.etcdlite-peers.db.svc:2380,etcdlite-1=http://etcdlite-1.etcdlite-peers.db.svc:2380,etcdlite-2=http://etcdlite-2.etcdlite-peers.db.svc:2380")
+        #expect(Self.value(run.args, "--initial-advertise-peer-urls") == "http://etcdlite-1.etcdlite-peers.db.svc:2380")
+        #expect(Self.value(run.args, "--advertise-client-urls") == "http://etcdlite-1.etcdlite-peers.db.svc:2379")
+        #expect(Self.value(run.args, "--initial-cluster-state") == "new")
+    }
+
+    /// Under the operator: a member it added joins the cluster MemberAdd answered; one it has not
+    /// added (a pod back on a new, empty claim) waits for it instead of founding a cluster; one
+    /// with data starts on it.
+    @Test func underTheOperatorTheScriptJoinsWhatMemberAddAnsweredOrWaits() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("etcdlite-join-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let answered = "etcdlite-0=http://etcdlite-0.etcdlite-peers.db.svc:2380,etcdlite-1=http://etcdlite-1.etcdlite-peers.db.svc:2380"
+        try "true".write(to: dir.appendingPathComponent("managed"), atomically: true, encoding: .utf8)
+        try answered.write(to: dir.appendingPathComponent("etcdlite-1"), atomically: true, encoding: .utf8)
+        let joined = try Self.runScript(["JOIN_DIR": dir.path])
+        #expect(Self.value(joined.args, "--initial-cluster") == answered)
+        #expect(Self.value(joined.args, "--initial-cluster-state") == "existing")
+
+        // Not added yet: the script waits (5 s polls) until the key appears.
+        try FileManager.default.removeItem(at: dir.appendingPathComponent("etcdlite-1"))
+        let waited = try Self.runScript(["JOIN_DIR": dir.path], settle: 2) {
+            try answered.write(to: dir.appendingPathComponent("etcdlite-1"), atomically: true, encoding: .utf8)
+        }
+        #expect(waited.waitedAtLeast, "the script did not wait for its key")
+        #expect(Self.value(waited.args, "--initial-cluster-state") == "existing")
+
+        // A member with data starts on it (the flags are ignored then; no waiting).
+        try FileManager.default.removeItem(at: dir.appendingPathComponent("etcdlite-1"))
+        let data = dir.appendingPathComponent("data")
+        try FileManager.default.createDirectory(at: data, withIntermediateDirectories: true)
+        let restarted = try Self.runScript(["JOIN_DIR": dir.path, "DATA_DIR": data.path])
+        #expect(restarted.status == 0 && Self.value(restarted.args, "--data-dir") == data.path)
     }
 }

@@ -19,7 +19,8 @@ final class FakeAPIServer: @unchecked Sendable {
         var body: [String: Any]?
     }
 
-    static let collections: Set<String> = ["pods", "configmaps", "events", "etcdliteclusters", "nodes", "leases"]
+    static let collections: Set<String> = ["pods", "configmaps", "events", "etcdliteclusters", "nodes", "leases", "statefulsets",
+                                           "persistentvolumeclaims", "poddisruptionbudgets"]
     let token = "test-token"
     private let lock = NSLock()
     private var objects: [String: [String: Any]] = [:]

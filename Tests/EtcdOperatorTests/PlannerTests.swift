@@ -188,6 +188,30 @@ struct PlannerTests {
             #expect(!model.members.contains { $0.isBootMember })
         }
     }
+
+    /// A StatefulSet's members (`etcdlite-N`): a new member takes the lowest free ordinal (the
+    /// pod whose claim was lost comes back under its name with a new ID), and a scale-down takes
+    /// the highest ordinal, leader or not, leadership moved away first.
+    @Test func aStatefulSetsMembersFollowTheOrdinals() {
+        var desired = DesiredCluster(size: 3, version: Self.v1)
+        desired.namePrefix = "etcdlite"
+        desired.ordinalScaleDown = true
+        func member(_ n: UInt64, leader: Bool = false) -> ObservedMember {
+            ObservedMember(id: 10 + n, name: "etcdlite-\(n)", isLearner: false, healthy: true, isLeader: leader, appliedIndex: 100)
+        }
+        func running(_ ns: [UInt64]) -> [ObservedWorkload] { ns.map { ObservedWorkload(name: "etcdlite-\($0)", version: Self.v1) } }
+        // etcdlite-1 was removed (its claim was lost): it is added again, not etcdlite-3.
+        #expect(Planner.next(desired, Observation(members: [member(0, leader: true), member(2)], workloads: running([0, 2])))
+                == .addLearner(name: "etcdlite-1"))
+        // Five down to three: etcdlite-4 first, though etcdlite-1 would be the usual pick.
+        desired.size = 3
+        let five = [member(0), member(1), member(2), member(3), member(4)]
+        #expect(Planner.next(desired, Observation(members: five.map { m in var m = m; m.isLeader = m.id == 10; return m }, workloads: running([0, 1, 2, 3, 4])))
+                == .removeMember(id: 14, via: 10))
+        // The highest ordinal leads: leadership moves first.
+        #expect(Planner.next(desired, Observation(members: five.map { m in var m = m; m.isLeader = m.id == 14; return m }, workloads: running([0, 1, 2, 3, 4])))
+                == .moveLeader(to: 10))
+    }
 }
 
 /// Members and workloads that follow actions at once (learners catch up when started).

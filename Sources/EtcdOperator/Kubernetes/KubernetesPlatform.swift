@@ -65,6 +65,11 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         nodesOK = true
     }
 
+    /// Reads the EtcdLiteCluster alone (for a platform that keeps its members elsewhere).
+    func refreshClusterObject() async throws {
+        cluster = try await client.get(clusterPath)
+    }
+
     var spec: [String: Any] { cluster["spec"] as? [String: Any] ?? [:] }
     var hostPath: String { (spec["storage"] as? [String: Any])?["hostPath"] as? String ?? "/var/lib/etcdlite" }
     var image: String { spec["image"] as? String ?? spec["version"] as? String ?? "" }
@@ -177,17 +182,19 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
                 // Its node is gone, and the host path with it.
                 return ObservedWorkload(name: record.name, state: .dataLost, version: version)
             }
-            guard let pod, (pod["metadata"] as? [String: Any])?["deletionTimestamp"] == nil else {
-                return ObservedWorkload(name: record.name, state: .stopped, version: version)
-            }
-            if Self.refusedForLostData(pod) {
-                // It started once, its data is gone, and etcdlite refuses to come back under the
-                // old ID ("has already been bootstrapped"): remove it and add it anew.
-                return ObservedWorkload(name: record.name, state: .dataLost, version: version)
-            }
-            let phase = (pod["status"] as? [String: Any])?["phase"] as? String ?? "Pending"
-            return ObservedWorkload(name: record.name, state: phase == "Failed" || phase == "Succeeded" ? .stopped : .running, version: version)
+            return ObservedWorkload(name: record.name, state: Self.state(of: pod), version: version)
         }
+    }
+
+    /// A member's state from its pod: stopped when there is none (or it is going), data lost
+    /// when etcdlite refused to start, running (or starting) otherwise.
+    static func state(of pod: [String: Any]?) -> ObservedWorkload.State {
+        guard let pod, (pod["metadata"] as? [String: Any])?["deletionTimestamp"] == nil else { return .stopped }
+        // It started once, its data is gone, and etcdlite refuses to come back under the old ID
+        // ("has already been bootstrapped"): remove it and add it anew.
+        if refusedForLostData(pod) { return .dataLost }
+        let phase = (pod["status"] as? [String: Any])?["phase"] as? String ?? "Pending"
+        return phase == "Failed" || phase == "Succeeded" ? .stopped : .running
     }
 
     public func memberName(peerURLs: [String]) -> String? {

@@ -1,0 +1,243 @@
+import Foundation
+import NIOHTTP1
+
+/// Members as the pods of a plain StatefulSet (deploy/statefulset.json): etcdlite in a cluster
+/// that does not store that cluster's own state. The EtcdLiteCluster still says the size, image
+/// and backups (its `spec.statefulSet` names the set); the StatefulSet runs the pods.
+///
+/// - A member is pod `<set>-N`, its URLs the pod's stable DNS names under the set's headless
+///   Service, its data the claim `<template>-<set>-N`.
+/// - The ConfigMap `<set>-join` holds, per member the operator added, the `--initial-cluster`
+///   MemberAdd answered; the pod's script reads it (a ConfigMap volume) and joins as an existing
+///   member. Once the operator has written it (`managed`), a pod without its key waits instead
+///   of founding a cluster from the ordinals.
+/// - Scaling changes `replicas` only around learner-first membership changes: MemberAdd, the key,
+///   then replicas up to the new ordinal; MemberRemove, then replicas down to the highest member
+///   left. A member whose claim is lost (etcdlite refuses the old identity on empty data) is
+///   removed; its pod and claim are deleted, the StatefulSet makes both anew, and the pod waits
+///   until the operator adds it again under a new ID.
+/// - Upgrades: the set's update strategy becomes OnDelete and its template gets the image; the
+///   operator deletes one pod at a time in its own order (followers first, the leader last).
+public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
+    /// The EtcdLiteCluster: spec, status and events.
+    public let base: KubernetesPlatform
+    public let setName: String
+    var client: KubeClient { base.client }
+    var namespace: String { base.namespace }
+
+    private(set) var statefulSet: [String: Any] = [:]
+    private(set) var pods: [String: [String: Any]] = [:]
+    /// `--initial-cluster` of each member the operator added (or adopted), by member name.
+    private(set) var joins: [String: String] = [:]
+    private var joinsVersion: String?
+    private var joinsData: [String: String] = [:]
+    private var viewOK = false
+
+    static let managedKey = "managed"
+
+    public init(client: KubeClient, namespace: String, clusterName: String, setName: String, operatorNode: String? = nil) {
+        base = KubernetesPlatform(client: client, namespace: namespace, clusterName: clusterName, operatorNode: operatorNode)
+        self.setName = setName
+    }
+
+    // MARK: Paths and names
+
+    var setPath: String { "/apis/apps/v1/namespaces/\(namespace)/statefulsets/\(setName)" }
+    var joinPath: String { "/api/v1/namespaces/\(namespace)/configmaps/\(setName)-join" }
+    var podsPath: String { "/api/v1/namespaces/\(namespace)/pods" }
+    var pdbPath: String { "/apis/policy/v1/namespaces/\(namespace)/poddisruptionbudgets/\(setName)" }
+    func claimPath(_ member: String) -> String { "/api/v1/namespaces/\(namespace)/persistentvolumeclaims/\(claimTemplate)-\(member)" }
+
+    var setSpec: [String: Any] { statefulSet["spec"] as? [String: Any] ?? [:] }
+    var replicas: Int { setSpec["replicas"] as? Int ?? 0 }
+    var serviceName: String { setSpec["serviceName"] as? String ?? setName }
+    var claimTemplate: String {
+        ((setSpec["volumeClaimTemplates"] as? [[String: Any]])?.first?["metadata"] as? [String: Any])?["name"] as? String ?? "data"
+    }
+
+    func host(_ member: String) -> String { "\(member).\(serviceName).\(namespace).svc" }
+    func peerURL(_ member: String) -> String { "http://\(host(member)):2380" }
+    func clientURL(_ member: String) -> String { "http://\(host(member)):2379" }
+    func isOurs(_ member: String) -> Bool { member.hasPrefix(setName + "-") && Int(member.dropFirst(setName.count + 1)) != nil }
+
+    // MARK: The view
+
+    public func refresh() async throws {
+        viewOK = false
+        try await base.refreshClusterObject()
+        let freshSet = try await client.get(setPath)
+        try await loadJoins()
+        let labels = ((freshSet["spec"] as? [String: Any])?["selector"] as? [String: Any])?["matchLabels"] as? [String: String] ?? [:]
+        let selector = labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+        let podList = try await client.get(podsPath + "?labelSelector=" + KubernetesPlatform.escape(selector))
+        statefulSet = freshSet
+        pods = [:]
+        for pod in podList["items"] as? [[String: Any]] ?? [] {
+            guard let name = (pod["metadata"] as? [String: Any])?["name"] as? String, isOurs(name) else { continue }
+            pods[name] = pod
+        }
+        viewOK = true
+    }
+
+    func loadJoins() async throws {
+        do {
+            let map = try await client.get(joinPath)
+            joinsVersion = (map["metadata"] as? [String: Any])?["resourceVersion"] as? String
+            joinsData = map["data"] as? [String: String] ?? [:]
+        } catch let error as KubeAPIError where error.isNotFound {
+            joinsVersion = nil
+            joinsData = [:]
+        }
+        joins = joinsData.filter { isOurs($0.key) }
+    }
+
+    /// Changes the join ConfigMap with the version read; a conflict reads again and retries.
+    func updateJoins(_ change: (inout [String: String]) -> Void) async throws {
+        for _ in 0..<5 {
+            var data = joinsData
+            change(&data)
+            var metadata: [String: Any] = ["name": "\(setName)-join", "namespace": namespace,
+                                           "labels": ["app.kubernetes.io/managed-by": "etcdlite-operator"]]
+            do {
+                if let joinsVersion {
+                    metadata["resourceVersion"] = joinsVersion
+                    try await client.send(.PUT, joinPath, body: ["apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data])
+                } else {
+                    try await client.send(.POST, (joinPath as NSString).deletingLastPathComponent,
+                                          body: ["apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data])
+                }
+            } catch let error as KubeAPIError where error.code == 409 {
+                try await loadJoins()
+                continue
+            }
+            try await loadJoins()
+            return
+        }
+        throw OperatorError("the join ConfigMap kept changing under us (conflicts)")
+    }
+
+    public var desired: DesiredCluster {
+        var desired = base.desired
+        desired.namePrefix = setName
+        desired.ordinalScaleDown = true
+        return desired
+    }
+
+    public var bootMemberName: String? { nil }
+
+    public var endpoints: [String] {
+        let names = Set((0..<replicas).map { "\(setName)-\($0)" }).union(joins.keys)
+        return names.sorted { Planner.ordinal($0) < Planner.ordinal($1) }.map(clientURL)
+    }
+
+    public var settings: OperatorSettings { base.settings }
+    public var backupDir: String { base.backupDir }
+
+    // MARK: Workloads
+
+    /// Every member the operator added or adopted: stopped while its ordinal is beyond the set's
+    /// replicas or its pod is gone, data lost when etcdlite refused the old identity on an empty
+    /// claim, running otherwise.
+    public func workloads() async throws -> [ObservedWorkload] {
+        guard viewOK else { throw OperatorError("the StatefulSet was not read") }
+        return joins.keys.sorted { Planner.ordinal($0) < Planner.ordinal($1) }.map { name in
+            let pod = pods[name]
+            let version = pod.flatMap(KubernetesPlatform.runningImage) ?? ""
+            let state = Planner.ordinal(name) < replicas ? KubernetesPlatform.state(of: pod) : .stopped
+            return ObservedWorkload(name: name, state: state, version: version)
+        }
+    }
+
+    /// The pod a peer URL names (`http://<set>-N.<service>...`).
+    public func memberName(peerURLs: [String]) -> String? {
+        for url in peerURLs {
+            guard let host = URLComponents(string: url)?.host, let first = host.split(separator: ".").first else { continue }
+            if isOurs(String(first)) && host == self.host(String(first)) { return String(first) }
+        }
+        return nil
+    }
+
+    /// The member's URL is its pod's DNS name: nothing to record before MemberAdd.
+    public func prepare(_ name: String) async throws -> String {
+        guard isOurs(name) else { throw OperatorError("\(name) is not a pod name of StatefulSet \(setName)") }
+        return peerURL(name)
+    }
+
+    public func joined(_ name: String, id: UInt64, initialCluster: String) async throws {
+        try await updateJoins { data in
+            data[name] = initialCluster
+            data[Self.managedKey] = "true"
+        }
+    }
+
+    public func hasJoined(_ name: String) -> Bool { joins[name] != nil }
+
+    /// Replicas up to the member's ordinal (the StatefulSet starts its pod), and the disruption
+    /// budget kept at a quorum of the members.
+    public func start(_ name: String) async throws {
+        let wanted = Planner.ordinal(name) + 1
+        if replicas < wanted { try await scale(to: wanted) }
+        await keepQuorumBudget()
+    }
+
+    /// The member is no longer one: its key goes; the highest ordinal leaves through replicas, a
+    /// lower one by deleting its pod; its claim is deleted either way, so the pod that comes next
+    /// in its place starts on empty data and waits to be added anew.
+    public func delete(_ name: String) async throws {
+        try await updateJoins { data in data[name] = nil }
+        let ordinal = Planner.ordinal(name)
+        if ordinal == replicas - 1 {
+            let highest = joins.keys.map(Planner.ordinal).filter { $0 < ordinal }.max() ?? -1
+            try await scale(to: highest + 1)
+        }
+        try await deleteIgnoringAbsence(claimPath(name))
+        if ordinal < replicas { try await deleteIgnoringAbsence(podsPath + "/" + name) }
+        await keepQuorumBudget()
+    }
+
+    /// OnDelete updates and the new image in the template (one patch), then this pod goes: the
+    /// StatefulSet brings it back on the new image and the same claim.
+    public func upgrade(_ name: String, to version: String) async throws {
+        let patch: [String: Any] = ["spec": ["updateStrategy": ["type": "OnDelete"],
+                                             "template": ["spec": ["containers": [["name": "etcdlite", "image": version]]]]]]
+        try await client.send(.PATCH, setPath, body: patch, contentType: "application/strategic-merge-patch+json")
+        try await deleteIgnoringAbsence(podsPath + "/" + name)
+    }
+
+    public func runningClientURLs() async -> [String] {
+        joins.keys.filter { pods[$0] != nil }.sorted { Planner.ordinal($0) < Planner.ordinal($1) }.map(clientURL)
+    }
+
+    public func reseed(from snapshot: String) async throws {
+        throw OperatorError("re-seeding a StatefulSet's members from \(snapshot) is not automated: restore it into member 0's claim with `etcdlite snapshot restore` and scale the set to 1")
+    }
+
+    /// The StatefulSet founds the cluster itself (its pods' `--initial-cluster` from the ordinals).
+    public func createFirstMember() async throws -> String? { nil }
+
+    public func verifySnapshot(_ path: String) async -> String? { KubernetesPlatform.checkSnapshot(path) }
+    public func publish(_ status: ClusterStatus) async { await base.publish(status) }
+    public func event(_ reason: String, _ message: String, warning: Bool) async { await base.event(reason, message, warning: warning) }
+
+    // MARK: Requests
+
+    func scale(to count: Int) async throws {
+        try await client.send(.PATCH, setPath, body: ["spec": ["replicas": count]], contentType: "application/strategic-merge-patch+json")
+        var spec = setSpec
+        spec["replicas"] = count
+        statefulSet["spec"] = spec
+    }
+
+    /// minAvailable = a quorum of the members (when the set has a budget of that name).
+    func keepQuorumBudget() async {
+        let members = max(joins.count, 1)
+        _ = try? await client.send(.PATCH, pdbPath, body: ["spec": ["minAvailable": members / 2 + 1]],
+                                   contentType: "application/strategic-merge-patch+json")
+    }
+
+    func deleteIgnoringAbsence(_ path: String) async throws {
+        do {
+            try await client.send(.DELETE, path)
+        } catch let error as KubeAPIError where error.isNotFound {}
+    }
+}
