@@ -148,8 +148,13 @@ import Testing
         // The planner adds it again under the lowest free ordinal: its own name, a new ID.
         #expect(try await platform.prepare("etcdlite-1") == Self.peer(1))
         try await platform.joined("etcdlite-1", id: 21, initialCluster: three)
+        Self.addPod(server, 1)  // the StatefulSet's new pod, waiting for its key
+        try await platform.refresh()
         try await platform.start("etcdlite-1")
         #expect(Self.joins(server)["etcdlite-1"] == three && Self.replicas(server) == 3)
+        // The waiting pod is touched, so its kubelet syncs the ConfigMap volume now.
+        let annotations = (server.object(Self.podsPath + "/etcdlite-1")?["metadata"] as? [String: Any])?["annotations"] as? [String: String]
+        #expect(annotations?["etcdlite.dev/initial-cluster"] == three)
 
         // A member whose ordinal is beyond the replicas (scaled down by someone) is stopped, and
         // starting it raises the replicas again.

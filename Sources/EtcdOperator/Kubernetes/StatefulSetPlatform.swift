@@ -177,6 +177,12 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
     public func start(_ name: String) async throws {
         let wanted = Planner.ordinal(name) + 1
         if replicas < wanted { try await scale(to: wanted) }
+        if pods[name] != nil, let cluster = joins[name] {
+            // A pod already waiting for its key: a change to the pod makes its kubelet sync it,
+            // ConfigMap volume included, instead of at its next periodic sync (up to a minute).
+            let patch: [String: Any] = ["metadata": ["annotations": ["etcdlite.dev/initial-cluster": cluster]]]
+            _ = try? await client.send(.PATCH, podsPath + "/" + name, body: patch, contentType: "application/strategic-merge-patch+json")
+        }
         await keepQuorumBudget()
     }
 
