@@ -23,9 +23,8 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
 
     private(set) var cluster: [String: Any] = [:]
     private(set) var records: [String: MemberRecord] = [:]
-    private var recordsVersion: String?
-    /// The ConfigMap's data as read: keys that are not our records are written back untouched.
-    private var recordsData: [String: String] = [:]
+    /// The records' ConfigMap: keys that are not our records are written back untouched.
+    private let recordsMap: VersionedConfigMap
     private var nodes: [[String: Any]] = []
     private var pods: [String: [String: Any]] = [:]
     private var nodesOK = false
@@ -35,12 +34,13 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         self.namespace = namespace
         self.clusterName = clusterName
         self.operatorNode = operatorNode
+        recordsMap = VersionedConfigMap(client: client, namespace: namespace, name: "\(clusterName)-members",
+                                        labels: ["app.kubernetes.io/name": "etcdlite", "etcdlite.dev/cluster": clusterName])
     }
 
     // MARK: Paths
 
     var clusterPath: String { "/apis/\(Manifests.group)/\(Manifests.version)/namespaces/\(namespace)/etcdliteclusters/\(clusterName)" }
-    var recordsPath: String { "/api/v1/namespaces/\(namespace)/configmaps/\(clusterName)-members" }
     var podsPath: String { "/api/v1/namespaces/\(namespace)/pods" }
     var memberSelector: String { "app.kubernetes.io/component=member,etcdlite.dev/cluster=\(clusterName)" }
     func podName(_ member: String) -> String { "\(clusterName)-\(member)" }
@@ -107,15 +107,8 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
     // MARK: Records (the ConfigMap)
 
     func loadRecords() async throws {
-        do {
-            let map = try await client.get(recordsPath)
-            recordsVersion = (map["metadata"] as? [String: Any])?["resourceVersion"] as? String
-            recordsData = map["data"] as? [String: String] ?? [:]
-        } catch let error as KubeAPIError where error.isNotFound {
-            recordsVersion = nil
-            recordsData = [:]
-        }
-        records = Self.records(in: recordsData)
+        try await recordsMap.load()
+        records = Self.records(in: recordsMap.data)
     }
 
     /// The member records among a ConfigMap's data (`member-N.json`).
@@ -143,30 +136,8 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
 
     /// Changes the ConfigMap's data (keys that are not ours are kept as read).
     func updateRecordsData(_ change: (inout [String: String]) throws -> Void) async throws {
-        for _ in 0..<5 {
-            var data = recordsData
-            try change(&data)
-            var metadata: [String: Any] = ["name": "\(clusterName)-members", "namespace": namespace,
-                                           "labels": ["app.kubernetes.io/name": "etcdlite", "etcdlite.dev/cluster": clusterName]]
-            let object: [String: Any]
-            do {
-                if let version = recordsVersion {
-                    metadata["resourceVersion"] = version
-                    object = try await client.send(.PUT, recordsPath, body: ["apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data])
-                } else {
-                    object = try await client.send(.POST, "/api/v1/namespaces/\(namespace)/configmaps",
-                                                   body: ["apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data])
-                }
-            } catch let error as KubeAPIError where error.isConflict || error.isAlreadyExists {
-                try await loadRecords()
-                continue
-            }
-            recordsVersion = (object["metadata"] as? [String: Any])?["resourceVersion"] as? String
-            recordsData = data
-            records = Self.records(in: data)
-            return
-        }
-        throw OperatorError("the member records kept changing under us (conflicts)")
+        try await recordsMap.update(change, what: "the member records")
+        records = Self.records(in: recordsMap.data)
     }
 
     // MARK: Workloads
@@ -298,7 +269,7 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         // Only when there was never anything: no records ever written (the ConfigMap does not
         // exist) and no member pod of this cluster. A lost ConfigMap beside running members
         // needs a person, not a second cluster.
-        guard bootEndpoint == nil, recordsVersion == nil, records.isEmpty, pods.isEmpty, nodesOK else { return nil }
+        guard bootEndpoint == nil, recordsMap.version == nil, records.isEmpty, pods.isEmpty, nodesOK else { return nil }
         _ = try await prepare("member-0")
         guard var record = records["member-0"] else { return nil }
         record.initialCluster = "member-0=\(record.peerURL)"

@@ -27,10 +27,10 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
 
     private(set) var statefulSet: [String: Any] = [:]
     private(set) var pods: [String: [String: Any]] = [:]
+    /// The ConfigMap `<set>-join` the pods read.
+    private let joinMap: VersionedConfigMap
     /// `--initial-cluster` of each member the operator added (or adopted), by member name.
-    private(set) var joins: [String: String] = [:]
-    private var joinsVersion: String?
-    private var joinsData: [String: String] = [:]
+    var joins: [String: String] { joinMap.data.filter { isOurs($0.key) } }
     private var viewOK = false
 
     static let managedKey = "managed"
@@ -38,12 +38,13 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
     public init(client: KubeClient, namespace: String, clusterName: String, setName: String, operatorNode: String? = nil) {
         base = KubernetesPlatform(client: client, namespace: namespace, clusterName: clusterName, operatorNode: operatorNode)
         self.setName = setName
+        joinMap = VersionedConfigMap(client: client, namespace: namespace, name: "\(setName)-join",
+                                     labels: ["app.kubernetes.io/managed-by": "etcdlite-operator"])
     }
 
     // MARK: Paths and names
 
     var setPath: String { "/apis/apps/v1/namespaces/\(namespace)/statefulsets/\(setName)" }
-    var joinPath: String { "/api/v1/namespaces/\(namespace)/configmaps/\(setName)-join" }
     var podsPath: String { "/api/v1/namespaces/\(namespace)/pods" }
     var pdbPath: String { "/apis/policy/v1/namespaces/\(namespace)/poddisruptionbudgets/\(setName)" }
     func claimPath(_ member: String) -> String { "/api/v1/namespaces/\(namespace)/persistentvolumeclaims/\(claimTemplate)-\(member)" }
@@ -66,7 +67,7 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
         viewOK = false
         try await base.refreshClusterObject()
         let freshSet = try await client.get(setPath)
-        try await loadJoins()
+        try await joinMap.load()
         let labels = ((freshSet["spec"] as? [String: Any])?["selector"] as? [String: Any])?["matchLabels"] as? [String: String] ?? [:]
         let selector = labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
         let podList = try await client.get(podsPath + "?labelSelector=" + KubernetesPlatform.escape(selector))
@@ -77,43 +78,6 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
             pods[name] = pod
         }
         viewOK = true
-    }
-
-    func loadJoins() async throws {
-        do {
-            let map = try await client.get(joinPath)
-            joinsVersion = (map["metadata"] as? [String: Any])?["resourceVersion"] as? String
-            joinsData = map["data"] as? [String: String] ?? [:]
-        } catch let error as KubeAPIError where error.isNotFound {
-            joinsVersion = nil
-            joinsData = [:]
-        }
-        joins = joinsData.filter { isOurs($0.key) }
-    }
-
-    /// Changes the join ConfigMap with the version read; a conflict reads again and retries.
-    func updateJoins(_ change: (inout [String: String]) -> Void) async throws {
-        for _ in 0..<5 {
-            var data = joinsData
-            change(&data)
-            var metadata: [String: Any] = ["name": "\(setName)-join", "namespace": namespace,
-                                           "labels": ["app.kubernetes.io/managed-by": "etcdlite-operator"]]
-            do {
-                if let joinsVersion {
-                    metadata["resourceVersion"] = joinsVersion
-                    try await client.send(.PUT, joinPath, body: ["apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data])
-                } else {
-                    try await client.send(.POST, (joinPath as NSString).deletingLastPathComponent,
-                                          body: ["apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data])
-                }
-            } catch let error as KubeAPIError where error.code == 409 {
-                try await loadJoins()
-                continue
-            }
-            try await loadJoins()
-            return
-        }
-        throw OperatorError("the join ConfigMap kept changing under us (conflicts)")
     }
 
     public var desired: DesiredCluster {
@@ -164,10 +128,10 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
     }
 
     public func joined(_ name: String, id: UInt64, initialCluster: String) async throws {
-        try await updateJoins { data in
+        try await joinMap.update({ data in
             data[name] = initialCluster
             data[Self.managedKey] = "true"
-        }
+        }, what: "the join ConfigMap")
     }
 
     public func hasJoined(_ name: String) -> Bool { joins[name] != nil }
@@ -190,7 +154,7 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
     /// lower one by deleting its pod; its claim is deleted either way, so the pod that comes next
     /// in its place starts on empty data and waits to be added anew.
     public func delete(_ name: String) async throws {
-        try await updateJoins { data in data[name] = nil }
+        try await joinMap.update({ data in data[name] = nil }, what: "the join ConfigMap")
         let ordinal = Planner.ordinal(name)
         if ordinal == replicas - 1 {
             let highest = joins.keys.map(Planner.ordinal).filter { $0 < ordinal }.max() ?? -1
