@@ -407,6 +407,9 @@ public struct Verifier: Sendable {
             if !(await cluster.failpointArmed(any, after: logged)) { report.failpointsUnavailable += 1 }
             return { report in
                 // A failing sync must have stopped the member (after the syncs it was allowed).
+                // The workload may have been too slow in the fault's seconds to use up those
+                // syncs: a few writes of our own then give the member entries to sync.
+                if fault == .fsyncFail { await cluster.driveSyncs(until: any, seconds: 20) }
                 if fault == .fsyncFail && !cluster.isRunning(any) { report.stoppedOnSyncFailure += 1 }
                 cluster.kill(any)
                 try cluster.restart(any)

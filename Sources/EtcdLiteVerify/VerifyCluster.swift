@@ -296,6 +296,25 @@ final class VerifyCluster: @unchecked Sendable {
         return nil
     }
 
+    /// Writes a key outside the workload's prefix, one put at a time through any other running
+    /// member, until member `i` has stopped (each put is an entry `i` must sync) or `seconds` passed.
+    func driveSyncs(until i: Int, seconds: Double) async {
+        let deadline = Date().addingTimeInterval(seconds)
+        var put = Etcdserverpb_PutRequest()
+        put.key = Data("verify-sync-probe".utf8)
+        var written = 0
+        while isRunning(i) && Date() < deadline {
+            put.value = Data("\(written)".utf8)
+            for j in 0..<count where j != i && isRunning(j) && !slots[j].paused {
+                if (try? await call(j, "/etcdserverpb.KV/Put", put, as: Etcdserverpb_PutResponse.self, timeout: .seconds(2))) != nil {
+                    written += 1
+                    break
+                }
+            }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+    }
+
     /// Waits until every member is up, agrees on one leader, and answers a linearizable read.
     func waitHealthy(timeout: Double) async -> Bool {
         let deadline = Date().addingTimeInterval(timeout)
