@@ -181,10 +181,12 @@ public enum Manifests {
             ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": metadata("etcdlite-operator", options),
              "roleRef": ["apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "etcdlite-operator"],
              "subjects": [["kind": "ServiceAccount", "name": "etcdlite-operator", "namespace": options.namespace]]],
-            // The node agents read the members' records only.
+            // The node agents read the members' records (and the coordinator of a re-seed writes them).
             ["apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata("etcdlite-node-agent", options)],
             ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": metadata("etcdlite-node-agent", options),
-             "rules": [["apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]]]],
+             // Reading the records; after a re-seed without the API server, its coordinator writes them.
+             "rules": [["apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "update"]],
+                       ["apiGroups": [group], "resources": ["etcdliteclusters"], "verbs": ["get"]]]],
             ["apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": metadata("etcdlite-node-agent", options),
              "roleRef": ["apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "etcdlite-node-agent"],
              "subjects": [["kind": "ServiceAccount", "name": "etcdlite-node-agent", "namespace": options.namespace]]],
@@ -246,9 +248,14 @@ public enum Manifests {
         controller("DaemonSet", "etcdlite-node-agent", options, spec: [:], pod: [
             "priorityClassName": "system-node-critical",
             "tolerations": [["operator": "Exists"]],
+            // The agents reach each other on their nodes' addresses when the API server is gone.
+            "hostNetwork": true,
+            "dnsPolicy": "ClusterFirstWithHostNet",
             "containers": [["name": "node-agent", "image": options.image,
                             "command": ["etcdlite", "node-agent", "--node", "$(NODE_NAME)", "--namespace", options.namespace,
-                                        "--cluster", "etcdlite", "--manifests", "/etc/kubernetes/manifests", "--host-path", options.hostPath],
+                                        "--cluster", "etcdlite", "--manifests", "/etc/kubernetes/manifests", "--host-path", options.hostPath,
+                                        "--recovery-port", "\(NodeAgent.recoveryPort)"],
+                            "ports": [["name": "recovery", "containerPort": NodeAgent.recoveryPort]],
                             "env": [["name": "NODE_NAME", "valueFrom": ["fieldRef": ["fieldPath": "spec.nodeName"]]]],
                             "volumeMounts": [["name": "manifests", "mountPath": "/etc/kubernetes/manifests"],
                                              ["name": "data", "mountPath": options.hostPath]]] as [String: Any]],

@@ -145,12 +145,20 @@ struct NodeAgentCommand: AsyncParsableCommand {
     @Option(help: "Seconds between passes.") var interval = 5
     @Option(help: "Seconds between recovery checkpoints (a verified snapshot of each member on this node under <host-path>/checkpoints; 0: none).")
     var checkpointInterval = 1_800
+    @Option(help: "Port (on every address: the agents run on the host network) where this agent serves its recovery report to the other nodes' agents; 0: none, and no re-seed without the API server.")
+    var recoveryPort = NodeAgent.recoveryPort
+    @Option(help: "Seconds the API server must have been silent before the agents re-seed a cluster that lost the quorum of its data.")
+    var recoveryGrace = 60
 
     func run() async throws {
         LoggingSystem.bootstrap { JSONLogHandler(logLevel: .info, label: $0) }
         let logger = Logger(label: "etcdlite.node-agent")
         let agent = NodeAgent(node: node, manifestsDir: manifests, hostPath: hostPath, client: try KubeClient.inCluster(),
                               namespace: namespace, clusterName: cluster)
+        agent.recoveryGrace = recoveryPort > 0 ? Double(recoveryGrace) : .infinity
+        let port = recoveryPort
+        agent.agentURL = { _, address in "http://\(address):\(port)" }
+        let server = recoveryPort > 0 ? try await RouteServer.start(host: "0.0.0.0", port: recoveryPort) { agent.route($0, $1, $2) } : nil
         let stop = StopFlag()
         let signals = ShutdownSignals { _ in stop.set() }
         defer { signals.cancel() }
@@ -161,5 +169,6 @@ struct NodeAgentCommand: AsyncParsableCommand {
             // The API server away (a power-off, its own restart): the manifests stay as they are.
             logger.warning("records not read; nothing changed", metadata: ["error": "\(error)"])
         })
+        await server?.close()
     }
 }

@@ -121,6 +121,8 @@ import Testing
         #expect(Self.waitForExit(second.process), "it must not come back under \(id)")
         let log = (try? String(contentsOfFile: second.process.logPath, encoding: .utf8)) ?? ""
         #expect(log.contains("member \(id) has already been bootstrapped"), "\(log.suffix(600))")
+        // The refused start leaves no member directory behind: one on disk means a member's data.
+        #expect(!FileManager.default.fileExists(atPath: second.process.dataDir.url.appendingPathComponent("data/member").path))
 
         let intruder = try run(etcdliteBinary(), ["--name", "a", "--data-dir", first.process.dataDir.url.appendingPathComponent("data").path,
                                                   "--listen-client-urls", "http://127.0.0.1:\(freePort())", "--listen-peer-urls", "http://127.0.0.1:\(freePort())"],

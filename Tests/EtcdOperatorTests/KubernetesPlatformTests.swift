@@ -148,6 +148,30 @@ import Testing
         #expect(other.endpoints == ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"])
     }
 
+    /// A re-seeded (or first) member bootstraps with `new` and its snapshot; once its pod is Ready
+    /// it is an existing member, so that a later loss of its data cannot start an empty cluster
+    /// (or the old snapshot) under the same identity.
+    @Test func aBootstrappedMemberBecomesAnExistingOneOnceReady() async throws {
+        let server = try Self.server()
+        defer { server.stop() }
+        let platform = try await Self.withMembers(server, 3)
+        try await platform.reseed(from: "/var/lib/etcdlite/backups/snapshot-1.db")
+        var (record, pod) = Self.record(server, "member-0")
+        #expect(record?.initialClusterState == "new" && record?.restoreFrom != nil)
+        #expect((pod["spec"] as? [String: Any])?["initContainers"] != nil)
+        // Running but not Ready yet: unchanged.
+        Self.mirror(server, "member-0", on: "cp-a", status: ["phase": "Running", "conditions": [["type": "Ready", "status": "False"]]])
+        try await platform.refresh()
+        #expect(Self.record(server, "member-0").record?.initialClusterState == "new")
+        server.modify(Self.podsPath + "/etcdlite-member-0-cp-a") { $0["status"] = ["phase": "Running", "conditions": [["type": "Ready", "status": "True"]]] }
+        try await platform.refresh()
+        (record, pod) = Self.record(server, "member-0")
+        #expect(record?.initialClusterState == "existing" && record?.restoreFrom == nil)
+        #expect((pod["spec"] as? [String: Any])?["initContainers"] == nil)
+        let command = Self.container(pod)["command"] as? [String] ?? []
+        #expect(command.firstIndex(of: "--initial-cluster-state").map { command[$0 + 1] } == "existing")
+    }
+
     @Test func workloadStatesFollowMirrorPodsAndNodes() async throws {
         let server = try Self.server()
         defer { server.stop() }

@@ -102,4 +102,79 @@ import Testing
         await #expect(throws: (any Error).self) { try await rebooted.pass() }
         #expect(FileManager.default.contents(atPath: manifests + "/etcdlite-member-1.json") == written)
     }
+
+    /// After a re-seed without the API server, the API server comes back on the re-seeded store,
+    /// whose records are the old ones: they are not followed, and the coordinator writes the
+    /// re-seeded member's record; then every agent is done with the re-seed.
+    @Test func aReseedsCoordinatorRewritesTheRecordsOnceTheAPIServerIsBack() async throws {
+        let server = try KubernetesPlatformTests.server()
+        defer { server.stop() }
+        let platform = try await KubernetesPlatformTests.withMembers(server, 3)
+        let old = platform.records.values.sorted { $0.name < $1.name }
+        let root = Self.temp()
+        defer { try? FileManager.default.removeItem(at: root) }
+        func agent(_ node: String) -> NodeAgent {
+            NodeAgent(node: node, manifestsDir: root.appendingPathComponent("\(node)/manifests").path, hostPath: root.appendingPathComponent("\(node)/data").path,
+                      client: KubeClient(host: "127.0.0.1", port: server.port, token: server.token), namespace: "kube-system", clusterName: "etcdlite")
+        }
+        let coordinatorNode = try #require(old[0].node)
+        let followerNode = try #require(old.first { $0.node != coordinatorNode }?.node)
+        let (coordinator, follower) = (agent(coordinatorNode), agent(followerNode))
+        var reseeded = old[0]
+        reseeded.clusterToken = "etcdlite-reseeded"
+        reseeded.initialClusterState = "new"
+        reseeded.dataName = "member-0-new"
+        reseeded.restoreFrom = "/var/lib/etcdlite/checkpoints/member-0-0000000000000001.db"
+        reseeded.manifest = try KubernetesPlatform.staticPodManifest(reseeded, spec: nil, hostPath: "/var/lib/etcdlite", namespace: "kube-system", clusterName: "etcdlite")
+        let order = ReseedOrder(previous: RecoveryReport.digest(old), record: reseeded)
+        for agent in [coordinator, follower] {
+            var state = agent.loadState()
+            state.reseed = order
+            try agent.saveState(state)
+        }
+        // The follower first: the old records are not followed (no manifest for its old member).
+        #expect(try await follower.pass().isEmpty)
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: follower.manifestsDir)) ?? []).isEmpty)
+        #expect(follower.loadState().reseed == order)
+        // The coordinator writes the records: the re-seeded member alone.
+        let done = try await coordinator.pass()
+        #expect(done == ["wrote the re-seeded member's record member-0", "wrote member-0"], "\(done)")
+        try await platform.refresh()
+        #expect(Array(platform.records.keys) == ["member-0"] && platform.records["member-0"]?.clusterToken == "etcdlite-reseeded")
+        #expect(String(decoding: FileManager.default.contents(atPath: coordinator.manifestsDir + "/etcdlite-member-0.json") ?? Data(), as: UTF8.self)
+            .contains("etcdlite snapshot restore /var/lib/etcdlite/checkpoints/member-0-0000000000000001.db"))
+        // Both see the records carry it: the re-seed is over for them.
+        #expect(try await follower.pass() == ["the records carry the re-seed etcdlite-reseeded"])
+        #expect(follower.loadState().reseed == nil && coordinator.loadState().reseed == order)
+        #expect(try await coordinator.pass() == ["the records carry the re-seed etcdlite-reseeded"])
+        #expect(coordinator.loadState().reseed == nil)
+        // What the agents cached for a later outage: the new records.
+        #expect(follower.loadCache().records.map(\.clusterToken) == ["etcdlite-reseeded"])
+    }
+
+    /// `/recovery` and `/recovery/reseed` as other agents call them.
+    @Test func theRecoveryRoutesAnswerAsDocumented() async throws {
+        let root = Self.temp()
+        defer { try? FileManager.default.removeItem(at: root) }
+        let agent = NodeAgent(node: "cp-a", manifestsDir: root.path + "/manifests", hostPath: root.path + "/data", client: nil, namespace: "kube-system", clusterName: "etcdlite")
+        #expect(agent.route(.GET, "/recovery", []).status == .serviceUnavailable)
+        await agent.publishReport()
+        let answer = agent.route(.GET, "/recovery", [])
+        #expect(answer.status == .ok && answer.contentType == "application/json")
+        let report = try JSONDecoder().decode(RecoveryReport.self, from: Data(answer.body.utf8))
+        #expect(report.node == "cp-a" && report.reseeding == nil && report.members.isEmpty)
+        #expect(agent.route(.POST, "/recovery/reseed", Array("nonsense".utf8)).status == .badRequest)
+        #expect(agent.route(.DELETE, "/recovery", []).status == .methodNotAllowed)
+        #expect(agent.route(.GET, "/elsewhere", []).status == .notFound)
+        // An order is taken in, but followed only by an agent that sees the outage itself.
+        let record = Self.record("member-0", node: "cp-b", dataName: "member-0-aa")
+        agent.saveCache([record], spec: nil)
+        let order = ReseedOrder(previous: RecoveryReport.digest([record]), record: record)
+        #expect(agent.route(.POST, "/recovery/reseed", Array(try JSONEncoder().encode(order))).status == .accepted)
+        #expect(agent.accepts(order, [record]) == false, "the API server answered a moment ago (the agent just started, grace 60 s)")
+        agent.recoveryGrace = 0
+        await agent.publishReport()
+        #expect(agent.accepts(order, [record]))
+        #expect(agent.accepts(ReseedOrder(previous: "other records", record: record), [record]) == false)
+    }
 }

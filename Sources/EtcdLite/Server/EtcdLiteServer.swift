@@ -65,6 +65,9 @@ public final class EtcdLiteServer: Sendable {
         jwt = try JWTTokens.parse(config.authToken)
         let dataDir = URL(fileURLWithPath: config.effectiveDataDir)
         let memberDir = dataDir.appendingPathComponent("member")
+        // A join refused on a directory made by this very start leaves nothing behind: a member
+        // directory on disk means a member's data (node agents count on it).
+        let fresh = !FileManager.default.fileExists(atPath: memberDir.path)
         try FileManager.default.createDirectory(at: memberDir, withIntermediateDirectories: true)
         // One process per data directory (etcd locks its WAL the same way).
         directoryLock = try DirectoryLock(memberDir.appendingPathComponent("lock").path)
@@ -93,18 +96,26 @@ public final class EtcdLiteServer: Sendable {
                 return m
             }
         } else if try meta.memberID == nil || Membership.load(backend.writer).members.isEmpty {
-            let cluster = try Self.fetchCluster(config, logger: logger)
-            guard let me = cluster.members.first(where: { Set($0.peerUrls) == Set(config.initialAdvertisePeerURLs) }) else {
-                throw ConfigError("error validating peerURLs: cluster \(String(cluster.clusterID, radix: 16)) has no member with peer URLs \(config.initialAdvertisePeerURLs) (add it with member add first)")
-            }
-            if let known = meta.memberID, known != me.id || meta.clusterID != cluster.clusterID {
-                throw ConfigError("cluster ID mismatch")
-            }
-            // etcd's rule: a member that has started before (it published its name) and has no
-            // data now lost it; under its old ID it would vote without the entries it acknowledged.
-            // It must be removed and added again.
-            if meta.memberID == nil && !me.name.isEmpty {
-                throw ConfigError("member \(String(me.id, radix: 16)) has already been bootstrapped")
+            let cluster: (clusterID: UInt64, members: [Etcdserverpb_Member])
+            let me: Etcdserverpb_Member
+            do {
+                cluster = try Self.fetchCluster(config, logger: logger)
+                guard let found = cluster.members.first(where: { Set($0.peerUrls) == Set(config.initialAdvertisePeerURLs) }) else {
+                    throw ConfigError("error validating peerURLs: cluster \(String(cluster.clusterID, radix: 16)) has no member with peer URLs \(config.initialAdvertisePeerURLs) (add it with member add first)")
+                }
+                me = found
+                if let known = meta.memberID, known != me.id || meta.clusterID != cluster.clusterID {
+                    throw ConfigError("cluster ID mismatch")
+                }
+                // etcd's rule: a member that has started before (it published its name) and has no
+                // data now lost it; under its old ID it would vote without the entries it acknowledged.
+                // It must be removed and added again.
+                if meta.memberID == nil && !me.name.isEmpty {
+                    throw ConfigError("member \(String(me.id, radix: 16)) has already been bootstrapped")
+                }
+            } catch {
+                if fresh { try? FileManager.default.removeItem(at: memberDir) }
+                throw error
             }
             meta.memberID = me.id
             meta.clusterID = cluster.clusterID

@@ -63,6 +63,27 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         }
         nodes = freshNodes
         nodesOK = true
+        try await settleBootstrapped()
+    }
+
+    /// A member that bootstrapped a cluster (`--initial-cluster-state new`: the first member, or a
+    /// re-seeded one) and runs Ready becomes an existing member in its manifest, its snapshot
+    /// restore dropped: with its data lost, the kubelet would otherwise start it as a new empty
+    /// cluster under the same identity (or restore an old snapshot again). Its pod restarts once.
+    func settleBootstrapped() async throws {
+        for record in records.values.sorted(by: { $0.name < $1.name }) where record.started && record.initialClusterState == "new" {
+            guard let pod = pods[record.name], Self.isReady(pod) else { continue }
+            try await updateMember(record.name) {
+                $0.initialClusterState = "existing"
+                $0.restoreFrom = nil
+            }
+        }
+    }
+
+    static func isReady(_ pod: [String: Any]) -> Bool {
+        ((pod["status"] as? [String: Any])?["conditions"] as? [[String: Any]] ?? []).contains {
+            $0["type"] as? String == "Ready" && $0["status"] as? String == "True"
+        }
     }
 
     /// Reads the EtcdLiteCluster alone (for a platform that keeps its members elsewhere).
@@ -303,6 +324,20 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
             String(decoding: try JSONSerialization.data(withJSONObject: self.memberPod(record), options: [.sortedKeys, .withoutEscapingSlashes]),
                    as: UTF8.self)
         }
+    }
+
+    /// A member's manifest without the API server (a re-seed by the node agents), from the spec
+    /// last read (JSON; nil: the defaults), the agent's host path and the ports of its URLs.
+    static func staticPodManifest(_ record: MemberRecord, spec json: String?, hostPath: String, namespace: String, clusterName: String) throws -> String {
+        var spec = json.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] } ?? [:]
+        var storage = spec["storage"] as? [String: Any] ?? [:]
+        if storage["hostPath"] == nil { storage["hostPath"] = hostPath }
+        spec["storage"] = storage
+        if spec["clientPort"] == nil, let port = URL(string: record.clientURL)?.port { spec["clientPort"] = port }
+        if spec["peerPort"] == nil, let port = URL(string: record.peerURL)?.port { spec["peerPort"] = port }
+        let platform = KubernetesPlatform(client: KubeClient(host: "127.0.0.1", port: 0), namespace: namespace, clusterName: clusterName)
+        platform.cluster = ["spec": spec]
+        return try platform.staticPodManifest(record)
     }
 
     /// A member's static pod: on the host network, its data on the host path. The kubelet of its

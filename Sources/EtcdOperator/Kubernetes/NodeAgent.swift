@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -20,6 +21,9 @@ import Glibc
 ///   `<hostPath>/checkpoints/<member>-<time>.db` and checked with `etcdlite snapshot status`; the
 ///   newest `checkpointsKept` of each member are kept. With the manifest, it is the member's
 ///   checkpoint on its own node: a store to re-seed from when no quorum of data survives.
+/// - No quorum of data surviving (and so no API server): the agents re-seed the cluster among
+///   themselves from the records each last read (`<hostPath>/.etcdlite-records.json`), see
+///   `RecoveryPlan` and NodeAgent+Recovery.swift.
 public final class NodeAgent: @unchecked Sendable {
     /// The ConfigMap key that says the boot member was removed.
     public static let bootKey = "boot.json"
@@ -38,7 +42,29 @@ public final class NodeAgent: @unchecked Sendable {
     let client: KubeClient?
     let recordsPath: String
 
+    public let namespace: String
+    public let clusterName: String
+    /// Seconds the API server must have been silent before the agents re-seed on their own.
+    public var recoveryGrace: Double = 60
+    /// Where another node's agent serves `/recovery`, from its node's name and address.
+    public var agentURL: @Sendable (_ node: String, _ address: String) -> String = { _, address in "http://\(address):\(NodeAgent.recoveryPort)" }
+    /// The port agents serve `/recovery` on (host network).
+    public static let recoveryPort = 2382
+    /// The etcdlite binary that checks snapshots (this very one unless a test says otherwise).
+    public var executable: String? = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+    let startedAt = Date()
+    /// When the records were last read from the API server.
+    var lastRead: Date?
+    /// This agent's report as `/recovery` serves it (JSON).
+    let served = NIOLockedValueBox<String?>(nil)
+    /// Re-seed orders received on `/recovery/reseed`, for the next pass to check.
+    let orders = NIOLockedValueBox<[ReseedOrder]>([])
+    /// Checkpoint revisions already read, by path.
+    var checkpointRevisions: [String: Int64] = [:]
+
     public init(node: String, manifestsDir: String, hostPath: String, client: KubeClient?, namespace: String, clusterName: String) {
+        self.namespace = namespace
+        self.clusterName = clusterName
         self.node = node
         self.manifestsDir = manifestsDir
         self.hostPath = hostPath
@@ -49,6 +75,8 @@ public final class NodeAgent: @unchecked Sendable {
     /// Members this agent wrote manifests for, by data directory (`<hostPath>/.etcdlite-agent.json`).
     struct State: Codable {
         var members: [String: String] = [:]  // data directory name → member name
+        /// A re-seed this agent takes part in, until the records carry its token.
+        var reseed: ReseedOrder?
     }
 
     var statePath: String { hostPath + "/.etcdlite-agent.json" }
@@ -68,10 +96,37 @@ public final class NodeAgent: @unchecked Sendable {
         } catch let error as KubeAPIError where error.isNotFound {
             data = [:]
         }
+        lastRead = Date()
         let bootRemoved = data[Self.bootKey].map { $0.contains("\"removed\":true") } ?? false
-        let records = Array(KubernetesPlatform.records(in: data).values)
+        var records = Array(KubernetesPlatform.records(in: data).values).sorted { $0.name < $1.name }
+        var done: [String] = []
+        if let order = loadState().reseed {
+            if records.contains(where: { $0.clusterToken == order.record.clusterToken }) {
+                // The records carry the re-seed: it is over.
+                var state = loadState()
+                state.reseed = nil
+                try saveState(state)
+                done.append("the records carry the re-seed \(order.record.clusterToken)")
+            } else {
+                // The API server is back on the re-seeded store, whose records are the old ones:
+                // the coordinator writes the re-seeded member's; until then they are not followed.
+                if order.record.node == node {
+                    let platform = KubernetesPlatform(client: client, namespace: namespace, clusterName: clusterName)
+                    try await platform.loadRecords()
+                    try await platform.updateRecords { $0 = [order.record.name: order.record] }
+                    done.append("wrote the re-seeded member's record \(order.record.name)")
+                }
+                records = [order.record]
+            }
+        }
         lastRecords = records
-        return try apply(records, bootRemoved: bootRemoved)
+        var spec: String?
+        if let cluster = try? await client.get("/apis/\(Manifests.group)/\(Manifests.version)/namespaces/\(namespace)/etcdliteclusters/\(clusterName)"),
+           let object = cluster["spec"], let json = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) {
+            spec = String(decoding: json, as: UTF8.self)
+        }
+        saveCache(records, spec: spec)
+        return try done + apply(records, bootRemoved: bootRemoved)
     }
 
     var checkpointsDir: String { hostPath + "/checkpoints" }
@@ -156,9 +211,13 @@ public final class NodeAgent: @unchecked Sendable {
             try fm.removeItem(atPath: manifestsDir + "/" + Self.bootManifest)
             done.append("removed the boot member's manifest")
         }
-        let encoded = try JSONEncoder().encode(state)
-        try encoded.write(to: URL(fileURLWithPath: statePath), options: .atomic)
+        try saveState(state)
         return done
+    }
+
+    func saveState(_ state: State) throws {
+        try FileManager.default.createDirectory(atPath: hostPath, withIntermediateDirectories: true)
+        try JSONEncoder().encode(state).write(to: URL(fileURLWithPath: statePath), options: .atomic)
     }
 
     func manifestPath(_ member: String) -> String { manifestsDir + "/etcdlite-\(member).json" }
@@ -182,12 +241,21 @@ public final class NodeAgent: @unchecked Sendable {
                     onDone: @Sendable ([String]) -> Void, onError: @Sendable (any Error) -> Void) async {
         // The first soon after start (a node back from a power-off has none newer than before it).
         var nextCheckpoint = ContinuousClock.now + min(checkpointInterval ?? .zero, .seconds(60))
+        var lastPlan: RecoveryPlan?
         while !shouldStop() {
             do {
                 let done = try await pass()
                 if !done.isEmpty { onDone(done) }
             } catch {
                 onError(error)
+            }
+            // What `/recovery` answers, then what the API server's silence calls for.
+            await publishReport()
+            let (done, plan) = await recoveryPass()
+            if !done.isEmpty { onDone(done) }
+            if let plan, plan != lastPlan, apiSilence >= recoveryGrace {
+                onDone(["recovery: \(plan)"])
+                lastPlan = plan
             }
             if let checkpointInterval, ContinuousClock.now >= nextCheckpoint, !lastRecords.isEmpty {
                 nextCheckpoint = ContinuousClock.now + checkpointInterval

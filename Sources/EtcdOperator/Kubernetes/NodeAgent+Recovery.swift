@@ -1,0 +1,216 @@
+import EtcdLiteProto
+import Foundation
+import NIOHTTP1
+
+/// A re-seed the coordinator decided: the one member of the new cluster (its record, with the
+/// snapshot it is restored from). `previous` names the records it was decided on.
+public struct ReseedOrder: Codable, Sendable, Equatable {
+    public var previous: String
+    public var record: MemberRecord
+}
+
+/// The records an agent last read, and the cluster's spec (for the re-seeded member's manifest).
+struct RecordsCache: Codable {
+    var records: [MemberRecord]
+    var spec: String?
+}
+
+extension NodeAgent {
+    var cachePath: String { hostPath + "/.etcdlite-records.json" }
+
+    func saveCache(_ records: [MemberRecord], spec: String?) {
+        var cache = RecordsCache(records: records, spec: spec)
+        if spec == nil { cache.spec = loadCache().spec }
+        guard let data = try? JSONEncoder().encode(cache) else { return }
+        try? FileManager.default.createDirectory(atPath: hostPath, withIntermediateDirectories: true)
+        try? data.write(to: URL(fileURLWithPath: cachePath), options: .atomic)
+    }
+
+    func loadCache() -> RecordsCache {
+        FileManager.default.contents(atPath: cachePath).flatMap { try? JSONDecoder().decode(RecordsCache.self, from: $0) }
+            ?? RecordsCache(records: [], spec: nil)
+    }
+
+    /// Seconds since the records were last read from the API server (since the start, if never).
+    var apiSilence: Double { Date().timeIntervalSince(lastRead ?? startedAt) }
+
+    // MARK: What this node has
+
+    /// This node's part: its members' data and state, and their newest checkpoints.
+    func report() async -> RecoveryReport {
+        let records = loadCache().records
+        let silence = apiSilence
+        var report = RecoveryReport(node: node, records: RecoveryReport.digest(records), reseeding: loadState().reseed?.record.clusterToken,
+                                    apiSilentSeconds: silence)
+        // While the API server answers, the operator decides: nothing to ask the members.
+        guard silence >= min(recoveryGrace, 5) else { return report }
+        let admin = EtcdAdmin(timeout: .seconds(2))
+        for record in records where record.node == node && record.started {
+            let present = record.dataName.map { FileManager.default.fileExists(atPath: "\(hostPath)/\($0)/member") } ?? false
+            var live: RecoveryReport.LiveStatus?
+            if let status = try? await admin.status(record.clientURL), let list = try? await admin.memberList(record.clientURL) {
+                live = RecoveryReport.LiveStatus(revision: status.header.revision, leader: status.leader, isLearner: status.isLearner,
+                                                 voters: list.members.filter { !$0.isLearner }.flatMap(\.peerUrls).sorted(),
+                                                 learners: list.members.filter(\.isLearner).flatMap(\.peerUrls).sorted())
+            }
+            report.members.append(.init(name: record.name, dataPresent: present, status: live))
+            if let newest = checkpoints(of: record.name).last, let revision = checkpointRevision(newest) {
+                report.checkpoints.append(.init(member: record.name, path: newest, revision: revision))
+            }
+        }
+        return report
+    }
+
+    /// A checkpoint's revision (`etcdlite snapshot status`), read once per file; nil when it does
+    /// not check out.
+    func checkpointRevision(_ path: String) -> Int64? {
+        if let known = checkpointRevisions[path] { return known }
+        guard let executable, let result = try? LocalPlatform.run(executable, ["snapshot", "status", path, "--write-out", "json"]), result.code == 0,
+              let object = try? JSONSerialization.jsonObject(with: Data(result.output.utf8)) as? [String: Any],
+              let revision = (object["revision"] as? NSNumber)?.int64Value else { return nil }
+        checkpointRevisions[path] = revision
+        return revision
+    }
+
+    /// Nil when the snapshot at `path` checks out (`etcdlite snapshot status`).
+    func checkSnapshot(_ path: String) -> String? {
+        guard let executable, let result = try? LocalPlatform.run(executable, ["snapshot", "status", path]) else { return "cannot run the snapshot check" }
+        return result.code == 0 ? nil : result.output
+    }
+
+    func publishReport() async {
+        let report = await report()
+        let json = (try? JSONEncoder().encode(report)).map { String(decoding: $0, as: UTF8.self) }
+        served.withLockedValue { $0 = json }
+    }
+
+    /// `GET /recovery` (this node's report), `POST /recovery/reseed` (an order, checked on the
+    /// next pass), `GET /healthz`.
+    public func route(_ method: HTTPMethod, _ path: String, _ body: [UInt8]) -> RouteServer.Answer {
+        switch (method, path) {
+        case (.GET, "/recovery"):
+            guard let json = served.withLockedValue({ $0 }) else { return .init(.serviceUnavailable, "text/plain; charset=utf-8", "no report yet\n") }
+            return .init(.ok, "application/json", json)
+        case (.POST, "/recovery/reseed"):
+            guard let order = try? JSONDecoder().decode(ReseedOrder.self, from: Data(body)) else {
+                return .init(.badRequest, "text/plain; charset=utf-8", "not a re-seed order\n")
+            }
+            orders.withLockedValue { $0.append(order) }
+            return .init(.accepted, "application/json", "{}")
+        case (.GET, "/healthz"):
+            return .init(.ok, "text/plain; charset=utf-8", "ok\n")
+        case (_, "/recovery"), (_, "/recovery/reseed"), (_, "/healthz"):
+            return .methodNotAllowed
+        default:
+            return .notFound
+        }
+    }
+
+    // MARK: Deciding and acting
+
+    /// Every agent's report (this one's fresh), keyed by node; agents that do not answer are left out.
+    func gatherReports(_ records: [MemberRecord]) async -> [String: RecoveryReport] {
+        var reports: [String: RecoveryReport] = [node: await report()]
+        for record in records where record.started {
+            guard let other = record.node, reports[other] == nil, let address = URL(string: record.peerURL)?.host else { continue }
+            guard let data = try? await Self.http(.GET, agentURL(other, address) + "/recovery"),
+                  let report = try? JSONDecoder().decode(RecoveryReport.self, from: data), report.node == other else { continue }
+            reports[other] = report
+        }
+        return reports
+    }
+
+    /// One step of recovery without the API server: follows a checked order, re-sends an order
+    /// this agent coordinates to agents that have not taken it, or decides (and, as the
+    /// coordinator, starts) a re-seed. Returns what it did and the plan it reached.
+    func recoveryPass() async -> ([String], RecoveryPlan?) {
+        let received = orders.withLockedValue { queue in defer { queue = [] }; return queue }
+        guard apiSilence >= recoveryGrace else { return ([], nil) }
+        var done: [String] = []
+        let cache = loadCache()
+        var state = loadState()
+        if state.reseed == nil, let order = received.first(where: { accepts($0, cache.records) }) {
+            state.reseed = order
+            do {
+                try saveState(state)
+                done.append("following the re-seed \(order.record.clusterToken) coordinated by \(order.record.node ?? "?")")
+            } catch {
+                return (["re-seed order not recorded: \(error)"], nil)
+            }
+        }
+        if let order = state.reseed {
+            // Its members stop (their manifests go) and their data moves aside once unlocked.
+            done += (try? apply([order.record], bootRemoved: false)) ?? []
+            if order.record.node == node {
+                for (other, report) in await gatherReports(cache.records) where other != node && report.reseeding != order.record.clusterToken {
+                    if let address = cache.records.first(where: { $0.node == other }).flatMap({ URL(string: $0.peerURL)?.host }),
+                       let body = try? JSONEncoder().encode(order) {
+                        _ = try? await Self.http(.POST, agentURL(other, address) + "/recovery/reseed", body: body)
+                    }
+                }
+            }
+            return (done, nil)
+        }
+        let plan = RecoveryPlan.decide(records: cache.records, reports: await gatherReports(cache.records), grace: recoveryGrace)
+        guard case .reseed(let coordinator, let member, let source, _) = plan, coordinator == node else { return (done, plan) }
+        do {
+            done += try await reseed(member: member, source: source, cache: cache)
+        } catch {
+            done.append("re-seed not started: \(error)")
+        }
+        return (done, plan)
+    }
+
+    /// An order is followed only by an agent that itself sees the outage: the API server silent
+    /// for the grace period, the order about the records it read, and no member of its own node
+    /// answering with a leader.
+    func accepts(_ order: ReseedOrder, _ records: [MemberRecord]) -> Bool {
+        guard order.previous == RecoveryReport.digest(records), let coordinator = order.record.node,
+              records.contains(where: { $0.node == coordinator && $0.name == order.record.name }) else { return false }
+        guard let json = served.withLockedValue({ $0 }), let report = try? JSONDecoder().decode(RecoveryReport.self, from: Data(json.utf8)) else { return false }
+        return (report.apiSilentSeconds ?? 0) >= recoveryGrace && !report.members.contains { ($0.status?.leader ?? 0) != 0 }
+    }
+
+    /// The coordinator's part: a snapshot of the survivor (or the checkpoint chosen), the new
+    /// one-member cluster's record and manifest, adopted here first (it survives a restart of
+    /// this agent), then sent to the other agents.
+    func reseed(member: String, source: String?, cache: RecordsCache) async throws -> [String] {
+        guard let old = cache.records.first(where: { $0.name == member && $0.node == node }) else { throw OperatorError("no record of \(member) here") }
+        var done: [String] = []
+        var snapshot = source
+        if snapshot == nil {
+            let taken = await checkpoint([old]) { [self] in checkSnapshot($0) }
+            guard taken.first?.hasPrefix("checkpoint of") == true, let newest = checkpoints(of: member).last else {
+                throw OperatorError("no snapshot of the survivor \(member): \(taken)")
+            }
+            snapshot = newest
+            done += taken
+        }
+        var record = MemberRecord(name: member, id: nil, clientURL: old.clientURL, peerURL: old.peerURL, binary: old.binary,
+                                  initialCluster: "\(member)=\(old.peerURL)", initialClusterState: "new",
+                                  clusterToken: "\(clusterName)-\(Int(Date().timeIntervalSince1970))", started: true, node: node,
+                                  dataName: KubernetesPlatform.dataName(member), restoreFrom: snapshot)
+        record.manifest = try KubernetesPlatform.staticPodManifest(record, spec: cache.spec, hostPath: hostPath, namespace: namespace, clusterName: clusterName)
+        let order = ReseedOrder(previous: RecoveryReport.digest(cache.records), record: record)
+        var state = loadState()
+        state.reseed = order
+        try saveState(state)
+        done.append("re-seeding as \(member) from \(snapshot!) (token \(record.clusterToken))")
+        done += try apply([record], bootRemoved: false)
+        let body = try JSONEncoder().encode(order)
+        for other in Set(cache.records.compactMap(\.node)).subtracting([node]).sorted() {
+            guard let address = cache.records.first(where: { $0.node == other }).flatMap({ URL(string: $0.peerURL)?.host }) else { continue }
+            let answered = (try? await Self.http(.POST, agentURL(other, address) + "/recovery/reseed", body: body)) != nil
+            done.append("told \(other)'s agent\(answered ? "" : ": no answer (sent again on the next passes)")")
+        }
+        return done
+    }
+
+    /// A request to another agent (JSON both ways): the answer's body when it is a 2xx.
+    static func http(_ method: HTTPMethod, _ url: String, body: Data? = nil) async throws -> Data {
+        guard let parsed = URL(string: url), let host = parsed.host, let port = parsed.port else { throw OperatorError("not an agent URL: \(url)") }
+        let object = try body.map { try JSONSerialization.jsonObject(with: $0) as? [String: Any] ?? [:] }
+        let answer = try await KubeClient(host: host, port: port, timeout: .seconds(3)).send(method, parsed.path, body: object)
+        return try JSONSerialization.data(withJSONObject: answer)
+    }
+}
