@@ -52,6 +52,8 @@ public struct LocalConfig: Codable, Sendable, Equatable {
     /// Defragment a member when its database is larger than this and less than half is in use
     /// (default 64 MiB).
     public var defragmentAboveBytes: Int64?
+    /// Re-seed the cluster from a chosen snapshot, once per `id` (a new id asks again).
+    public var restore: RestoreRequest?
 
     public init(name: String, dataRoot: String, basePort: Int, size: Int, version: String) {
         self.name = name
@@ -196,6 +198,7 @@ public final class LocalPlatform: MemberPlatform, @unchecked Sendable {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         for byte in data { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
         desired.generation = String(hash, radix: 16)
+        desired.restore = config.restore
         return desired
     }
 

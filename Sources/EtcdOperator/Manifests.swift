@@ -110,6 +110,8 @@ public enum Manifests {
                 "peerPort": integer,
                 "storage": ["type": "object", "properties": ["hostPath": string, "persistentVolumeClaim": free]],
                 "backup": ["type": "object", "properties": ["intervalSeconds": integer, "retention": integer, "destination": string]],
+                // Re-seed from a chosen snapshot (a path on the operator's node), once per id.
+                "restore": ["type": "object", "required": ["id", "snapshot"], "properties": ["id": string, "snapshot": string]],
                 "resources": free,
                 "nodeSelector": ["type": "object", "additionalProperties": string],
                 "affinity": free,
@@ -130,7 +132,7 @@ public enum Manifests {
         let status: [String: Any] = [
             "type": "object",
             "properties": [
-                "phase": string, "leader": string, "observedGeneration": integer, "lastBackup": string,
+                "phase": string, "leader": string, "observedGeneration": integer, "lastBackup": string, "lastRestore": string,
                 "members": ["type": "array", "items": member],
                 "conditions": ["type": "array", "items": condition],
                 "plannedAction": string,

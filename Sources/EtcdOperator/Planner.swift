@@ -16,10 +16,23 @@ public struct DesiredCluster: Sendable, Equatable {
     /// During an upgrade, every voter must be within this many entries of the leader before the
     /// next member restarts.
     public var upgradeLagEntries: UInt64 = 1000
+    /// A restore the user asked for: the cluster re-seeded from this snapshot, once per `id`.
+    public var restore: RestoreRequest?
 
     public init(size: Int, version: String) {
         self.size = size
         self.version = version
+    }
+}
+
+/// `spec.restore`: re-seed the cluster from a chosen snapshot. A new `id` asks again.
+public struct RestoreRequest: Codable, Sendable, Equatable {
+    public var id: String
+    public var snapshot: String
+
+    public init(id: String, snapshot: String) {
+        self.id = id
+        self.snapshot = snapshot
     }
 }
 
@@ -84,6 +97,8 @@ public struct Observation: Sendable, Equatable {
     /// The voting members when a quorum was last seen (by name; nil: never seen). Without a
     /// quorum, whether one can come back is judged against these.
     public var lastVoters: [String]?
+    /// The ids of the restores already carried out (or under way).
+    public var restoresDone: Set<String> = []
 
     public init(members: [ObservedMember]?, workloads: [ObservedWorkload], stalledLearners: Set<UInt64> = [], platformAnswered: Bool = true,
                 lastVoters: [String]? = nil) {
@@ -117,6 +132,9 @@ public enum PlannedAction: Sendable, Equatable {
     /// No member holds a quorum and none can be restarted on its data: seed a new cluster from
     /// the newest snapshot (the manual `etcdlite recover` does the same).
     case restoreFromSnapshot
+    /// The restore the user asked for (`spec.restore`): every member's data moves aside and a
+    /// new cluster starts from the chosen snapshot, then grows to the size.
+    case restore(id: String, snapshot: String)
     /// Nothing to do until something changes (the reason, for status and logs).
     case wait(String)
     case steady
@@ -129,6 +147,10 @@ public enum Planner {
     public static func next(_ desired: DesiredCluster, _ observed: Observation) -> PlannedAction {
         // Without the platform's view, a missing workload would look like one never started.
         guard observed.platformAnswered else { return .wait("the platform did not answer") }
+        // A restore asked for comes first, whatever the members' state: it replaces them.
+        if let restore = desired.restore, !observed.restoresDone.contains(restore.id) {
+            return .restore(id: restore.id, snapshot: restore.snapshot)
+        }
         let workloads = Dictionary(observed.workloads.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         guard let members = observed.members else {
             // No quorum answers: bring back whatever can come back on its own data.

@@ -35,6 +35,8 @@ public struct ClusterStatus: Codable, Sendable, Equatable {
     public var action: String?
     public var lastBackup: String?
     public var lastBackupTime: Date?
+    /// The id of the last restore from a chosen snapshot.
+    public var lastRestore: String?
     /// The configuration this status answers (a hash of the spec).
     public var observedGeneration: String?
     public var updated: Date?
@@ -173,6 +175,7 @@ public final class Reconciler: @unchecked Sendable {
             return Observation(members: members, workloads: [], stalledLearners: stalled, platformAnswered: false, lastVoters: status.voters)
         }
         var observation = Observation(members: members, workloads: workloads, stalledLearners: stalled)
+        observation.restoresDone = restoresDone()
         if let members, members.contains(where: \.isLeader) {
             status.voters = members.filter { !$0.isLearner && !$0.name.isEmpty }.map(\.name).sorted()
         }
@@ -228,6 +231,8 @@ public final class Reconciler: @unchecked Sendable {
             try await platform.upgrade(name, to: version)
         case .restoreFromSnapshot:
             try await reseed(observation)
+        case .restore(let id, let snapshot):
+            try await restore(id: id, snapshot: snapshot, observation)
         }
     }
 
@@ -268,6 +273,47 @@ public final class Reconciler: @unchecked Sendable {
         logger.warning("re-seeding the cluster from a snapshot", metadata: ["snapshot": "\(source)"])
         await platform.event("Reseeding", "no quorum of data survives; re-seeding from \(source)", warning: true)
         try await platform.reseed(from: source)
+    }
+
+    /// A restore from the snapshot the user chose: checked first; the live store is saved as a
+    /// backup (`…-before-restore-<id>.db`, when a member answers); the restore is marked done
+    /// before the platform re-seeds (a restore that ran twice would throw away what was written
+    /// after the first), and unmarked if the re-seed fails, to be tried again.
+    func restore(id: String, snapshot: String, _ observation: Observation) async throws {
+        if let problem = await platform.verifySnapshot(snapshot) { throw OperatorError("snapshot \(snapshot) does not check out: \(problem)") }
+        let members = observation.members ?? []
+        if let url = (members.first(where: \.isLeader) ?? members.first(where: \.healthy))?.clientURLs.first {
+            try? FileManager.default.createDirectory(atPath: platform.backupDir, withIntermediateDirectories: true)
+            let path = "\(platform.backupDir)/snapshot-\(Self.stamp())-before-restore-\(Self.markerName(id)).db"
+            let saved = (try? await admin.snapshot(url, to: path)) != nil
+            let problem = saved ? await platform.verifySnapshot(path) : "not saved"
+            if problem != nil { try? FileManager.default.removeItem(atPath: path) }
+        }
+        let marker = restoreMarker(id)
+        try FileManager.default.createDirectory(atPath: (marker as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        try Data(snapshot.utf8).write(to: URL(fileURLWithPath: marker))
+        logger.warning("restoring the cluster from a chosen snapshot", metadata: ["id": "\(id)", "snapshot": "\(snapshot)"])
+        await platform.event("Restoring", "restore \(id): the cluster is re-seeded from \(snapshot)", warning: true)
+        do {
+            try await platform.reseed(from: snapshot)
+        } catch {
+            try? FileManager.default.removeItem(atPath: marker)
+            throw error
+        }
+        status.lastRestore = id
+    }
+
+    /// `<backupDir>/restores/<id>`: outside the store, so a restore that rolls the store (and a
+    /// spec kept in it) back is not carried out again.
+    func restoreMarker(_ id: String) -> String { "\(platform.backupDir)/restores/\(Self.markerName(id))" }
+
+    static func markerName(_ id: String) -> String {
+        String(id.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == "." ? $0 : "_" }.prefix(100))
+    }
+
+    func restoresDone() -> Set<String> {
+        guard let id = platform.desired.restore?.id, FileManager.default.fileExists(atPath: restoreMarker(id)) else { return [] }
+        return [id]
     }
 
     // MARK: Backups and defragmentation
@@ -347,6 +393,7 @@ public final class Reconciler: @unchecked Sendable {
         case .deleteWorkload: count("deleteWorkload")
         case .upgrade: count("upgrade")
         case .restoreFromSnapshot: count("restoreFromSnapshot")
+        case .restore: count("restore")
         }
     }
 
@@ -355,7 +402,7 @@ public final class Reconciler: @unchecked Sendable {
         switch action {
         case .steady: return "Running"
         case .upgrade: return "Upgrading"
-        case .restartInPlace, .restoreFromSnapshot: return "Recovering"
+        case .restartInPlace, .restoreFromSnapshot, .restore: return "Recovering"
         case .addLearner, .promote, .startMember, .removeMember, .deleteWorkload, .moveLeader:
             return members.contains(where: \.isBootMember) ? "Creating" : "Scaling"
         case .wait:
@@ -414,6 +461,7 @@ public final class Reconciler: @unchecked Sendable {
         case .deleteWorkload: "DeletingWorkload"
         case .upgrade: "Upgrading"
         case .restoreFromSnapshot: "Restoring"
+        case .restore: "RestoringChosenSnapshot"
         case .wait: "Waiting"
         case .steady: "Steady"
         }

@@ -80,11 +80,17 @@ struct Recover: AsyncParsableCommand {
         abstract: "Restart members on their own data from their recovery records, or re-seed from the newest snapshot, until a leader answers.")
     @Option(help: "The local platform's configuration file.") var config: String
     @Option(help: "Give up after this many seconds.") var timeout: Double = 120
+    @Option(help: "Re-seed from this snapshot instead (every member's data moves aside to <dataRoot>/lost/): the cluster comes back as it was when the snapshot was taken.")
+    var fromSnapshot: String?
 
     func run() async throws {
         LoggingSystem.bootstrap { JSONLogHandler(logLevel: .info, label: $0) }
         let local = try LocalPlatform(configPath: config)
         try local.lockOperator()
+        if let fromSnapshot {
+            if let problem = local.verifySnapshot(fromSnapshot) { throw ValidationError("\(fromSnapshot) does not check out: \(problem)") }
+            try local.reseed(from: fromSnapshot)
+        }
         let reconciler = Reconciler(platform: local, resuming: local.savedStatus())
         guard await reconciler.recover(timeout: timeout) else {
             print("no leader after \(Int(timeout)) s; see \(local.statusPath) and the members' logs")

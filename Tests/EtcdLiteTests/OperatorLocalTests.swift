@@ -129,6 +129,51 @@ import Testing
         #expect(metrics.contains("etcdlite_operator_actions_total{kind=\"restoreFromSnapshot\"}"))
     }
 
+    /// A restore from a chosen snapshot (the config's `restore`): the live store saved first, the
+    /// cluster re-seeded from the snapshot and grown back, once per id; `etcdlite recover
+    /// --from-snapshot` does the same by hand.
+    @Test func aChosenSnapshotIsRestoredOnceAndByHand() async throws {
+        let cluster = try ManagedCluster(size: 3)
+        defer { cluster.finish() }
+        let root = cluster.root
+        try cluster.startOperator()
+        var status = try await Self.waitSteady(root, count: 3, since: Date())
+        var endpoint = status.members.first { $0.leader }!.clientURL!
+        #expect(try etcdctlAt(["--endpoints=\(endpoint)", "put", "before", "snapshot"]).status == 0)
+        let chosen = cluster.dir.url.appendingPathComponent("chosen.db").path
+        let saved = try etcdctlAt(["--endpoints=\(endpoint)", "snapshot", "save", chosen])
+        #expect(saved.status == 0, "\(saved.stderr)")
+        #expect(try etcdctlAt(["--endpoints=\(endpoint)", "put", "after", "snapshot"]).status == 0)
+
+        cluster.config.restore = RestoreRequest(id: "r1", snapshot: chosen)
+        try cluster.config.save(cluster.configPath)
+        let asked = Date()
+        status = try await Self.waitSteady(root, count: 3, since: asked) { $0.lastRestore == "r1" && $0.actions["restore", default: 0] == 1 }
+        endpoint = status.members.first { $0.leader }!.clientURL!
+        let keys = try etcdctlAt(["--endpoints=\(endpoint)", "get", "", "--from-key", "--keys-only"]).stdout.split(separator: "\n").filter { !$0.isEmpty }
+        #expect(keys == ["before"], "\(keys)")
+        // What the cluster held before is kept as a backup.
+        let backups = try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("backups").path)
+        let before = try #require(backups.first { $0.contains("-before-restore-r1") }, "\(backups)")
+        let beforeStatus = try run(etcdliteBinary(), ["snapshot", "status", root.appendingPathComponent("backups/\(before)").path, "--write-out", "json"])
+        #expect(beforeStatus.status == 0 && beforeStatus.stdout.contains("\"totalKey\":2"), "\(beforeStatus.stdout)")
+        // Once only: what is written after the restore stays.
+        #expect(try etcdctlAt(["--endpoints=\(endpoint)", "put", "after", "restore"]).status == 0)
+        try await Task.sleep(for: .seconds(3))
+        #expect(try Self.status(root).actions["restore", default: 0] == 1)
+        #expect(try etcdctlAt(["--endpoints=\(endpoint)", "get", "after", "--print-value-only"]).stdout == "restore\n")
+
+        // By hand, with the operator gone: back to the snapshot again.
+        cluster.stopAll()
+        let recovered = try run(etcdliteBinary(), ["recover", "--config", cluster.configPath, "--from-snapshot", chosen, "--timeout", "60"], timeout: 90)
+        #expect(recovered.status == 0 && recovered.stdout.contains("the cluster has a leader"), "\(recovered.stdout) \(recovered.stderr)")
+        let member0 = try JSONDecoder().decode(MemberRecord.self, from: Data(contentsOf: root.appendingPathComponent("members/member-0.json")))
+        let byHand = try etcdctlAt(["--endpoints=\(member0.clientURL)", "get", "", "--from-key", "--keys-only"]).stdout.split(separator: "\n").filter { !$0.isEmpty }
+        #expect(byHand == ["before"], "\(byHand)")
+        let refused = try run(etcdliteBinary(), ["recover", "--config", cluster.configPath, "--from-snapshot", cluster.configPath, "--timeout", "5"], timeout: 30)
+        #expect(refused.status != 0 && refused.stderr.contains("does not check out"), "\(refused.stderr)")
+    }
+
     /// The operator dies right after MemberAdd, before it recorded the answer or started the
     /// member: the next operator finds the member (unstarted, no name) by its peer URL, builds its
     /// `--initial-cluster` from the member list and starts it; the cluster reaches its size.

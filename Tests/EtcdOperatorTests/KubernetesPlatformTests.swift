@@ -170,6 +170,19 @@ import Testing
         #expect((pod["spec"] as? [String: Any])?["initContainers"] == nil)
         let command = Self.container(pod)["command"] as? [String] ?? []
         #expect(command.firstIndex(of: "--initial-cluster-state").map { command[$0 + 1] } == "existing")
+        // spec.restore is the planner's restore request; status.lastRestore says which one ran.
+        #expect(platform.desired.restore == nil)
+        server.modify(Self.clusterPath + "/etcdlite") { object in
+            var spec = object["spec"] as? [String: Any] ?? [:]
+            spec["restore"] = ["id": "r1", "snapshot": "/var/lib/etcdlite/backups/chosen.db"]
+            object["spec"] = spec
+        }
+        try await platform.refresh()
+        #expect(platform.desired.restore == RestoreRequest(id: "r1", snapshot: "/var/lib/etcdlite/backups/chosen.db"))
+        var status = ClusterStatus()
+        status.lastRestore = "r1"
+        await platform.publish(status)
+        #expect((server.object(Self.clusterPath + "/etcdlite")?["status"] as? [String: Any])?["lastRestore"] as? String == "r1")
     }
 
     @Test func workloadStatesFollowMirrorPodsAndNodes() async throws {

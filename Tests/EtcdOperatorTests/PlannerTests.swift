@@ -120,6 +120,26 @@ struct PlannerTests {
     }
 
     /// A rolling upgrade waits for the member restarted last to catch up with the leader.
+    @Test func aRestoreAskedForComesFirstAndOnlyOnce() {
+        var desired = DesiredCluster(size: 3, version: Self.v1)
+        desired.restore = RestoreRequest(id: "r1", snapshot: "/backups/s.db")
+        let healthy = Observation(members: Self.three, workloads: Self.running([0, 1, 2]))
+        #expect(Planner.next(desired, healthy) == .restore(id: "r1", snapshot: "/backups/s.db"))
+        // Also before an upgrade, and without a quorum.
+        var upgrading = desired
+        upgrading.version = Self.v2
+        #expect(Planner.next(upgrading, healthy) == .restore(id: "r1", snapshot: "/backups/s.db"))
+        #expect(Planner.next(desired, Observation(members: nil, workloads: Self.running([0, 1, 2]))) == .restore(id: "r1", snapshot: "/backups/s.db"))
+        // Done: the cluster is planned as usual; a new id asks again.
+        var done = healthy
+        done.restoresDone = ["r1"]
+        #expect(Planner.next(desired, done) == .steady)
+        desired.restore?.id = "r2"
+        #expect(Planner.next(desired, done) == .restore(id: "r2", snapshot: "/backups/s.db"))
+        // Not while the platform cannot be asked.
+        #expect(Planner.next(desired, Observation(members: Self.three, workloads: [], platformAnswered: false)) == .wait("the platform did not answer"))
+    }
+
     @Test func anUpgradeWaitsForTheRestartedMemberToCatchUp() {
         let desired = DesiredCluster(size: 3, version: Self.v2)
         var workloads = Self.running([0, 1, 2])
@@ -252,7 +272,7 @@ struct Model: CustomStringConvertible {
             workloads.removeAll { $0.name == name }
         case .upgrade(let name, let version):
             if let i = workloads.firstIndex(where: { $0.name == name }) { workloads[i].version = version }
-        case .restoreFromSnapshot, .wait, .steady:
+        case .restoreFromSnapshot, .restore, .wait, .steady:
             break
         }
     }

@@ -101,6 +101,9 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
     public var desired: DesiredCluster {
         var desired = DesiredCluster(size: spec["size"] as? Int ?? 3, version: image)
         desired.generation = ((cluster["metadata"] as? [String: Any])?["generation"] as? Int).map(String.init)
+        if let restore = spec["restore"] as? [String: Any], let id = restore["id"] as? String, let snapshot = restore["snapshot"] as? String {
+            desired.restore = RestoreRequest(id: id, snapshot: snapshot)
+        }
         return desired
     }
 
@@ -448,6 +451,7 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
         if let leader = status.leader { object["leader"] = leader }
         if let action = status.action { object["plannedAction"] = action }
         if let backup = status.lastBackup { object["lastBackup"] = backup }
+        if let restore = status.lastRestore { object["lastRestore"] = restore }
         if let generation = status.observedGeneration.flatMap(Int.init) { object["observedGeneration"] = generation }
         return object
     }
