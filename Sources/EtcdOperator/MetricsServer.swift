@@ -1,3 +1,4 @@
+import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
@@ -13,9 +14,21 @@ public final class MetricsServer: Sendable {
     /// The port the server listens on (useful when it was asked for port 0).
     public var port: Int { server.port }
 
-    public static func start(host: String, port: Int, group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> MetricsServer {
+    /// `snapshot`: the file served at `/snapshots/<name>`, if any (a snapshot the operator
+    /// offers a member that re-seeds from it; nothing else of the disk is reachable).
+    public static func start(host: String, port: Int, snapshot: (@Sendable (String) -> String?)? = nil,
+                             group: EventLoopGroup = MultiThreadedEventLoopGroup.singleton) async throws -> MetricsServer {
         let text = NIOLockedValueBox(ClusterStatus().metricsText)
         let server = try await RouteServer.start(host: host, port: port, group: group) { method, path, _ in
+            if path.hasPrefix("/snapshots/") {
+                guard method == .GET || method == .HEAD else { return .methodNotAllowed }
+                guard let file = snapshot?(String(path.dropFirst("/snapshots/".count))), FileManager.default.fileExists(atPath: file) else {
+                    return .notFound
+                }
+                var answer = RouteServer.Answer(.ok, "application/octet-stream", "")
+                answer.file = file
+                return answer
+            }
             switch (method, path) {
             case (.GET, "/metrics"), (.HEAD, "/metrics"):
                 return RouteServer.Answer(.ok, "text/plain; version=0.0.4; charset=utf-8", text.withLockedValue { $0 })
@@ -53,6 +66,8 @@ public final class RouteServer: Sendable {
         public var status: HTTPResponseStatus
         public var contentType: String
         public var body: String
+        /// A file sent as the body instead (from disk to the socket).
+        public var file: String?
         public init(_ status: HTTPResponseStatus, _ contentType: String, _ body: String) {
             self.status = status
             self.contentType = contentType
@@ -125,14 +140,33 @@ private final class RouteHandler: ChannelInboundHandler {
             body = []
             var headers = HTTPHeaders()
             headers.add(name: "Content-Type", value: answer.contentType)
-            headers.add(name: "Content-Length", value: "\(answer.body.utf8.count)")
+            var file: (handle: NIOFileHandle, size: Int)?
+            if let path = answer.file {
+                guard let handle = try? NIOFileHandle(_deprecatedPath: path),
+                      let size = try? handle.withUnsafeFileDescriptor({ fd in Int(lseek(fd, 0, SEEK_END)) }), size >= 0 else {
+                    headers.replaceOrAdd(name: "Content-Length", value: "0")
+                    context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: .internalServerError, headers: headers))), promise: nil)
+                    context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+                    return
+                }
+                file = (handle, size)
+                headers.add(name: "Content-Length", value: "\(size)")
+            } else {
+                headers.add(name: "Content-Length", value: "\(answer.body.utf8.count)")
+            }
             let keepAlive = request.isKeepAlive
             if !keepAlive { headers.add(name: "Connection", value: "close") }
             context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: answer.status, headers: headers))), promise: nil)
-            if request.method != .HEAD {
+            if let file {
+                if request.method != .HEAD {
+                    let region = FileRegion(fileHandle: file.handle, readerIndex: 0, endIndex: file.size)
+                    context.write(wrapOutboundOut(.body(.fileRegion(region))), promise: nil)
+                }
+            } else if request.method != .HEAD {
                 context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: answer.body)))), promise: nil)
             }
             let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+            if let handle = file?.handle { done.whenComplete { _ in try? handle.close() } }
             if !keepAlive {
                 let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
                 done.whenComplete { _ in loopBound.value.close(promise: nil) }

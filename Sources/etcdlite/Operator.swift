@@ -18,12 +18,12 @@ struct Operator: AsyncParsableCommand {
     @Option(help: "Serve /metrics (Prometheus text) and /healthz over HTTP on HOST:PORT (none when empty).") var metricsAddress = ""
 
     /// The metrics endpoint, when --metrics-address asks for one; it follows `reconciler`.
-    func serveMetrics(_ reconciler: Reconciler) async throws -> MetricsServer? {
+    func serveMetrics(_ reconciler: Reconciler, snapshot: (@Sendable (String) -> String?)? = nil) async throws -> MetricsServer? {
         guard !metricsAddress.isEmpty else { return nil }
         guard let colon = metricsAddress.lastIndex(of: ":"), let port = Int(metricsAddress[metricsAddress.index(after: colon)...]) else {
             throw ValidationError("--metrics-address must be HOST:PORT")
         }
-        let server = try await MetricsServer.start(host: String(metricsAddress[..<colon]), port: port)
+        let server = try await MetricsServer.start(host: String(metricsAddress[..<colon]), port: port, snapshot: snapshot)
         server.update(reconciler.status)
         reconciler.published = { server.update($0) }
         return server
@@ -36,8 +36,14 @@ struct Operator: AsyncParsableCommand {
             let node = ProcessInfo.processInfo.environment["NODE_NAME"]
             let members: any MemberPlatform
             let kubernetes: KubernetesPlatform
+            var offered: (@Sendable (String) -> String?)?
             if platform == "statefulset" {
                 let set = StatefulSetPlatform(client: client, namespace: namespace, clusterName: cluster, setName: statefulset, operatorNode: node)
+                // Member 0 downloads a re-seed's snapshot from this pod's metrics server.
+                if let ip = ProcessInfo.processInfo.environment["POD_IP"], let port = metricsAddress.split(separator: ":").last.flatMap({ Int($0) }) {
+                    set.snapshotBaseURL = "http://\(ip.contains(":") ? "[\(ip)]" : ip):\(port)"
+                }
+                offered = { set.offeredSnapshot($0) }
                 members = set
                 kubernetes = set.base
             } else {
@@ -48,7 +54,7 @@ struct Operator: AsyncParsableCommand {
             let lease = LeaderLease(client: client, namespace: namespace, name: "\(cluster)-operator",
                                     identity: ProcessInfo.processInfo.environment["POD_NAME"] ?? ProcessInfo.processInfo.hostName)
             let reconciler = Reconciler(platform: members)
-            let metrics = try await serveMetrics(reconciler)
+            let metrics = try await serveMetrics(reconciler, snapshot: offered)
             let stop = StopFlag()
             let signals = ShutdownSignals { _ in stop.set() }
             defer { signals.cancel() }

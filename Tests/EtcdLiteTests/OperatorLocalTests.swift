@@ -249,7 +249,7 @@ import Testing
 
     /// `etcdctl snapshot save` from etcdlite, `etcdlite snapshot status` and `restore`, a new
     /// member on the restored directory: the same keys at the same revision, a new cluster.
-    @Test func aSnapshotRestoresIntoANewCluster() throws {
+    @Test func aSnapshotRestoresIntoANewCluster() async throws {
         let source = try ServerProcess(executable: etcdliteBinary())
         defer { source.stop() }
         for i in 0..<30 { _ = try source.etcdctl(["put", "k\(i)", "v\(i)"]) }
@@ -285,6 +285,21 @@ import Testing
         let sourceList = try source.etcdctl(["member", "list"]).stdout
         let newList = try member.etcdctl(["member", "list"]).stdout
         #expect(sourceList.split(separator: ",").first != newList.split(separator: ",").first, "a new member ID")
+
+        // From a URL (as a StatefulSet's member 0 re-seeds from the operator's metrics server).
+        let offer = try await MetricsServer.start(host: "127.0.0.1", port: 0, snapshot: { $0 == "snap.db" ? file : nil })
+        let fromURL = dir.url.appendingPathComponent("from-url/data").path
+        let downloaded = try run(etcdliteBinary(), ["snapshot", "restore", "http://127.0.0.1:\(offer.port)/snapshots/snap.db", "--data-dir", fromURL])
+        #expect(downloaded.status == 0, "\(downloaded.stderr)")
+        let missing = try run(etcdliteBinary(), ["snapshot", "restore", "http://127.0.0.1:\(offer.port)/snapshots/other.db", "--data-dir",
+                                                  dir.url.appendingPathComponent("missing/data").path])
+        #expect(missing.status != 0 && missing.stderr.contains("could not download"), "\(missing.stderr)")
+        await offer.close()
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir.url.appendingPathComponent("from-url").path) == ["data"], "no download left behind")
+        let urlMember = try ServerProcess(executable: etcdliteBinary(), dataDir: TempDir(url: dir.url.appendingPathComponent("from-url")))
+        defer { urlMember.stop() }
+        let urlGet = try urlMember.etcdctl(["get", "k", "--prefix", "-w", "json"])
+        #expect(urlGet.stdout.contains("\"count\":29") && urlGet.stdout.contains("\"revision\":32"), "\(urlGet.stdout)")
     }
 }
 

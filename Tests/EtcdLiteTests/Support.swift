@@ -9,6 +9,8 @@ struct TempDir {
         url = FileManager.default.temporaryDirectory.appendingPathComponent("etcdlite-test-\(UUID().uuidString)")
         try? FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
     }
+    /// An existing directory (its owner removes it).
+    init(url: URL) { self.url = url }
     var path: String { url.path }
     func cleanup() { try? FileManager.default.removeItem(at: url) }
 }

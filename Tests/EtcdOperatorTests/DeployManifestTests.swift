@@ -68,7 +68,9 @@ import Testing
         try FileManager.default.createDirectory(at: bin, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: bin) }
         let fake = bin.appendingPathComponent("etcdlite")
-        try "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n".write(to: fake, atomically: true, encoding: .utf8)
+        // `snapshot restore SRC --data-dir DIR` makes DIR, as the real one does.
+        try "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\nif [ \"$1\" = snapshot ]; then mkdir -p \"$5\"; fi\n"
+            .write(to: fake, atomically: true, encoding: .utf8)
         chmod(fake.path, 0o755)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/bin/sh")
@@ -102,6 +104,47 @@ import Testing
         #expect(Self.value(run.args, "--initial-advertise-peer-urls") == "http://etcdlite-1.etcdlite-peers.db.svc:2380")
         #expect(Self.value(run.args, "--advertise-client-urls") == "http://etcdlite-1.etcdlite-peers.db.svc:2379")
         #expect(Self.value(run.args, "--initial-cluster-state") == "new")
+    }
+
+    /// A re-seed by the operator, once per token: member 0 moves its data aside, restores the
+    /// snapshot from the operator's URL and founds the new cluster alone; another member moves its
+    /// data aside and waits to be added; a restart after that starts on the data as usual.
+    @Test func theScriptReseedsOncePerToken() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("etcdlite-reseed-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let join = dir.appendingPathComponent("join")
+        try FileManager.default.createDirectory(at: join, withIntermediateDirectories: true)
+        let url = "http://10.1.2.3:8080/snapshots/etcdlite-123.db"
+        for (key, value) in ["managed": "true", "etcdlite-0": "etcdlite-0=http://etcdlite-0.etcdlite-peers.db.svc:2380",
+                             "reseed-token": "etcdlite-123", "reseed-snapshot": url] {
+            try value.write(to: join.appendingPathComponent(key), atomically: true, encoding: .utf8)
+        }
+        let data0 = dir.appendingPathComponent("data0")
+        try FileManager.default.createDirectory(at: data0, withIntermediateDirectories: true)
+        try "old".write(to: data0.appendingPathComponent("old"), atomically: true, encoding: .utf8)
+        let first = try Self.runScript(["JOIN_DIR": join.path, "DATA_DIR": data0.path, "HOSTNAME": "etcdlite-0"])
+        #expect(first.status == 0)
+        #expect(Array(first.args.prefix(5)) == ["snapshot", "restore", url, "--data-dir", data0.path], "\(first.args)")
+        let started = Array(first.args.dropFirst(5))
+        #expect(Self.value(started, "--initial-cluster") == "etcdlite-0=http://etcdlite-0.etcdlite-peers.db.svc:2380")
+        #expect(Self.value(started, "--initial-cluster-state") == "new" && Self.value(started, "--initial-cluster-token") == "etcdlite-123")
+        #expect(FileManager.default.fileExists(atPath: data0.path + ".before-etcdlite-123/old"), "the old data is kept aside")
+        #expect((try? String(contentsOfFile: data0.path + ".reseed", encoding: .utf8)) == "etcdlite-123\n")
+        // Restarted: the same token, nothing restored again.
+        let again = try Self.runScript(["JOIN_DIR": join.path, "DATA_DIR": data0.path, "HOSTNAME": "etcdlite-0"])
+        #expect(again.args.first == "--name" && Self.value(again.args, "--initial-cluster-token") == "etcdlite-123", "\(again.args)")
+
+        // Member 1 on its old claim: its data aside, then it waits until the operator adds it.
+        let data1 = dir.appendingPathComponent("data1")
+        try FileManager.default.createDirectory(at: data1, withIntermediateDirectories: true)
+        let answered = "etcdlite-0=http://etcdlite-0.etcdlite-peers.db.svc:2380,etcdlite-1=http://etcdlite-1.etcdlite-peers.db.svc:2380"
+        let second = try Self.runScript(["JOIN_DIR": join.path, "DATA_DIR": data1.path], settle: 2) {
+            try answered.write(to: join.appendingPathComponent("etcdlite-1"), atomically: true, encoding: .utf8)
+        }
+        #expect(second.waitedAtLeast && !second.args.contains("snapshot"))
+        #expect(Self.value(second.args, "--initial-cluster") == answered && Self.value(second.args, "--initial-cluster-state") == "existing")
+        #expect(FileManager.default.fileExists(atPath: data1.path + ".before-etcdlite-123"))
     }
 
     /// Under the operator: a member it added joins the cluster MemberAdd answered; one it has not

@@ -43,4 +43,26 @@ import Testing
         #expect(try Self.curl(["-o", "/dev/null", "-w", "%{http_code}", "\(base)/nothing"]).out == "404")
         #expect(try Self.curl(["-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "\(base)/metrics"]).out == "405")
     }
+
+    /// A snapshot offered to a re-seeding member: that file alone, byte for byte.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/curl"), "needs curl"))
+    func anOfferedSnapshotIsServedAndNothingElse() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("etcdlite-offer-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let file = dir.appendingPathComponent("chosen.db")
+        let bytes = Data((0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        try bytes.write(to: file)
+        let server = try await MetricsServer.start(host: "127.0.0.1", port: 0, snapshot: { $0 == "set-1.db" ? file.path : nil })
+        defer { Task { await server.close() } }
+        let base = "http://127.0.0.1:\(server.port)"
+        let copy = dir.appendingPathComponent("copy.db")
+        #expect(try Self.curl(["-o", copy.path, "-w", "%{http_code}", "\(base)/snapshots/set-1.db"]).out == "200")
+        #expect(try Data(contentsOf: copy) == bytes)
+        #expect(try Self.curl(["-o", "/dev/null", "-w", "%{http_code}", "\(base)/snapshots/chosen.db"]).out == "404")
+        #expect(try Self.curl(["-o", "/dev/null", "-w", "%{http_code}", "--path-as-is", "\(base)/snapshots/../chosen.db"]).out == "404")
+        #expect(try Self.curl(["-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE", "\(base)/snapshots/set-1.db"]).out == "405")
+        // The metrics still answer beside it.
+        #expect(try Self.curl(["\(base)/healthz"]).out == "ok\n")
+    }
 }

@@ -89,6 +89,19 @@ public final class KubeClient: Sendable {
 
     public func get(_ path: String) async throws -> [String: Any] { try await send(.GET, path) }
 
+    /// GET `path` into the file at `file` (made anew); throws unless the answer is a 2xx. A body
+    /// cut short is written as far as it came: the caller checks what it downloaded.
+    public func download(_ path: String, to file: String, timeout: TimeAmount = .minutes(10)) async throws {
+        guard FileManager.default.createFile(atPath: file, contents: nil), let handle = FileHandle(forWritingAtPath: file) else {
+            throw OperatorError("cannot write \(file)")
+        }
+        defer { try? handle.close() }
+        let sink = FileSink(handle)
+        let status = try await exchange(.GET, path, body: nil, contentType: "application/octet-stream", timeout: timeout, sink)
+        if let failure = sink.failure { throw failure }
+        guard (200..<300).contains(status) else { throw KubeAPIError(code: status, reason: "Failed", message: "GET \(path) answered \(status)") }
+    }
+
     /// Watches `path` from `resourceVersion` until the server ends the stream (its timeout) or
     /// `onEvent` returns false. An ERROR event with a Status of 410 (the version is too old) is
     /// thrown as `KubeAPIError` Gone: the caller lists again and watches from the new version.
@@ -178,6 +191,18 @@ final class Completion: @unchecked Sendable {
 final class BodyCollector: ResponseSink, @unchecked Sendable {
     var body = Data()
     override func body(_ bytes: ByteBuffer) { body.append(contentsOf: bytes.readableBytesView) }
+}
+
+/// A body written to a file as it comes.
+final class FileSink: ResponseSink, @unchecked Sendable {
+    let handle: FileHandle
+    var failure: (any Error)?
+    init(_ handle: FileHandle) { self.handle = handle }
+    override var wantsMore: Bool { failure == nil }
+    override func body(_ bytes: ByteBuffer) {
+        guard (200..<300).contains(status) else { return }
+        do { try handle.write(contentsOf: Data(bytes.readableBytesView)) } catch { failure = error }
+    }
 }
 
 /// A watch's body: one JSON event per line.

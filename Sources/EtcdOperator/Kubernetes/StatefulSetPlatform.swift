@@ -1,4 +1,5 @@
 import Foundation
+import NIOConcurrencyHelpers
 import NIOHTTP1
 
 /// Members as the pods of a plain StatefulSet (deploy/statefulset.json): etcdlite in a cluster
@@ -18,6 +19,11 @@ import NIOHTTP1
 ///   until the operator adds it again under a new ID.
 /// - Upgrades: the set's update strategy becomes OnDelete and its template gets the image; the
 ///   operator deletes one pod at a time in its own order (followers first, the leader last).
+/// - Re-seeding (no quorum of data left, or a restore asked for): the operator offers the
+///   snapshot on its metrics server (`/snapshots/<token>.db`), writes `reseed-token` and
+///   `reseed-snapshot` (that URL) to `<set>-join` with member 0's key alone, scales the set to 1
+///   and deletes pod 0. Each pod's script, once per token, moves its data aside in its claim;
+///   pod 0 restores the snapshot and founds the new cluster alone, the others wait to be added.
 public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
     /// The EtcdLiteCluster: spec, status and events.
     public let base: KubernetesPlatform
@@ -34,6 +40,16 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
     private var viewOK = false
 
     static let managedKey = "managed"
+    static let reseedTokenKey = "reseed-token"
+    static let reseedSnapshotKey = "reseed-snapshot"
+    /// Where pods reach this operator's metrics server (`http://<pod IP>:<port>`); without it,
+    /// no re-seed.
+    public var snapshotBaseURL: String?
+    /// Snapshots offered to re-seeding pods, by the name they are served under.
+    private let offered = NIOLockedValueBox<[String: String]>([:])
+
+    /// The file served as `/snapshots/<name>` (nil: none).
+    public func offeredSnapshot(_ name: String) -> String? { offered.withLockedValue { $0[name] } }
 
     public init(client: KubeClient, namespace: String, clusterName: String, setName: String, operatorNode: String? = nil) {
         base = KubernetesPlatform(client: client, namespace: namespace, clusterName: clusterName, operatorNode: operatorNode)
@@ -179,7 +195,19 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
     }
 
     public func reseed(from snapshot: String) async throws {
-        throw OperatorError("re-seeding a StatefulSet's members from \(snapshot) is not automated: restore it into member 0's claim with `etcdlite snapshot restore` and scale the set to 1")
+        guard let base = snapshotBaseURL else {
+            throw OperatorError("re-seeding from \(snapshot) needs the operator's metrics server and its pod IP (--metrics-address, POD_IP) to offer the snapshot to member 0")
+        }
+        let token = "\(setName)-\(Int(Date().timeIntervalSince1970))"
+        offered.withLockedValue { $0[token + ".db"] = snapshot }
+        let first = "\(setName)-0"
+        try await joinMap.update({ data in
+            data = [Self.managedKey: "true", first: "\(first)=\(self.peerURL(first))", Self.reseedTokenKey: token,
+                    Self.reseedSnapshotKey: "\(base)/snapshots/\(token).db"]
+        }, what: "the join ConfigMap")
+        try await scale(to: 1)
+        try await deleteIgnoringAbsence(podsPath + "/" + first)
+        await keepQuorumBudget()
     }
 
     /// The StatefulSet founds the cluster itself (its pods' `--initial-cluster` from the ordinals).
