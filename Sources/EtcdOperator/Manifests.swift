@@ -117,6 +117,8 @@ public enum Manifests {
                 "affinity": free,
                 "tolerations": ["type": "array", "items": free],
                 "bootstrap": ["type": "object", "properties": ["bootMemberEndpoint": string, "selfHosted": boolean]],
+                // A StatefulSet's members (etcdlite operator --platform statefulset): which set.
+                "statefulSet": ["type": "object", "properties": ["name": string]],
             ] as [String: Any],
         ]
         let member: [String: Any] = [

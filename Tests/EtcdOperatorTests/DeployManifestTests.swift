@@ -1,11 +1,13 @@
+@testable import EtcdOperator
 import Foundation
 import Testing
 
-/// deploy/statefulset.json: etcdlite as a plain StatefulSet (not self-hosted).
+/// deploy/statefulset.json: etcdlite as a plain StatefulSet (not self-hosted), and
+/// deploy/statefulset-operator.json: the operator that manages it.
 @Suite struct DeployManifestTests {
-    static func items() throws -> [[String: Any]] {
+    static func items(_ file: String = "statefulset.json") throws -> [[String: Any]] {
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        let data = try Data(contentsOf: root.appendingPathComponent("deploy/statefulset.json"))
+        let data = try Data(contentsOf: root.appendingPathComponent("deploy/" + file))
         let list = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
         return list["items"] as? [[String: Any]] ?? []
     }
@@ -55,6 +57,62 @@ import Testing
             let name = (item["metadata"] as? [String: Any])?["name"] as? String ?? ""
             #expect(ManifestTests.isDNSSubdomain(name) && (item["apiVersion"] as? String)?.isEmpty == false)
         }
+    }
+
+    /// What the API server keeps of an object under a structural schema: fields the schema does
+    /// not know are pruned. Returns the paths that would be.
+    static func pruned(_ value: Any, _ schema: [String: Any], path: String = "") -> [String] {
+        if schema["x-kubernetes-preserve-unknown-fields"] as? Bool == true { return [] }
+        if let object = value as? [String: Any] {
+            let properties = schema["properties"] as? [String: Any]
+            let additional = schema["additionalProperties"] as? [String: Any]
+            return object.flatMap { key, child -> [String] in
+                if let sub = properties?[key] as? [String: Any] { return pruned(child, sub, path: path + "." + key) }
+                if let additional { return pruned(child, additional, path: path + "." + key) }
+                return [path + "." + key]
+            }
+        }
+        if let array = value as? [Any], let items = schema["items"] as? [String: Any] {
+            return array.enumerated().flatMap { pruned($1, items, path: path + "[\($0)]") }
+        }
+        return []
+    }
+
+    /// The operator for the StatefulSet: the same CRD as `bootstrap render`, an EtcdLiteCluster
+    /// whose every field survives that CRD's schema, a Deployment with the flags and the pod IP a
+    /// re-seed needs, and its Role (which the StatefulSet platform's tests run under).
+    @Test func theStatefulSetsOperatorFitsTheSetAndTheCRD() throws {
+        let items = try Self.items("statefulset-operator.json")
+        let crd = try #require(items.first { $0["kind"] as? String == "CustomResourceDefinition" })
+        let rendered = Manifests.crd()
+        let encode = { (object: Any) in try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) }
+        #expect(try encode(crd) == encode(rendered), "deploy/statefulset-operator.json has the CRD `etcdlite bootstrap render` writes")
+        let versions = (crd["spec"] as? [String: Any])?["versions"] as? [[String: Any]] ?? []
+        let schema = try #require(((versions.first?["schema"] as? [String: Any])?["openAPIV3Schema"] as? [String: Any]))
+        let cluster = try #require(items.first { $0["kind"] as? String == "EtcdLiteCluster" })
+        #expect(Self.pruned(["spec": cluster["spec"] ?? [:]], schema).isEmpty, "\(Self.pruned(["spec": cluster["spec"] ?? [:]], schema))")
+        let selfHosted = Manifests.cluster(BootstrapOptions(image: "etcdlite:1", bootNodeIP: "10.0.0.1"))
+        #expect(Self.pruned(["spec": selfHosted["spec"] ?? [:]], schema).isEmpty)
+        #expect(Self.pruned(["spec": ["statefulSet": ["name": "x"], "unknown": 1]], schema) == [".spec.unknown"], "the check sees pruning")
+
+        let set = try #require(Self.find(try Self.items(), "StatefulSet", "etcdlite"))
+        #expect(((cluster["spec"] as? [String: Any])?["statefulSet"] as? [String: Any])?["name"] as? String == "etcdlite")
+        let deployment = try #require(Self.find(items, "Deployment", "etcdlite-operator"))
+        let podSpec = (((deployment["spec"] as? [String: Any])?["template"] as? [String: Any])?["spec"] as? [String: Any]) ?? [:]
+        #expect(podSpec["serviceAccountName"] as? String == "etcdlite-operator")
+        let container = try #require((podSpec["containers"] as? [[String: Any]])?.first)
+        let command = container["command"] as? [String] ?? []
+        #expect(Self.value(command, "--platform") == "statefulset" && Self.value(command, "--statefulset") == (set["metadata"] as? [String: Any])?["name"] as? String)
+        #expect(Self.value(command, "--metrics-address") == "0.0.0.0:8080")
+        let env = container["env"] as? [[String: Any]] ?? []
+        #expect(env.contains { $0["name"] as? String == "POD_IP" && (($0["valueFrom"] as? [String: Any])?["fieldRef"] as? [String: Any])?["fieldPath"] as? String == "status.podIP" })
+        // Backups where the spec says, on a claim of their own.
+        let destination = ((cluster["spec"] as? [String: Any])?["backup"] as? [String: Any])?["destination"] as? String
+        let mounts = container["volumeMounts"] as? [[String: Any]] ?? []
+        #expect(mounts.contains { $0["mountPath"] as? String == destination && $0["name"] as? String == "backups" })
+        let claim = ((podSpec["volumes"] as? [[String: Any]])?.first { $0["name"] as? String == "backups" }?["persistentVolumeClaim"] as? [String: Any])?["claimName"] as? String
+        #expect(claim.flatMap { Self.find(items, "PersistentVolumeClaim", $0) } != nil)
+        #expect(!FakeAPIServer.rules("etcdlite-operator", in: items).isEmpty)
     }
 
     /// The container's script, run by /bin/sh with a stand-in `etcdlite` that prints its

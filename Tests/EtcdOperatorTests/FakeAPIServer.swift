@@ -1,4 +1,6 @@
+@testable import EtcdOperator
 import Foundation
+import Testing
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -32,6 +34,8 @@ final class FakeAPIServer: @unchecked Sendable {
     private var injected: [(method: String, pathPrefix: String, code: Int, reason: String)] = []
     private var beforePut: [String: () -> Void] = [:]
     private(set) var requests: [Request] = []
+    private var grants: [String: [[String: Any]]] = [:]
+    private var forbidden: [String] = []
     private var channel: Channel?
     var port: Int { channel?.localAddress?.port ?? 0 }
 
@@ -44,7 +48,76 @@ final class FakeAPIServer: @unchecked Sendable {
             .bind(host: "127.0.0.1", port: 0).wait()
     }
 
-    func stop() { try? channel?.close().wait() }
+    /// Stops serving; a request RBAC refused during the test is a failure of the test (the real
+    /// API server would have refused it too).
+    func stop() {
+        try? channel?.close().wait()
+        let refused = forbiddenRequests
+        if !refused.isEmpty { Issue.record("requests the granted RBAC rules do not allow: \(refused)") }
+    }
+
+    /// The rules the rendered self-hosted manifests grant a service account (its Role and the
+    /// ClusterRoles bound to it).
+    static func renderedRules(_ account: String) -> [[String: Any]] {
+        let objects = Manifests.rbac(BootstrapOptions(image: "etcdlite:1", bootNodeIP: "10.0.0.1"))
+        return rules(account, in: objects)
+    }
+
+    /// The rules a list of RBAC objects grants `account` through its bindings.
+    static func rules(_ account: String, in objects: [[String: Any]]) -> [[String: Any]] {
+        var rules: [[String: Any]] = []
+        for binding in objects where (binding["kind"] as? String)?.hasSuffix("Binding") == true {
+            let subjects = binding["subjects"] as? [[String: Any]] ?? []
+            guard subjects.contains(where: { $0["kind"] as? String == "ServiceAccount" && $0["name"] as? String == account }),
+                  let roleRef = binding["roleRef"] as? [String: Any] else { continue }
+            for role in objects where role["kind"] as? String == roleRef["kind"] as? String
+                && (role["metadata"] as? [String: Any])?["name"] as? String == roleRef["name"] as? String {
+                rules += role["rules"] as? [[String: Any]] ?? []
+            }
+        }
+        return rules
+    }
+
+    /// RBAC as the API server applies it: requests with `token` are allowed only what `rules`
+    /// (a Role's or ClusterRole's rules) grant; refusals answer 403 and are listed in `forbidden`.
+    /// (`token` itself stays allowed everything, as the tests' own requests use it.)
+    func grant(_ token: String, _ rules: [[String: Any]]) { locked { grants[token] = rules } }
+    var forbiddenRequests: [String] { locked { forbidden } }
+
+    /// A request's API group, resource (with subresource) and verb, as the authorizer sees them.
+    static func authorizationAttributes(_ request: Request) -> (group: String, resource: String, verb: String) {
+        var parts = request.path.split(separator: "/").map(String.init)
+        var group = ""
+        if parts.first == "apis", parts.count > 2 {
+            group = parts[1]
+            parts = Array(parts.dropFirst(3))
+        } else {
+            parts = Array(parts.dropFirst(2))
+        }
+        if parts.first == "namespaces", parts.count > 2 { parts = Array(parts.dropFirst(2)) }
+        let resource = parts.count > 2 ? parts[0] + "/" + parts[2] : (parts.first ?? "")
+        let named = parts.count > 1
+        let verb: String
+        switch request.method {
+        case "GET": verb = named ? "get" : (request.query["watch"] == "1" ? "watch" : "list")
+        case "POST": verb = "create"
+        case "PUT": verb = "update"
+        case "PATCH": verb = "patch"
+        case "DELETE": verb = named ? "delete" : "deletecollection"
+        default: verb = request.method.lowercased()
+        }
+        return (group, resource, verb)
+    }
+
+    static func allows(_ rules: [[String: Any]], group: String, resource: String, verb: String) -> Bool {
+        rules.contains { rule in
+            let groups = rule["apiGroups"] as? [String] ?? []
+            let resources = rule["resources"] as? [String] ?? []
+            let verbs = rule["verbs"] as? [String] ?? []
+            return (groups.contains(group) || groups.contains("*")) && (resources.contains(resource) || resources.contains("*"))
+                && (verbs.contains(verb) || verbs.contains("*"))
+        }
+    }
 
     // MARK: Test controls
 
@@ -191,7 +264,15 @@ final class FakeAPIServer: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         requests.append(request)
-        guard request.authorization == "Bearer \(token)" else { return (401, Self.status(401, "Unauthorized", "Unauthorized")) }
+        let bearer = request.authorization.map { String($0.dropFirst("Bearer ".count)) }
+        guard let bearer, bearer == token || grants[bearer] != nil else { return (401, Self.status(401, "Unauthorized", "Unauthorized")) }
+        if let rules = grants[bearer] {
+            let (group, resource, verb) = Self.authorizationAttributes(request)
+            guard Self.allows(rules, group: group, resource: resource, verb: verb) else {
+                forbidden.append("\(verb) \(group.isEmpty ? "" : group + "/")\(resource)")
+                return (403, Self.status(403, "Forbidden", "\(resource) is forbidden: cannot \(verb) resource \"\(resource)\" in API group \"\(group)\""))
+            }
+        }
         if let i = injected.firstIndex(where: { $0.method == request.method && request.path.hasPrefix($0.pathPrefix) }) {
             let failure = injected.remove(at: i)
             return (failure.code, Self.status(failure.code, failure.reason, "injected \(failure.reason)"))

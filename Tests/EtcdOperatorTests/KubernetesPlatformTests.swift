@@ -17,6 +17,9 @@ import Testing
     static func server(bootEndpoint: String? = nil) throws -> FakeAPIServer {
         let server = FakeAPIServer()
         try server.start()
+        // The operator and the node agents with what the rendered RBAC grants them, nothing more.
+        server.grant("operator-token", FakeAPIServer.renderedRules("etcdlite-operator"))
+        server.grant("agent-token", FakeAPIServer.renderedRules("etcdlite-node-agent"))
         var spec: [String: Any] = ["size": 3, "image": "etcdlite:1", "storage": ["hostPath": "/var/lib/etcdlite"],
                                    "nodeSelector": ["node-role.kubernetes.io/control-plane": ""],
                                    "backup": ["intervalSeconds": 600, "retention": 4, "destination": "/var/lib/etcdlite/backups"]]
@@ -88,7 +91,7 @@ import Testing
         ((pod["spec"] as? [String: Any])?["containers"] as? [[String: Any]])?.first ?? [:]
     }
 
-    static func platform(_ server: FakeAPIServer, token: String = "test-token") -> KubernetesPlatform {
+    static func platform(_ server: FakeAPIServer, token: String = "operator-token") -> KubernetesPlatform {
         KubernetesPlatform(client: KubeClient(host: "127.0.0.1", port: server.port, token: token), namespace: ns, operatorNode: "cp-a")
     }
 
@@ -139,7 +142,7 @@ import Testing
         // The records: created once, then replaced with the version read; every request carried the token.
         let writes = server.locked { server.requests.filter { $0.path.hasPrefix("/api/v1/namespaces/kube-system/configmaps") && $0.method != "GET" } }
         #expect(writes.first?.method == "POST" && writes.dropFirst().allSatisfy { $0.method == "PUT" && ($0.body?["metadata"] as? [String: Any])?["resourceVersion"] != nil })
-        #expect(server.locked { server.requests.allSatisfy { $0.authorization == "Bearer test-token" } })
+        #expect(server.locked { server.requests.allSatisfy { $0.authorization == "Bearer operator-token" } })
 
         // A second operator (or a restart) reads the same records back.
         let other = Self.platform(server)

@@ -7,7 +7,7 @@ import Testing
     static let path = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/etcdlite-operator"
 
     static func lease(_ server: FakeAPIServer, _ identity: String) -> LeaderLease {
-        LeaderLease(client: KubeClient(host: "127.0.0.1", port: server.port, token: server.token), namespace: "kube-system",
+        LeaderLease(client: KubeClient(host: "127.0.0.1", port: server.port, token: "operator-token"), namespace: "kube-system",
                     identity: identity, durationSeconds: 15)
     }
 

@@ -80,7 +80,7 @@ import Testing
         let root = Self.temp()
         defer { try? FileManager.default.removeItem(at: root) }
         let manifests = root.appendingPathComponent("manifests").path
-        let client = KubeClient(host: "127.0.0.1", port: server.port, token: server.token)
+        let client = KubeClient(host: "127.0.0.1", port: server.port, token: "agent-token")
         let agent = NodeAgent(node: "cp-b", manifestsDir: manifests, hostPath: root.appendingPathComponent("data").path, client: client,
                               namespace: "kube-system", clusterName: "etcdlite")
         #expect(try await agent.pass() == ["wrote member-1"])
@@ -97,7 +97,7 @@ import Testing
 
         server.stop()
         let rebooted = NodeAgent(node: "cp-b", manifestsDir: manifests, hostPath: root.appendingPathComponent("data").path,
-                                 client: KubeClient(host: "127.0.0.1", port: server.port, token: server.token, timeout: .seconds(1)),
+                                 client: KubeClient(host: "127.0.0.1", port: server.port, token: "agent-token", timeout: .seconds(1)),
                                  namespace: "kube-system", clusterName: "etcdlite")
         await #expect(throws: (any Error).self) { try await rebooted.pass() }
         #expect(FileManager.default.contents(atPath: manifests + "/etcdlite-member-1.json") == written)
@@ -115,7 +115,7 @@ import Testing
         defer { try? FileManager.default.removeItem(at: root) }
         func agent(_ node: String) -> NodeAgent {
             NodeAgent(node: node, manifestsDir: root.appendingPathComponent("\(node)/manifests").path, hostPath: root.appendingPathComponent("\(node)/data").path,
-                      client: KubeClient(host: "127.0.0.1", port: server.port, token: server.token), namespace: "kube-system", clusterName: "etcdlite")
+                      client: KubeClient(host: "127.0.0.1", port: server.port, token: "agent-token"), namespace: "kube-system", clusterName: "etcdlite")
         }
         let coordinatorNode = try #require(old[0].node)
         let followerNode = try #require(old.first { $0.node != coordinatorNode }?.node)

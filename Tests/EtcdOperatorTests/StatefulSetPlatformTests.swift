@@ -19,6 +19,8 @@ import Testing
     static func server(size: Int = 3) throws -> FakeAPIServer {
         let server = FakeAPIServer()
         try server.start()
+        // The operator with what deploy/statefulset-operator.json grants it, nothing more.
+        server.grant("operator-token", FakeAPIServer.rules("etcdlite-operator", in: try DeployManifestTests.items("statefulset-operator.json")))
         server.seed(clusterPath, ["apiVersion": "etcdlite.dev/v1alpha1", "kind": "EtcdLiteCluster",
                                   "metadata": ["name": "etcdlite", "namespace": ns],
                                   "spec": ["size": size, "image": "etcdlite:1", "statefulSet": ["name": "etcdlite"]]])
@@ -44,7 +46,7 @@ import Testing
     }
 
     static func platform(_ server: FakeAPIServer) -> StatefulSetPlatform {
-        StatefulSetPlatform(client: KubeClient(host: "127.0.0.1", port: server.port, token: server.token), namespace: ns,
+        StatefulSetPlatform(client: KubeClient(host: "127.0.0.1", port: server.port, token: "operator-token"), namespace: ns,
                             clusterName: "etcdlite", setName: "etcdlite")
     }
 
@@ -209,6 +211,15 @@ import Testing
         // The operator then sees one member to grow from.
         try await platform.refresh()
         #expect(platform.endpoints == ["http://etcdlite-0.etcdlite-peers.db.svc:2379"])
+    }
+
+    @Test func theClusterMustNameTheSetTheOperatorManages() async throws {
+        let server = try Self.server()
+        defer { server.stop() }
+        server.modify(Self.clusterPath + "/etcdlite") { object in
+            object["spec"] = ["size": 3, "image": "etcdlite:1", "statefulSet": ["name": "other"]]
+        }
+        await #expect(throws: OperatorError.self) { try await Self.platform(server).refresh() }
     }
 
     @Test func theJoinAnswersSurviveAConcurrentWriter() async throws {

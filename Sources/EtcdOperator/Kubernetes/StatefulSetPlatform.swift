@@ -82,6 +82,9 @@ public final class StatefulSetPlatform: MemberPlatform, @unchecked Sendable {
     public func refresh() async throws {
         viewOK = false
         try await base.refreshClusterObject()
+        if let named = (base.spec["statefulSet"] as? [String: Any])?["name"] as? String, named != setName {
+            throw OperatorError("spec.statefulSet.name is \(named), but this operator manages the StatefulSet \(setName) (--statefulset)")
+        }
         let freshSet = try await client.get(setPath)
         try await joinMap.load()
         let labels = ((freshSet["spec"] as? [String: Any])?["selector"] as? [String: Any])?["matchLabels"] as? [String: String] ?? [:]
