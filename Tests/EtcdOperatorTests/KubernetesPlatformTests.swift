@@ -151,6 +151,40 @@ import Testing
         #expect(other.endpoints == ["http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://10.0.0.3:2379"])
     }
 
+    /// spec.affinity's required node affinity narrows where members go, as the nodeSelector does.
+    @Test func requiredNodeAffinityNarrowsThePlacement() async throws {
+        let server = try Self.server()
+        defer { server.stop() }
+        server.modify("/api/v1/nodes/cp-a") { node in
+            var metadata = node["metadata"] as? [String: Any] ?? [:]
+            var labels = metadata["labels"] as? [String: String] ?? [:]
+            labels["disk"] = "slow"
+            metadata["labels"] = labels
+            node["metadata"] = metadata
+        }
+        server.modify(Self.clusterPath + "/etcdlite") { object in
+            var spec = object["spec"] as? [String: Any] ?? [:]
+            spec["affinity"] = ["nodeAffinity": ["requiredDuringSchedulingIgnoredDuringExecution": ["nodeSelectorTerms": [
+                ["matchExpressions": [["key": "disk", "operator": "NotIn", "values": ["slow"]],
+                                      ["key": "kubernetes.io/hostname", "operator": "Exists"]]],
+            ]]]]
+            object["spec"] = spec
+        }
+        let platform = Self.platform(server)
+        try await platform.refresh()
+        #expect(try await platform.prepare("member-0") == "http://10.0.0.2:2380", "cp-a is excluded by the affinity")
+        let labels = ["disk": "ssd", "zone": "3"]
+        func allows(_ expressions: [[String: Any]]) -> Bool {
+            KubernetesPlatform.nodeAffinityAllows(["nodeAffinity": ["requiredDuringSchedulingIgnoredDuringExecution": ["nodeSelectorTerms": [
+                ["matchExpressions": expressions]]]]], labels: labels)
+        }
+        #expect(allows([["key": "disk", "operator": "In", "values": ["ssd", "nvme"]]]))
+        #expect(!allows([["key": "disk", "operator": "In", "values": ["nvme"]]]))
+        #expect(allows([["key": "gpu", "operator": "DoesNotExist"]]) && !allows([["key": "gpu", "operator": "Exists"]]))
+        #expect(allows([["key": "zone", "operator": "Gt", "values": ["2"]]]) && !allows([["key": "zone", "operator": "Lt", "values": ["2"]]]))
+        #expect(KubernetesPlatform.nodeAffinityAllows(nil, labels: labels))
+    }
+
     /// A re-seeded (or first) member bootstraps with `new` and its snapshot; once its pod is Ready
     /// it is an existing member, so that a later loss of its data cannot start an empty cluster
     /// (or the old snapshot) under the same identity.

@@ -204,7 +204,7 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
             let metadata = node["metadata"] as? [String: Any] ?? [:]
             guard let name = metadata["name"] as? String, !taken.contains(name) else { return nil }
             let labels = metadata["labels"] as? [String: String] ?? [:]
-            guard selector.allSatisfy({ labels[$0.key] == $0.value }) else { return nil }
+            guard selector.allSatisfy({ labels[$0.key] == $0.value }), Self.nodeAffinityAllows(spec["affinity"], labels: labels) else { return nil }
             if (node["spec"] as? [String: Any])?["unschedulable"] as? Bool == true { return nil }
             let status = node["status"] as? [String: Any] ?? [:]
             let ready = (status["conditions"] as? [[String: Any]] ?? []).contains { $0["type"] as? String == "Ready" && $0["status"] as? String == "True" }
@@ -213,6 +213,31 @@ public final class KubernetesPlatform: MemberPlatform, @unchecked Sendable {
             return (name, ip)
         }
         return candidates.sorted { $0.0 < $1.0 }.first
+    }
+
+    /// `spec.affinity.nodeAffinity`'s required terms, as the scheduler reads them (static pods are
+    /// not scheduled: the operator places members itself): one term whose every expression holds
+    /// for the node's labels (In, NotIn, Exists, DoesNotExist, Gt, Lt). No terms: any node.
+    static func nodeAffinityAllows(_ affinity: Any?, labels: [String: String]) -> Bool {
+        let required = (((affinity as? [String: Any])?["nodeAffinity"] as? [String: Any])?["requiredDuringSchedulingIgnoredDuringExecution"]
+            as? [String: Any])?["nodeSelectorTerms"] as? [[String: Any]]
+        guard let terms = required, !terms.isEmpty else { return true }
+        return terms.contains { term in
+            (term["matchExpressions"] as? [[String: Any]] ?? []).allSatisfy { expression in
+                let key = expression["key"] as? String ?? ""
+                let values = expression["values"] as? [String] ?? []
+                let value = labels[key]
+                switch expression["operator"] as? String {
+                case "In": return value.map(values.contains) ?? false
+                case "NotIn": return value.map { !values.contains($0) } ?? true
+                case "Exists": return value != nil
+                case "DoesNotExist": return value == nil
+                case "Gt": return Int(value ?? "").flatMap { v in values.first.flatMap(Int.init).map { v > $0 } } ?? false
+                case "Lt": return Int(value ?? "").flatMap { v in values.first.flatMap(Int.init).map { v < $0 } } ?? false
+                default: return false
+                }
+            }
+        }
     }
 
     public func prepare(_ name: String) async throws -> String {
