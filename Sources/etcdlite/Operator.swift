@@ -80,17 +80,26 @@ struct Operator: AsyncParsableCommand {
 }
 
 /// `etcdlite recover`: bring a local cluster back by hand after every member stopped or lost its
-/// data (the operator does the same on its own).
+/// data (the operator does the same on its own); on Kubernetes, tell the node agents that a node
+/// will never come back, so that they re-seed without waiting for it.
 struct Recover: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Restart members on their own data from their recovery records, or re-seed from the newest snapshot, until a leader answers.")
-    @Option(help: "The local platform's configuration file.") var config: String
+        abstract: "Restart members on their own data from their recovery records, or re-seed from the newest snapshot, until a leader answers.",
+        discussion: "Kubernetes (self-hosted): --agent http://NODE_IP:2382 --presume-lost NODE declares to that node's agent that NODE will never come back (its members' data counts as lost), then waits until an agent takes part in a re-seed.")
+    @Option(help: "The local platform's configuration file.") var config: String?
     @Option(help: "Give up after this many seconds.") var timeout: Double = 120
+    @Option(help: "A node agent's recovery URL (Kubernetes), to declare nodes lost to.") var agent: String?
+    @Option(help: "A node that will never come back (with --agent; repeat for more).") var presumeLost: [String] = []
     @Option(help: "Re-seed from this snapshot instead (every member's data moves aside to <dataRoot>/lost/): the cluster comes back as it was when the snapshot was taken.")
     var fromSnapshot: String?
 
     func run() async throws {
         LoggingSystem.bootstrap { JSONLogHandler(logLevel: .info, label: $0) }
+        if let agent {
+            try await declareLost(agent)
+            return
+        }
+        guard let config else { throw ValidationError("--config FILE (local), or --agent URL --presume-lost NODE (Kubernetes)") }
         let local = try LocalPlatform(configPath: config)
         try local.lockOperator()
         if let fromSnapshot {
@@ -103,6 +112,40 @@ struct Recover: AsyncParsableCommand {
             throw ExitCode(1)
         }
         print("the cluster has a leader")
+    }
+}
+
+extension Recover {
+    /// POST /recovery/presume-lost, then the agent's report until it takes part in a re-seed (or
+    /// the timeout), printing its decisions as they change.
+    func declareLost(_ agent: String) async throws {
+        guard !presumeLost.isEmpty else { throw ValidationError("--agent needs --presume-lost NODE") }
+        guard let url = URL(string: agent), let host = url.host, let port = url.port else { throw ValidationError("--agent must be http://HOST:PORT") }
+        let client = KubeClient(host: host, port: port, timeout: .seconds(5))
+        do {
+            try await client.send(.POST, "/recovery/presume-lost", body: ["nodes": presumeLost])
+        } catch let error as KubeAPIError {
+            throw ValidationError("the agent refused: \(error.message)")
+        }
+        print("declared lost to \(agent): \(presumeLost.joined(separator: ", "))")
+        let deadline = Date().addingTimeInterval(timeout)
+        var said: String?
+        while Date() < deadline {
+            if let object = try? await client.get("/recovery"), let data = try? JSONSerialization.data(withJSONObject: object),
+               let report = try? JSONDecoder().decode(RecoveryReport.self, from: data) {
+                if let plan = report.plan, plan != said {
+                    print("agent: \(plan)")
+                    said = plan
+                }
+                if let token = report.reseeding {
+                    print("re-seeding (\(token))")
+                    return
+                }
+            }
+            try await Task.sleep(for: .seconds(1))
+        }
+        print("no re-seed after \(Int(timeout)) s")
+        throw ExitCode(1)
     }
 }
 

@@ -101,7 +101,14 @@ final class TestKubelet: @unchecked Sendable {
         try await reseed(losing: ["node-a", "node-b", "node-c"], coordinator: "node-b", source: "member-b", keys: 50)
     }
 
-    func reseed(losing lost: [String], coordinator: String, source: String, keys: Int) async throws {
+    @Test func aNodeThatNeverComesBackIsWaitedForUntilAPersonDeclaresItLost() async throws {
+        // node-a's data is lost and node-b is gone (its agent never answers): the agents wait, as
+        // node-b may hold the data that makes a quorum, until `etcdlite recover --agent ...
+        // --presume-lost node-b`; then they re-seed from the survivor.
+        try await reseed(losing: ["node-a"], gone: ["node-b"], coordinator: "node-c", source: "member-c", keys: 100)
+    }
+
+    func reseed(losing lost: [String], gone: [String] = [], coordinator: String, source: String, keys: Int) async throws {
         let nodes = ["node-a", "node-b", "node-c"]
         let hosts = Dictionary(uniqueKeysWithValues: nodes.map { ($0, TempDir()) })
         defer { for host in hosts.values { host.cleanup() } }
@@ -122,7 +129,7 @@ final class TestKubelet: @unchecked Sendable {
             }
         }
         var agents: [String: NodeAgent] = [:]
-        var servers: [RouteServer] = []
+        var servers: [String: RouteServer] = [:]
         var kubelets: [String: TestKubelet] = [:]
         for node in nodes {
             let agent = NodeAgent(node: node, manifestsDir: hosts[node]!.path + "/manifests", hostPath: hosts[node]!.path,
@@ -130,12 +137,13 @@ final class TestKubelet: @unchecked Sendable {
             agent.executable = etcdliteBinary()
             agent.recoveryGrace = 3
             agent.agentURL = { other, _ in "http://127.0.0.1:\(agentPorts[other]!)" }
-            servers.append(try await RouteServer.start(host: "127.0.0.1", port: agentPorts[node]!) { agent.route($0, $1, $2) })
+            servers[node] = try await RouteServer.start(host: "127.0.0.1", port: agentPorts[node]!) { agent.route($0, $1, $2) }
             agents[node] = agent
             kubelets[node] = TestKubelet(manifests: agent.manifestsDir, logs: hosts[node]!.path + "/logs")
         }
         defer { for kubelet in kubelets.values { kubelet.stopAll() } }
-        func syncAll() { for node in nodes { kubelets[node]!.sync() } }
+        var down = Set<String>()
+        func syncAll() { for node in nodes where !down.contains(node) { kubelets[node]!.sync() } }
         func etcdctl(_ node: String, _ arguments: [String]) throws -> CommandResult {
             try run(try etcdctlPath(), ["--endpoints=127.0.0.1:\(clientPorts[node]!)", "--dial-timeout=1s", "--command-timeout=3s"] + arguments,
                     environment: ["ETCDCTL_API": "3"])
@@ -175,10 +183,16 @@ final class TestKubelet: @unchecked Sendable {
             kubelets[node]!.kill("etcdlite-\(name(node)).json")
             try FileManager.default.removeItem(atPath: hosts[node]!.path + "/\(name(node))-1")
         }
+        // A node gone for good: its member, kubelet and agent stop; its disk is out of reach.
+        for node in gone {
+            kubelets[node]!.stopAll()
+            await servers[node]!.close()
+            down.insert(node)
+        }
         let stop = NIOLockedValueBox(false)
         let said = NIOLockedValueBox<[String]>([])
         var loops: [Task<Void, Never>] = []
-        for node in nodes {
+        for node in nodes where !down.contains(node) {
             let agent = agents[node]!
             loops.append(Task {
                 await agent.run(interval: .milliseconds(500), shouldStop: { stop.withLockedValue { $0 } },
@@ -188,7 +202,18 @@ final class TestKubelet: @unchecked Sendable {
         defer {
             stop.withLockedValue { $0 = true }
         }
-        // Back without a person: one member, re-seeded from the newest store, every write it held there.
+        if !gone.isEmpty {
+            // Waited for: no re-seed while a node that may hold data does not answer.
+            try await Task.sleep(for: .seconds(6))
+            let waiting = said.withLockedValue { $0 }
+            #expect(!waiting.contains { $0.contains("re-seeding as") }, "\(waiting)")
+            #expect(waiting.contains { $0.contains("the agent of \(gone[0]) does not answer") }, "\(waiting)")
+            // A person declares it lost, to the survivor's agent.
+            let declared = try run(etcdliteBinary(), ["recover", "--agent", "http://127.0.0.1:\(agentPorts[coordinator]!)", "--presume-lost", gone[0],
+                                                      "--timeout", "60"], timeout: 90)
+            #expect(declared.status == 0 && declared.stdout.contains("re-seeding ("), "\(declared.stdout) \(declared.stderr)")
+        }
+        // Back: one member, re-seeded from the newest store, every write it held there.
         let coordinatorName = name(coordinator)
         let back = try await waitUntil(90) {
             try etcdctl(coordinator, ["member", "list"]).stdout.split(separator: "\n").count == 1
@@ -202,11 +227,11 @@ final class TestKubelet: @unchecked Sendable {
         #expect(try etcdctl(coordinator, ["get", "key-\(keys - 1)", "--print-value-only"]).stdout == "value-\(keys - 1)\n")
         // The other agents followed: their members' manifests went, so their kubelets stop
         // restarting them; a survivor's old data is kept aside.
-        let others = nodes.filter { $0 != coordinator }
+        let others = nodes.filter { $0 != coordinator && !down.contains($0) }
         #expect(try await waitUntil(20) {
             others.allSatisfy { kubelets[$0]!.running.isEmpty && !FileManager.default.fileExists(atPath: hosts[$0]!.path + "/manifests/etcdlite-\(name($0)).json") }
         }, "\(log)")
-        for node in nodes where !lost.contains(node) {
+        for node in nodes where !lost.contains(node) && !down.contains(node) {
             #expect(try await waitUntil(20) { ((try? FileManager.default.contentsOfDirectory(atPath: hosts[node]!.path + "/.removed")) ?? []).contains { $0.hasPrefix("\(name(node))-1-") } })
         }
         let manifest = String(decoding: FileManager.default.contents(atPath: hosts[coordinator]!.path + "/manifests/etcdlite-\(coordinatorName).json") ?? Data(), as: UTF8.self)
@@ -216,6 +241,6 @@ final class TestKubelet: @unchecked Sendable {
         #expect(said.withLockedValue { $0 }.filter { $0.contains("re-seeding as") }.count == 1)
         stop.withLockedValue { $0 = true }
         for loop in loops { await loop.value }
-        for server in servers { await server.close() }
+        for server in servers.values { await server.close() }
     }
 }

@@ -176,5 +176,12 @@ import Testing
         await agent.publishReport()
         #expect(agent.accepts(order, [record]))
         #expect(agent.accepts(ReseedOrder(previous: "other records", record: record), [record]) == false)
+        // Nodes declared lost: only other nodes, only during an outage this agent sees.
+        let declare = { (nodes: [String]) in agent.route(.POST, "/recovery/presume-lost", Array(try JSONSerialization.data(withJSONObject: ["nodes": nodes]))) }
+        #expect(try declare(["cp-a"]).status == .badRequest, "not itself")
+        #expect(try declare(["cp-b"]).status == .accepted)
+        agent.recoveryGrace = 3_600
+        await agent.publishReport()
+        #expect(try declare(["cp-b"]).status == .conflict)
     }
 }

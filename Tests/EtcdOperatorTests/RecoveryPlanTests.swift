@@ -90,6 +90,23 @@ import Testing
                       "no store or checkpoint"))
     }
 
+    @Test func aNodeDeclaredLostCountsAsWithoutDataUnlessItAnswers() {
+        var reports = Self.reports(["member-0": Self.lost("member-0")])
+        reports["b"] = nil
+        guard case .wait = RecoveryPlan.decide(records: Self.records, reports: reports, grace: 60) else {
+            Issue.record("re-seeded while node b may hold the quorum's data")
+            return
+        }
+        #expect(RecoveryPlan.decide(records: Self.records, reports: reports, grace: 60, presumedLost: ["b"])
+            == .reseed(node: "c", member: "member-2", source: nil, revision: 10))
+        // A node declared lost that answers after all: its report counts, not the declaration.
+        let answering = Self.reports(["member-0": Self.lost("member-0")])
+        guard case .wait = RecoveryPlan.decide(records: Self.records, reports: answering, grace: 60, presumedLost: ["b"]) else {
+            Issue.record("the declaration overrode node b's own report")
+            return
+        }
+    }
+
     @Test func aLostLearnerIsNotAVoter() {
         // Voters a, b, c; d a learner. a and d lost: b and c still make a quorum of the voters.
         let records = Self.records + [Self.record("member-3", node: "d")]

@@ -40,8 +40,11 @@ extension NodeAgent {
     func report() async -> RecoveryReport {
         let records = loadCache().records
         let silence = apiSilence
-        var report = RecoveryReport(node: node, records: RecoveryReport.digest(records), reseeding: loadState().reseed?.record.clusterToken,
+        let state = loadState()
+        var report = RecoveryReport(node: node, records: RecoveryReport.digest(records), reseeding: state.reseed?.record.clusterToken,
                                     apiSilentSeconds: silence)
+        report.plan = lastPlanText.withLockedValue { $0 }
+        report.presumedLost = state.presumedLost
         // While the API server answers, the operator decides: nothing to ask the members.
         guard silence >= min(recoveryGrace, 5) else { return report }
         let admin = EtcdAdmin(timeout: .seconds(2))
@@ -97,9 +100,21 @@ extension NodeAgent {
             }
             orders.withLockedValue { $0.append(order) }
             return .init(.accepted, "application/json", "{}")
+        case (.POST, "/recovery/presume-lost"):
+            // Only during an outage this agent sees itself; considered on the next pass.
+            guard let object = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any], let nodes = object["nodes"] as? [String],
+                  !nodes.isEmpty, !nodes.contains(node) else {
+                return .init(.badRequest, "text/plain; charset=utf-8", "expected {\"nodes\": [other nodes' names]}\n")
+            }
+            guard let json = served.withLockedValue({ $0 }), let report = try? JSONDecoder().decode(RecoveryReport.self, from: Data(json.utf8)),
+                  (report.apiSilentSeconds ?? 0) >= recoveryGrace else {
+                return .init(.conflict, "text/plain; charset=utf-8", "the API server answered within \(Int(recoveryGrace)) s: the operator decides\n")
+            }
+            presumptions.withLockedValue { $0.formUnion(nodes) }
+            return .init(.accepted, "application/json", "{}")
         case (.GET, "/healthz"):
             return .init(.ok, "text/plain; charset=utf-8", "ok\n")
-        case (_, "/recovery"), (_, "/recovery/reseed"), (_, "/healthz"):
+        case (_, "/recovery"), (_, "/recovery/reseed"), (_, "/recovery/presume-lost"), (_, "/healthz"):
             return .methodNotAllowed
         default:
             return .notFound
@@ -125,10 +140,16 @@ extension NodeAgent {
     /// coordinator, starts) a re-seed. Returns what it did and the plan it reached.
     func recoveryPass() async -> ([String], RecoveryPlan?) {
         let received = orders.withLockedValue { queue in defer { queue = [] }; return queue }
+        let declared = presumptions.withLockedValue { nodes in defer { nodes = [] }; return nodes }
         guard apiSilence >= recoveryGrace else { return ([], nil) }
         var done: [String] = []
         let cache = loadCache()
         var state = loadState()
+        if !declared.isSubset(of: Set(state.presumedLost ?? [])) {
+            state.presumedLost = Array(declared.union(state.presumedLost ?? [])).sorted()
+            try? saveState(state)
+            done.append("declared lost by a person: \(state.presumedLost!.joined(separator: ", "))")
+        }
         if state.reseed == nil, let order = received.first(where: { accepts($0, cache.records) }) {
             state.reseed = order
             do {
@@ -151,7 +172,9 @@ extension NodeAgent {
             }
             return (done, nil)
         }
-        let plan = RecoveryPlan.decide(records: cache.records, reports: await gatherReports(cache.records), grace: recoveryGrace)
+        let plan = RecoveryPlan.decide(records: cache.records, reports: await gatherReports(cache.records), grace: recoveryGrace,
+                                       presumedLost: Set(state.presumedLost ?? []))
+        lastPlanText.withLockedValue { $0 = "\(plan)" }
         guard case .reseed(let coordinator, let member, let source, _) = plan, coordinator == node else { return (done, plan) }
         do {
             done += try await reseed(member: member, source: source, cache: cache)

@@ -59,6 +59,10 @@ public final class NodeAgent: @unchecked Sendable {
     let served = NIOLockedValueBox<String?>(nil)
     /// Re-seed orders received on `/recovery/reseed`, for the next pass to check.
     let orders = NIOLockedValueBox<[ReseedOrder]>([])
+    /// Nodes declared lost on `/recovery/presume-lost`, for the next pass.
+    let presumptions = NIOLockedValueBox<Set<String>>([])
+    /// The last recovery decision, in words.
+    let lastPlanText = NIOLockedValueBox<String?>(nil)
     /// Checkpoint revisions already read, by path.
     var checkpointRevisions: [String: Int64] = [:]
 
@@ -77,6 +81,8 @@ public final class NodeAgent: @unchecked Sendable {
         var members: [String: String] = [:]  // data directory name → member name
         /// A re-seed this agent takes part in, until the records carry its token.
         var reseed: ReseedOrder?
+        /// Nodes a person declared lost during this outage (cleared when the API server answers).
+        var presumedLost: [String]?
     }
 
     var statePath: String { hostPath + "/.etcdlite-agent.json" }
@@ -97,6 +103,12 @@ public final class NodeAgent: @unchecked Sendable {
             data = [:]
         }
         lastRead = Date()
+        if loadState().presumedLost != nil {
+            // The outage is over: a declaration made for it does not outlive it.
+            var state = loadState()
+            state.presumedLost = nil
+            try saveState(state)
+        }
         let bootRemoved = data[Self.bootKey].map { $0.contains("\"removed\":true") } ?? false
         var records = Array(KubernetesPlatform.records(in: data).values).sorted { $0.name < $1.name }
         var done: [String] = []

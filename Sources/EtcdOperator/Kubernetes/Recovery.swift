@@ -13,6 +13,8 @@ import Foundation
 /// - every member whose data directory is there answers (a member still starting is waited for);
 /// - the voters whose data is gone are a majority of the voters, as the survivor that applied the
 ///   most knows them (a lost learner never counts).
+/// A node that will never come back can be declared lost by a person (`etcdlite recover --agent
+/// URL --presume-lost NODE`): its members then count as without data, and it holds no checkpoint.
 /// The store to re-seed from is the newest by revision among the surviving members and the
 /// node checkpoints; the agent on its node is the coordinator, the only one that acts. Without a
 /// leader no revision moves, so every agent that hears the same reports picks the same one.
@@ -27,6 +29,10 @@ public struct RecoveryReport: Codable, Sendable, Equatable {
     public var apiSilentSeconds: Double?
     public var members: [Member] = []
     public var checkpoints: [Checkpoint] = []
+    /// The agent's last decision, in words (for people and `etcdlite recover --agent`).
+    public var plan: String?
+    /// Nodes a person declared lost to this agent.
+    public var presumedLost: [String]?
 
     /// The member records, by name and data directory.
     public static func digest(_ records: [MemberRecord]) -> String {
@@ -64,9 +70,17 @@ public enum RecoveryPlan: Equatable, Sendable {
     case reseed(node: String, member: String, source: String?, revision: Int64)
 
     /// The decision every agent makes from the records and the agents' reports (keyed by node).
-    public static func decide(records: [MemberRecord], reports: [String: RecoveryReport], grace: Double) -> RecoveryPlan {
+    public static func decide(records: [MemberRecord], reports given: [String: RecoveryReport], grace: Double,
+                              presumedLost: Set<String> = []) -> RecoveryPlan {
         let started = records.filter { $0.started && $0.node != nil }
         guard !started.isEmpty else { return .wait("no member records") }
+        // A node declared lost that does not answer: its members without data, no checkpoint.
+        var reports = given
+        for node in presumedLost.sorted() where reports[node] == nil {
+            var report = RecoveryReport(node: node, records: RecoveryReport.digest(records), apiSilentSeconds: .greatestFiniteMagnitude)
+            report.members = started.filter { $0.node == node }.map { .init(name: $0.name, dataPresent: false, status: nil) }
+            reports[node] = report
+        }
         for node in Set(started.compactMap(\.node)).sorted() where reports[node] == nil {
             return .wait("the agent of \(node) does not answer")
         }
