@@ -21,7 +21,10 @@ extension NodeAgent {
     func saveCache(_ records: [MemberRecord], spec: String?) {
         var cache = RecordsCache(records: records, spec: spec)
         if spec == nil { cache.spec = loadCache().spec }
-        guard let data = try? JSONEncoder().encode(cache) else { return }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        // Written only when it changed (a pass runs every few seconds).
+        guard let data = try? encoder.encode(cache), FileManager.default.contents(atPath: cachePath) != data else { return }
         try? FileManager.default.createDirectory(atPath: hostPath, withIntermediateDirectories: true)
         try? data.write(to: URL(fileURLWithPath: cachePath), options: .atomic)
     }
