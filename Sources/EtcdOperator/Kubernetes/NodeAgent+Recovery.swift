@@ -86,8 +86,14 @@ extension NodeAgent {
 
     func publishReport() async {
         let report = await report()
-        let json = (try? JSONEncoder().encode(report)).map { String(decoding: $0, as: UTF8.self) }
-        served.withLockedValue { $0 = json }
+        served.withLockedValue { $0 = report }
+    }
+
+    /// The outage as this agent's last report shows it: the API server silent for the grace
+    /// period (and, for an order, no member of its node answering with a leader).
+    func seesOutage(leaderless: Bool = false) -> Bool {
+        guard let report = served.withLockedValue({ $0 }), (report.apiSilentSeconds ?? 0) >= recoveryGrace else { return false }
+        return !leaderless || !report.members.contains { ($0.status?.leader ?? 0) != 0 }
     }
 
     /// `GET /recovery` (this node's report), `POST /recovery/reseed` (an order, checked on the
@@ -95,8 +101,10 @@ extension NodeAgent {
     public func route(_ method: HTTPMethod, _ path: String, _ body: [UInt8]) -> RouteServer.Answer {
         switch (method, path) {
         case (.GET, "/recovery"):
-            guard let json = served.withLockedValue({ $0 }) else { return .init(.serviceUnavailable, "text/plain; charset=utf-8", "no report yet\n") }
-            return .init(.ok, "application/json", json)
+            guard let report = served.withLockedValue({ $0 }), let json = try? JSONEncoder().encode(report) else {
+                return .init(.serviceUnavailable, "text/plain; charset=utf-8", "no report yet\n")
+            }
+            return .init(.ok, "application/json", String(decoding: json, as: UTF8.self))
         case (.POST, "/recovery/reseed"):
             guard let order = try? JSONDecoder().decode(ReseedOrder.self, from: Data(body)) else {
                 return .init(.badRequest, "text/plain; charset=utf-8", "not a re-seed order\n")
@@ -109,8 +117,7 @@ extension NodeAgent {
                   !nodes.isEmpty, !nodes.contains(node) else {
                 return .init(.badRequest, "text/plain; charset=utf-8", "expected {\"nodes\": [other nodes' names]}\n")
             }
-            guard let json = served.withLockedValue({ $0 }), let report = try? JSONDecoder().decode(RecoveryReport.self, from: Data(json.utf8)),
-                  (report.apiSilentSeconds ?? 0) >= recoveryGrace else {
+            guard seesOutage() else {
                 return .init(.conflict, "text/plain; charset=utf-8", "the API server answered within \(Int(recoveryGrace)) s: the operator decides\n")
             }
             presumptions.withLockedValue { $0.formUnion(nodes) }
@@ -129,9 +136,9 @@ extension NodeAgent {
     /// Every agent's report (this one's fresh), keyed by node; agents that do not answer are left out.
     func gatherReports(_ records: [MemberRecord]) async -> [String: RecoveryReport] {
         var reports: [String: RecoveryReport] = [node: await report()]
-        for record in records where record.started {
-            guard let other = record.node, reports[other] == nil, let address = URL(string: record.peerURL)?.host else { continue }
-            guard let data = try? await Self.http(.GET, agentURL(other, address) + "/recovery"),
+        for other in otherNodes(records) {
+            guard let url = agentURL(of: other, records),
+                  let data = try? await Self.http(.GET, url + "/recovery"),
                   let report = try? JSONDecoder().decode(RecoveryReport.self, from: data), report.node == other else { continue }
             reports[other] = report
         }
@@ -167,10 +174,7 @@ extension NodeAgent {
             done += (try? apply([order.record], bootRemoved: false)) ?? []
             if order.record.node == node {
                 for (other, report) in await gatherReports(cache.records) where other != node && report.reseeding != order.record.clusterToken {
-                    if let address = cache.records.first(where: { $0.node == other }).flatMap({ URL(string: $0.peerURL)?.host }),
-                       let body = try? JSONEncoder().encode(order) {
-                        _ = try? await Self.http(.POST, agentURL(other, address) + "/recovery/reseed", body: body)
-                    }
+                    _ = await send(order, to: other, cache.records)
                 }
             }
             return (done, nil)
@@ -193,8 +197,7 @@ extension NodeAgent {
     func accepts(_ order: ReseedOrder, _ records: [MemberRecord]) -> Bool {
         guard order.previous == RecoveryReport.digest(records), let coordinator = order.record.node,
               records.contains(where: { $0.node == coordinator && $0.name == order.record.name }) else { return false }
-        guard let json = served.withLockedValue({ $0 }), let report = try? JSONDecoder().decode(RecoveryReport.self, from: Data(json.utf8)) else { return false }
-        return (report.apiSilentSeconds ?? 0) >= recoveryGrace && !report.members.contains { ($0.status?.leader ?? 0) != 0 }
+        return seesOutage(leaderless: true)
     }
 
     /// The coordinator's part: a snapshot of the survivor (or the checkpoint chosen), the new
@@ -223,13 +226,27 @@ extension NodeAgent {
         try saveState(state)
         done.append("re-seeding as \(member) from \(snapshot!) (token \(record.clusterToken))")
         done += try apply([record], bootRemoved: false)
-        let body = try JSONEncoder().encode(order)
-        for other in Set(cache.records.compactMap(\.node)).subtracting([node]).sorted() {
-            guard let address = cache.records.first(where: { $0.node == other }).flatMap({ URL(string: $0.peerURL)?.host }) else { continue }
-            let answered = (try? await Self.http(.POST, agentURL(other, address) + "/recovery/reseed", body: body)) != nil
+        for other in otherNodes(cache.records) {
+            let answered = await send(order, to: other, cache.records)
             done.append("told \(other)'s agent\(answered ? "" : ": no answer (sent again on the next passes)")")
         }
         return done
+    }
+
+    /// The other nodes that host a started member, by name.
+    func otherNodes(_ records: [MemberRecord]) -> [String] {
+        Set(records.filter(\.started).compactMap(\.node)).subtracting([node]).sorted()
+    }
+
+    /// Where `other`'s agent serves (its node's address is its members' peer URL host).
+    func agentURL(of other: String, _ records: [MemberRecord]) -> String? {
+        records.first { $0.node == other }.flatMap { URL(string: $0.peerURL)?.host }.map { agentURL(other, $0) }
+    }
+
+    /// POST /recovery/reseed to `other`'s agent; whether it took it in.
+    func send(_ order: ReseedOrder, to other: String, _ records: [MemberRecord]) async -> Bool {
+        guard let url = agentURL(of: other, records), let body = try? JSONEncoder().encode(order) else { return false }
+        return (try? await Self.http(.POST, url + "/recovery/reseed", body: body)) != nil
     }
 
     /// A request to another agent (JSON both ways): the answer's body when it is a 2xx.

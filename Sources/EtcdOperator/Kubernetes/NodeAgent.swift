@@ -55,8 +55,8 @@ public final class NodeAgent: @unchecked Sendable {
     let startedAt = Date()
     /// When the records were last read from the API server.
     var lastRead: Date?
-    /// This agent's report as `/recovery` serves it (JSON).
-    let served = NIOLockedValueBox<String?>(nil)
+    /// This agent's report as `/recovery` serves it.
+    let served = NIOLockedValueBox<RecoveryReport?>(nil)
     /// Re-seed orders received on `/recovery/reseed`, for the next pass to check.
     let orders = NIOLockedValueBox<[ReseedOrder]>([])
     /// Nodes declared lost on `/recovery/presume-lost`, for the next pass.
@@ -103,33 +103,30 @@ public final class NodeAgent: @unchecked Sendable {
             data = [:]
         }
         lastRead = Date()
-        if loadState().presumedLost != nil {
-            // The outage is over: a declaration made for it does not outlive it.
-            var state = loadState()
-            state.presumedLost = nil
-            try saveState(state)
-        }
         let bootRemoved = data[Self.bootKey].map { $0.contains("\"removed\":true") } ?? false
         var records = Array(KubernetesPlatform.records(in: data).values).sorted { $0.name < $1.name }
         var done: [String] = []
-        if let order = loadState().reseed {
-            if records.contains(where: { $0.clusterToken == order.record.clusterToken }) {
-                // The records carry the re-seed: it is over.
-                var state = loadState()
-                state.reseed = nil
-                try saveState(state)
-                done.append("the records carry the re-seed \(order.record.clusterToken)")
-            } else {
-                // The API server is back on the re-seeded store, whose records are the old ones:
-                // the coordinator writes the re-seeded member's; until then they are not followed.
-                if order.record.node == node {
-                    let platform = KubernetesPlatform(client: client, namespace: namespace, clusterName: clusterName)
-                    try await platform.loadRecords()
-                    try await platform.updateRecords { $0 = [order.record.name: order.record] }
-                    done.append("wrote the re-seeded member's record \(order.record.name)")
-                }
-                records = [order.record]
+        var state = loadState()
+        // The outage is over: a declaration made for it does not outlive it.
+        let declared = state.presumedLost != nil
+        state.presumedLost = nil
+        let order = state.reseed
+        if let order, records.contains(where: { $0.clusterToken == order.record.clusterToken }) {
+            // The records carry the re-seed: it is over.
+            state.reseed = nil
+            done.append("the records carry the re-seed \(order.record.clusterToken)")
+        }
+        if declared || state.reseed != order { try saveState(state) }
+        if let order = state.reseed {
+            // The API server is back on the re-seeded store, whose records are the old ones:
+            // the coordinator writes the re-seeded member's; until then they are not followed.
+            if order.record.node == node {
+                let platform = KubernetesPlatform(client: client, namespace: namespace, clusterName: clusterName)
+                try await platform.loadRecords()
+                try await platform.updateRecords { $0 = [order.record.name: order.record] }
+                done.append("wrote the re-seeded member's record \(order.record.name)")
             }
+            records = [order.record]
         }
         lastRecords = records
         var spec: String?
@@ -271,7 +268,7 @@ public final class NodeAgent: @unchecked Sendable {
             }
             if let checkpointInterval, ContinuousClock.now >= nextCheckpoint, !lastRecords.isEmpty {
                 nextCheckpoint = ContinuousClock.now + checkpointInterval
-                let done = await checkpoint(lastRecords) { KubernetesPlatform.checkSnapshot($0) }
+                let done = await checkpoint(lastRecords) { [self] in checkSnapshot($0) }
                 if !done.isEmpty { onDone(done) }
             }
             try? await Task.sleep(for: interval)
